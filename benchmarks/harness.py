@@ -1,0 +1,152 @@
+"""Shared benchmark harness: timing, side-by-side tables with speedup ratios, CSV output.
+
+Timing: ``torch.utils.benchmark`` on CPU; ``triton.testing.do_bench`` (CUDA events,
+cache flushed) on GPU. Every case reports the median and the 20th/80th percentiles.
+Each row names its baseline and prints ``speedup = baseline median / row median``,
+measured in the same process. CSV files go to benchmarks/results/ with the device,
+torch version and date on every row.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import statistics
+from dataclasses import dataclass, field
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+@dataclass
+class Timing:
+    median_s: float
+    p20_s: float
+    p80_s: float
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    model = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def _quantiles(times):
+    times = sorted(times)
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
+    return Timing(statistics.median(times), q[1], q[7])
+
+
+def measure(fn, device: str = "cpu", min_run_time: float = 0.5) -> Timing:
+    """Time ``fn()``: median and 20/80 percentiles in seconds."""
+    if device.startswith("cuda"):
+        import triton.testing
+
+        med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], rep=max(50, int(min_run_time * 1000)))
+        return Timing(med / 1e3, p20 / 1e3, p80 / 1e3)
+    from torch.utils.benchmark import Timer
+
+    fn()  # warm-up (allocations, first-call dispatch)
+    m = Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    return _quantiles(m.times)  # seconds per call, one entry per measured block
+
+
+@dataclass
+class Row:
+    case: dict
+    name: str
+    timing: Timing
+    baseline: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Table:
+    """Rows of one benchmark; ``report()`` prints them with ratios and writes a CSV."""
+
+    def __init__(self, title: str, device: str):
+        self.title = title
+        self.device = device
+        self.rows: list[Row] = []
+
+    def add(self, case: dict, name: str, timing: Timing, baseline: str | None = None, **extra) -> Row:
+        row = Row(dict(case), name, timing, baseline, extra)
+        self.rows.append(row)
+        return row
+
+    def _baseline_of(self, row: Row) -> Row | None:
+        for other in self.rows:
+            if other.case == row.case and other.name == row.baseline:
+                return other
+        return None
+
+    def speedup(self, row: Row) -> float | None:
+        base = self._baseline_of(row)
+        return None if base is None else base.timing.median_s / row.timing.median_s
+
+    def records(self) -> list[dict]:
+        stamp = {"device": device_name(self.device), "torch": torch.__version__,
+                 "date": datetime.date.today().isoformat()}
+        out = []
+        for row in self.rows:
+            ratio = self.speedup(row)
+            rec = {**row.case, "impl": row.name, "median_ms": row.timing.median_s * 1e3,
+                   "p20_ms": row.timing.p20_s * 1e3, "p80_ms": row.timing.p80_s * 1e3,
+                   "baseline": row.baseline or "", "speedup": "" if ratio is None else round(ratio, 3)}
+            rec.update(row.extra)
+            rec.update(stamp)
+            out.append(rec)
+        return out
+
+    def report(self, csv_name: str | None = None) -> str:
+        recs = self.records()
+        keys = []
+        for rec in recs:
+            keys += [k for k in rec if k not in keys and k not in ("device", "torch", "date")]
+        lines = [f"## {self.title}", f"device: {device_name(self.device)}; torch {torch.__version__}", "",
+                 "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        for rec in recs:
+            lines.append("| " + " | ".join(_fmt(rec.get(k, "")) for k in keys) + " |")
+        text = "\n".join(lines)
+        print(text, flush=True)
+        if csv_name:
+            os.makedirs(RESULTS_DIR, exist_ok=True)
+            path = os.path.join(RESULTS_DIR, csv_name)
+            with open(path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=keys + ["device", "torch", "date"])
+                writer.writeheader()
+                writer.writerows(recs)
+            with open(os.path.splitext(path)[0] + ".md", "w") as f:
+                f.write(text + "\n")
+        return text
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def results_suffix(device: str) -> str:
+    """File-name tag of the device: 'cpu' or e.g. 'h100'."""
+    if not device.startswith("cuda"):
+        return "cpu"
+    name = torch.cuda.get_device_name(torch.device(device)).lower()
+    for tag in ("h200", "h100", "a100", "l40", "4090"):
+        if tag in name:
+            return tag
+    return "cuda"

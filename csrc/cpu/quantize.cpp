@@ -1,0 +1,261 @@
+// CPU kernels of the blockwise quantization ops (trainops::quantize, dequantize,
+// dequantize_accumulate, quantize_error_feedback).
+//
+// One task per group of blocks (at::parallel_for); inside a block the loops are
+// branch-free float arithmetic the compiler vectorizes. The format and the rounding
+// mode are template parameters so the per-element switch folds away.
+// Semantics and code tables: csrc/common/quant_format.h.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "../common/quant_format.h"
+
+namespace trainops {
+namespace {
+
+using quant::Format;
+
+Format parse_format(const std::string& fmt) {
+  if (fmt == "int8") return Format::INT8;
+  if (fmt == "int4") return Format::INT4;
+  if (fmt == "fp8_e4m3") return Format::FP8_E4M3;
+  if (fmt == "fp4_e3m0") return Format::FP4_E3M0;
+  if (fmt == "fp4_e2m1") return Format::FP4_E2M1;
+  TORCH_CHECK_VALUE(false, "trainops: unknown fmt '", fmt,
+                    "'; expected one of int8, int4, fp8_e4m3, fp4_e3m0, fp4_e2m1");
+}
+
+void check_block_size(int64_t block_size) {
+  TORCH_CHECK_VALUE(block_size >= 16 && block_size <= 8192 && (block_size & (block_size - 1)) == 0,
+                    "trainops: block_size must be a power of two in [16, 8192], got ", block_size);
+}
+
+int64_t packed_bytes(Format f, int64_t numel) {
+  return quant::bits_of(f) == 4 ? (numel + 1) / 2 : numel;
+}
+
+int64_t num_blocks(int64_t numel, int64_t block_size) { return (numel + block_size - 1) / block_size; }
+
+uint32_t seed_key(int64_t seed) {
+  uint64_t s = static_cast<uint64_t>(seed);
+  return quant::lowbias32(static_cast<uint32_t>(s) ^ quant::lowbias32(static_cast<uint32_t>(s >> 32)));
+}
+
+int64_t grain_for(int64_t block_size) { return std::max<int64_t>(1, 32768 / block_size); }
+
+// Signed values of every raw code, so decoding is one table look-up.
+std::vector<float> decode_table(Format f) {
+  std::vector<float> table(quant::bits_of(f) == 4 ? 16 : 256);
+  for (size_t c = 0; c < table.size(); ++c) table[c] = quant::decode(f, static_cast<uint32_t>(c));
+  return table;
+}
+
+template <Format F, bool Stochastic, typename scalar_t>
+void quantize_kernel(const scalar_t* x, float* error, int64_t n, int64_t block_size, uint32_t key,
+                     uint8_t* data, float* scales) {
+  constexpr bool kFour = (F == Format::INT4 || F == Format::FP4_E3M0 || F == Format::FP4_E2M1);
+  const float max_code = quant::max_code_of(F);
+  const std::vector<float> table = decode_table(F);
+  at::parallel_for(0, num_blocks(n, block_size), grain_for(block_size), [&](int64_t b0, int64_t b1) {
+    std::vector<float> values(block_size);
+    std::vector<uint8_t> codes(block_size + 1);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t start = b * block_size;
+      const int64_t len = std::min(block_size, n - start);
+      float absmax = 0.0f;
+      bool finite = true;
+      for (int64_t i = 0; i < len; ++i) {
+        float v = static_cast<float>(x[start + i]);
+        if (error != nullptr) v += error[start + i];
+        values[i] = v;
+        const float a = std::fabs(v);
+        absmax = std::max(absmax, a);
+        finite &= (a <= FLT_MAX);  // false for Inf and NaN
+      }
+      float scale = absmax / max_code;
+      if (!finite) {
+        // The whole block decodes to NaN; its error-feedback residual is left as it was
+        // so one bad step does not poison the buffer forever.
+        scale = std::numeric_limits<float>::quiet_NaN();
+        std::fill(codes.begin(), codes.begin() + len, 0);
+      } else if (scale == 0.0f) {
+        std::fill(codes.begin(), codes.begin() + len, 0);
+      } else {
+        for (int64_t i = 0; i < len; ++i) {
+          const float u = Stochastic ? quant::uniform01(start + i, key) : 0.0f;
+          codes[i] = static_cast<uint8_t>(quant::encode(F, values[i], scale, max_code, Stochastic, u));
+        }
+      }
+      scales[b] = scale;
+      if (error != nullptr && finite) {
+        for (int64_t i = 0; i < len; ++i) error[start + i] = values[i] - table[codes[i]] * scale;
+      }
+      if (kFour) {
+        codes[len] = 0;
+        uint8_t* out = data + start / 2;
+        for (int64_t j = 0; j < (len + 1) / 2; ++j) out[j] = codes[2 * j] | (codes[2 * j + 1] << 4);
+      } else {
+        std::copy(codes.begin(), codes.begin() + len, data + start);
+      }
+    }
+  });
+}
+
+template <Format F>
+inline uint32_t code_at(const uint8_t* data, int64_t i) {
+  if constexpr (F == Format::INT4 || F == Format::FP4_E3M0 || F == Format::FP4_E2M1) {
+    return (data[i >> 1] >> ((i & 1) * 4)) & 0xF;
+  } else {
+    return data[i];
+  }
+}
+
+// out[i] (+)= sum over chunks c of decode(data[c][i]) * scales[c][block(i)], in chunk order.
+template <Format F, bool Accumulate, typename out_t>
+void dequantize_kernel(const uint8_t* data, int64_t data_stride, const float* scales,
+                       int64_t scale_stride, int64_t chunks, int64_t n, int64_t block_size, out_t* out) {
+  const std::vector<float> table = decode_table(F);
+  at::parallel_for(0, num_blocks(n, block_size), grain_for(block_size), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t start = b * block_size;
+      const int64_t end = std::min(start + block_size, n);
+      for (int64_t i = start; i < end; ++i) {
+        float acc = Accumulate ? static_cast<float>(out[i]) : 0.0f;
+        for (int64_t c = 0; c < chunks; ++c) {
+          const float s = scales[c * scale_stride + b];
+          acc = (Accumulate || c > 0) ? acc + table[code_at<F>(data + c * data_stride, i)] * s
+                                      : table[code_at<F>(data + c * data_stride, i)] * s;
+        }
+        out[i] = static_cast<out_t>(acc);
+      }
+    }
+  });
+}
+
+#define TRAINOPS_DISPATCH_FORMAT(fmt, F, ...)                          \
+  switch (fmt) {                                                       \
+    case Format::INT8: { constexpr Format F = Format::INT8; __VA_ARGS__(); break; }         \
+    case Format::INT4: { constexpr Format F = Format::INT4; __VA_ARGS__(); break; }         \
+    case Format::FP8_E4M3: { constexpr Format F = Format::FP8_E4M3; __VA_ARGS__(); break; } \
+    case Format::FP4_E3M0: { constexpr Format F = Format::FP4_E3M0; __VA_ARGS__(); break; } \
+    case Format::FP4_E2M1: { constexpr Format F = Format::FP4_E2M1; __VA_ARGS__(); break; } \
+  }
+
+void check_input(const at::Tensor& x, const char* name) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
+                       x.scalar_type() == at::kHalf,
+                   "trainops: '", name, "' must be float32, bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.is_contiguous() && x.dim() == 1, "trainops: '", name,
+                    "' must be a contiguous 1-D tensor (the wrappers flatten it)");
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& x, at::Tensor* error,
+                                                 const std::string& fmt, int64_t block_size,
+                                                 bool stochastic, int64_t seed) {
+  const Format f = parse_format(fmt);
+  check_block_size(block_size);
+  check_input(x, "x");
+  const int64_t n = x.numel();
+  auto data = at::empty({packed_bytes(f, n)}, x.options().dtype(at::kByte));
+  auto scales = at::empty({num_blocks(n, block_size)}, x.options().dtype(at::kFloat));
+  float* err = nullptr;
+  if (error != nullptr) {
+    TORCH_CHECK_TYPE(error->scalar_type() == at::kFloat, "trainops: 'error' must be float32, got ",
+                     error->scalar_type());
+    TORCH_CHECK_VALUE(error->is_contiguous() && error->numel() == n,
+                      "trainops: 'error' must be contiguous with as many elements as 'x' (", n, "), got ",
+                      error->numel());
+    err = error->data_ptr<float>();
+  }
+  const uint32_t key = seed_key(seed);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "trainops_quantize", [&] {
+    TRAINOPS_DISPATCH_FORMAT(f, F, [&] {
+      if (stochastic) {
+        quantize_kernel<F, true>(x.const_data_ptr<scalar_t>(), err, n, block_size, key,
+                                 data.data_ptr<uint8_t>(), scales.data_ptr<float>());
+      } else {
+        quantize_kernel<F, false>(x.const_data_ptr<scalar_t>(), err, n, block_size, key,
+                                  data.data_ptr<uint8_t>(), scales.data_ptr<float>());
+      }
+    });
+  });
+  return {data, scales};
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x, c10::string_view fmt,
+                                                int64_t block_size, bool stochastic, int64_t seed) {
+  return quantize_impl(x, nullptr, std::string(fmt), block_size, stochastic, seed);
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_error_feedback_cpu(const at::Tensor& x, at::Tensor error,
+                                                               c10::string_view fmt, int64_t block_size,
+                                                               bool stochastic, int64_t seed) {
+  return quantize_impl(x, &error, std::string(fmt), block_size, stochastic, seed);
+}
+
+void check_packed(const at::Tensor& data, const at::Tensor& scales, Format f, int64_t n,
+                  int64_t block_size, int64_t chunks) {
+  TORCH_CHECK_TYPE(data.scalar_type() == at::kByte, "trainops: 'data' must be uint8, got ", data.scalar_type());
+  TORCH_CHECK_TYPE(scales.scalar_type() == at::kFloat, "trainops: 'scales' must be float32, got ",
+                   scales.scalar_type());
+  TORCH_CHECK_VALUE(data.is_contiguous() && scales.is_contiguous(),
+                    "trainops: 'data' and 'scales' must be contiguous");
+  TORCH_CHECK_VALUE(data.numel() == chunks * packed_bytes(f, n), "trainops: 'data' holds ", data.numel(),
+                    " bytes; expected ", chunks, " x ", packed_bytes(f, n), " for ", n, " elements");
+  TORCH_CHECK_VALUE(scales.numel() == chunks * num_blocks(n, block_size), "trainops: 'scales' holds ",
+                    scales.numel(), " values; expected ", chunks, " x ", num_blocks(n, block_size));
+}
+
+at::Tensor dequantize_cpu(const at::Tensor& data, const at::Tensor& scales, c10::string_view fmt,
+                          int64_t block_size, int64_t numel, at::ScalarType dtype) {
+  const Format f = parse_format(std::string(fmt));
+  check_block_size(block_size);
+  TORCH_CHECK_VALUE(numel >= 0, "trainops: 'numel' must be >= 0, got ", numel);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+                   "trainops: 'dtype' must be float32, bfloat16 or float16, got ", dtype);
+  check_packed(data, scales, f, numel, block_size, 1);
+  auto out = at::empty({numel}, data.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "trainops_dequantize", [&] {
+    TRAINOPS_DISPATCH_FORMAT(f, F, [&] {
+      dequantize_kernel<F, false>(data.const_data_ptr<uint8_t>(), 0, scales.const_data_ptr<float>(), 0, 1,
+                                  numel, block_size, out.data_ptr<scalar_t>());
+    });
+  });
+  return out;
+}
+
+void dequantize_accumulate_cpu(at::Tensor out, const at::Tensor& data, const at::Tensor& scales,
+                               c10::string_view fmt, int64_t block_size) {
+  const Format f = parse_format(std::string(fmt));
+  check_block_size(block_size);
+  TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat, "trainops: 'out' must be float32, got ", out.scalar_type());
+  TORCH_CHECK_VALUE(out.is_contiguous(), "trainops: 'out' must be contiguous");
+  TORCH_CHECK_VALUE(data.dim() == 2 && scales.dim() == 2 && data.size(0) == scales.size(0),
+                    "trainops: 'data' and 'scales' must be 2-D [chunks, ...] with the same number of chunks");
+  const int64_t n = out.numel();
+  const int64_t chunks = data.size(0);
+  check_packed(data, scales, f, n, block_size, chunks);
+  TRAINOPS_DISPATCH_FORMAT(f, F, [&] {
+    dequantize_kernel<F, true>(data.const_data_ptr<uint8_t>(), packed_bytes(f, n),
+                               scales.const_data_ptr<float>(), num_blocks(n, block_size), chunks, n,
+                               block_size, out.data_ptr<float>());
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(trainops, CPU, m) {
+  m.impl("quantize", &quantize_cpu);
+  m.impl("quantize_error_feedback", &quantize_error_feedback_cpu);
+  m.impl("dequantize", &dequantize_cpu);
+  m.impl("dequantize_accumulate", &dequantize_accumulate_cpu);
+}
+
+}  // namespace trainops

@@ -1,0 +1,20 @@
+// Schemas of every trainops operator, declared once. Implementations are registered
+// per dispatch key: csrc/cpu/*.cpp (CPU), csrc/cuda/bindings (CUDA C++), and the
+// Python package (Triton kernels on CUDA, fake tensors, autograd).
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(trainops, m) {
+  // Blockwise quantization (trainops.ops.quantize / dequantize). x, error, out: flat.
+  m.def("quantize(Tensor x, str fmt, int block_size, bool stochastic, int seed) -> (Tensor data, Tensor scales)");
+  m.def(
+      "quantize_error_feedback(Tensor x, Tensor(a!) error, str fmt, int block_size, bool stochastic, int seed)"
+      " -> (Tensor data, Tensor scales)");
+  m.def("dequantize(Tensor data, Tensor scales, str fmt, int block_size, int numel, ScalarType dtype) -> Tensor");
+  m.def("dequantize_accumulate(Tensor(a!) out, Tensor data, Tensor scales, str fmt, int block_size) -> ()");
+}
+
+// `import trainops._C` loads this shared object, which registers the library above.
+static PyModuleDef trainops_module = {PyModuleDef_HEAD_INIT, "_C", "trainops operator library", -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&trainops_module); }

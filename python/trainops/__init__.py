@@ -1,0 +1,14 @@
+"""trainops: fused kernels for communication-efficient, continual training in PyTorch.
+
+Submodules: ``ops`` (functional ops over ``torch.ops.trainops``), ``reference`` (plain
+PyTorch specs), ``distributed`` (quantized all-reduce, DDP hook, DiLoCo), ``nn``,
+``replay``, ``integrations``, ``runtime``.
+"""
+from trainops import _extension, formats, ops, reference  # noqa: F401
+
+__version__ = "0.1.0"
+
+
+def has_extension() -> bool:
+    """True when the C++ extension trainops._C is built and loaded."""
+    return _extension.HAS_C

@@ -1,0 +1,10 @@
+"""Functional API over ``torch.ops.trainops.*``: argument checks, dispatch, fake tensors, autograd."""
+from trainops.ops.quantize import (
+    QuantizedTensor,
+    dequantize,
+    dequantize_accumulate,
+    quantize,
+    quantize_error_feedback,
+)
+
+__all__ = ["QuantizedTensor", "quantize", "dequantize", "dequantize_accumulate", "quantize_error_feedback"]

@@ -1,0 +1,248 @@
+"""Blockwise low-bit quantization: ``trainops.ops.quantize`` / ``dequantize``.
+
+Formats and code tables: :mod:`trainops.formats`. Kernels: C++ on CPU
+(csrc/cpu/quantize.cpp), Triton on CUDA (kernels/quantize.py); both produce the same
+bytes as :mod:`trainops.reference.quantize` for round-to-nearest and for stochastic
+rounding with the same seed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trainops import _extension
+from trainops._triton import HAS_TRITON
+from trainops.formats import (
+    FLOAT_DTYPES,
+    bits_per_element,
+    check_block_size,
+    check_nan_policy,
+    get_format,
+    num_blocks,
+    packed_bytes,
+)
+
+__all__ = ["QuantizedTensor", "quantize", "dequantize", "dequantize_accumulate", "quantize_error_feedback"]
+
+
+@dataclass
+class QuantizedTensor:
+    """Packed codes (``data``, uint8), one fp32 scale per block, and what is needed to decode."""
+
+    data: torch.Tensor
+    scales: torch.Tensor
+    fmt: str
+    block_size: int
+    shape: torch.Size
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on the wire: codes plus scales."""
+        return self.data.numel() + 4 * self.scales.numel()
+
+    @property
+    def bits_per_element(self) -> float:
+        return bits_per_element(self.fmt, self.block_size)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self)
+
+
+def _check_float_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} must be on a CPU or CUDA device, got {t.device}")
+
+
+def _resolve_seed(stochastic: bool, seed: int | None) -> int:
+    if not stochastic:
+        return 0
+    if seed is None:
+        # Drawn from torch's global generator, so torch.manual_seed makes it reproducible.
+        return int(torch.randint(0, 2**62, (1,)).item())
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    return seed
+
+
+def _raise_non_finite(scales: torch.Tensor, name: str) -> None:
+    bad = (~torch.isfinite(scales)).nonzero().flatten()
+    raise ValueError(
+        f"{name} contains NaN or Inf (in {bad.numel()} block(s), first block {int(bad[0])}); "
+        "pass nan_policy='propagate' to let such blocks decode to NaN instead"
+    )
+
+
+def quantize(
+    x: torch.Tensor,
+    fmt: str = "fp4_e3m0",
+    block_size: int = 128,
+    *,
+    stochastic: bool = False,
+    seed: int | None = None,
+    nan_policy: str = "raise",
+) -> QuantizedTensor:
+    """Quantize ``x`` (any shape, contiguous or not) blockwise over its flattened elements.
+
+    ``stochastic=True`` rounds up with probability equal to the distance to the lower
+    grid point (unbiased: E[deQ(Q(x))] = x); ``seed`` fixes the draw (``None``: taken
+    from torch's global generator). ``nan_policy="raise"`` (default) raises ValueError
+    on NaN/Inf; ``"propagate"`` lets the affected blocks decode to NaN.
+    """
+    _check_float_tensor(x, "x")
+    f = get_format(fmt)
+    check_block_size(block_size)
+    check_nan_policy(nan_policy)
+    if x.numel() == 0:
+        raise ValueError("x is empty: nothing to quantize")
+    _extension.require("quantize")
+    seed = _resolve_seed(stochastic, seed)
+    data, scales = torch.ops.trainops.quantize(x.reshape(-1).contiguous(), f.name, block_size, bool(stochastic), seed)
+    if nan_policy == "raise" and not torch.isfinite(scales).all():
+        _raise_non_finite(scales, "x")
+    return QuantizedTensor(data, scales, f.name, block_size, x.shape, x.dtype)
+
+
+def quantize_error_feedback(
+    x: torch.Tensor,
+    error: torch.Tensor,
+    fmt: str = "fp4_e3m0",
+    block_size: int = 128,
+    *,
+    stochastic: bool = False,
+    seed: int | None = None,
+    nan_policy: str = "raise",
+) -> QuantizedTensor:
+    """Fused error feedback in one pass: e ← e + x; q = Q(e); e ← e − deQ(q); returns q.
+
+    ``error`` is an fp32 buffer with as many elements as ``x`` (contiguous), updated in
+    place. With ``nan_policy="raise"`` a non-finite ``x`` raises before anything is
+    changed; with ``"propagate"`` its blocks decode to NaN and keep their residual.
+    """
+    _check_float_tensor(x, "x")
+    if not isinstance(error, torch.Tensor):
+        raise TypeError(f"error must be a torch.Tensor, got {type(error).__name__}")
+    if error.dtype != torch.float32:
+        raise TypeError(f"error must be float32, got {error.dtype}")
+    if error.numel() != x.numel() or not error.is_contiguous():
+        raise ValueError(f"error must be contiguous with {x.numel()} elements like x, got {error.numel()}")
+    if error.device != x.device:
+        raise ValueError(f"error is on {error.device} but x is on {x.device}")
+    f = get_format(fmt)
+    check_block_size(block_size)
+    check_nan_policy(nan_policy)
+    if x.numel() == 0:
+        raise ValueError("x is empty: nothing to quantize")
+    _extension.require("quantize_error_feedback")
+    if nan_policy == "raise" and not torch.isfinite(x).all():
+        # Checked before the kernel so a bad gradient leaves the residual untouched.
+        raise ValueError("x contains NaN or Inf; pass nan_policy='propagate' to let such blocks decode to NaN")
+    seed = _resolve_seed(stochastic, seed)
+    data, scales = torch.ops.trainops.quantize_error_feedback(
+        x.reshape(-1).contiguous(), error.view(-1), f.name, block_size, bool(stochastic), seed
+    )
+    return QuantizedTensor(data, scales, f.name, block_size, x.shape, x.dtype)
+
+
+def dequantize(q: QuantizedTensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Decode ``q`` to a tensor of its original shape (and dtype unless ``dtype`` is given)."""
+    if not isinstance(q, QuantizedTensor):
+        raise TypeError(f"q must be a QuantizedTensor, got {type(q).__name__}")
+    dtype = q.dtype if dtype is None else dtype
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    _extension.require("dequantize")
+    flat = torch.ops.trainops.dequantize(q.data, q.scales, q.fmt, q.block_size, q.numel, dtype)
+    return flat.view(q.shape)
+
+
+def dequantize_accumulate(out: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, fmt: str,
+                          block_size: int) -> torch.Tensor:
+    """out ← out + Σ_c deQ(data[c], scales[c]) in fp32, chunks added in order (deterministic).
+
+    ``out``: contiguous fp32 with n elements; ``data``: uint8 [C, bytes(n)];
+    ``scales``: fp32 [C, ceil(n / block_size)]. Returns ``out``.
+    """
+    if not isinstance(out, torch.Tensor) or out.dtype != torch.float32:
+        raise TypeError(f"out must be a float32 tensor, got {getattr(out, 'dtype', type(out).__name__)}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    f = get_format(fmt)
+    check_block_size(block_size)
+    n = out.numel()
+    if data.dtype != torch.uint8:
+        raise TypeError(f"data must be uint8, got {data.dtype}")
+    if scales.dtype != torch.float32:
+        raise TypeError(f"scales must be float32, got {scales.dtype}")
+    if data.dim() != 2 or data.shape[1] != packed_bytes(f, n):
+        raise ValueError(f"data must have shape [chunks, {packed_bytes(f, n)}] for {n} elements, got {tuple(data.shape)}")
+    if scales.shape != (data.shape[0], num_blocks(n, block_size)):
+        raise ValueError(
+            f"scales must have shape [{data.shape[0]}, {num_blocks(n, block_size)}], got {tuple(scales.shape)}"
+        )
+    for name, t in (("data", data), ("scales", scales)):
+        if t.device != out.device:
+            raise ValueError(f"{name} is on {t.device} but out is on {out.device}")
+    _extension.require("dequantize_accumulate")
+    torch.ops.trainops.dequantize_accumulate(out.view(-1), data.contiguous(), scales.contiguous(), f.name, block_size)
+    return out
+
+
+# --- registration: fake tensors (torch.compile, meta) and the Triton kernels on CUDA ------------
+
+def _register() -> None:
+    @torch.library.register_fake("trainops::quantize")
+    def _(x, fmt, block_size, stochastic, seed):
+        n = x.numel()
+        return (x.new_empty(packed_bytes(fmt, n), dtype=torch.uint8),
+                x.new_empty(num_blocks(n, block_size), dtype=torch.float32))
+
+    @torch.library.register_fake("trainops::quantize_error_feedback")
+    def _(x, error, fmt, block_size, stochastic, seed):
+        n = x.numel()
+        return (x.new_empty(packed_bytes(fmt, n), dtype=torch.uint8),
+                x.new_empty(num_blocks(n, block_size), dtype=torch.float32))
+
+    @torch.library.register_fake("trainops::dequantize")
+    def _(data, scales, fmt, block_size, numel, dtype):
+        return data.new_empty(numel, dtype=dtype)
+
+    @torch.library.register_fake("trainops::dequantize_accumulate")
+    def _(out, data, scales, fmt, block_size):
+        return None
+
+    if HAS_TRITON:
+        from trainops.kernels import quantize as triton_quantize
+
+        lib = torch.library.Library("trainops", "IMPL")
+        _register.lib = lib  # keep the registrations alive
+
+        def quantize_cuda(x, fmt, block_size, stochastic, seed):
+            return triton_quantize.quantize(x, fmt, block_size, stochastic, seed)
+
+        def quantize_error_feedback_cuda(x, error, fmt, block_size, stochastic, seed):
+            return triton_quantize.quantize(x, fmt, block_size, stochastic, seed, error=error)
+
+        def dequantize_cuda(data, scales, fmt, block_size, numel, dtype):
+            return triton_quantize.dequantize(data, scales, fmt, block_size, numel, dtype=dtype)
+
+        def dequantize_accumulate_cuda(out, data, scales, fmt, block_size):
+            triton_quantize.dequantize(data, scales, fmt, block_size, out.numel(), out=out)
+
+        lib.impl("quantize", quantize_cuda, "CUDA")
+        lib.impl("quantize_error_feedback", quantize_error_feedback_cuda, "CUDA")
+        lib.impl("dequantize", dequantize_cuda, "CUDA")
+        lib.impl("dequantize_accumulate", dequantize_accumulate_cuda, "CUDA")
+
+
+if _extension.HAS_C:
+    _register()

@@ -1,0 +1,79 @@
+"""Build of trainops: the C++ CPU extension always, the CUDA extension where possible.
+
+Environment switches:
+  TRAINOPS_FORCE_CUDA=1   build the CUDA extension even if torch or the GPU is not CUDA
+  TRAINOPS_SKIP_CUDA=1    never build it
+  TRAINOPS_CUDA_ARCHS     e.g. "8.0;9.0" (default: TORCH_CUDA_ARCH_LIST or 8.0;9.0)
+"""
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CXX_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fopenmp"]
+
+
+def _rel(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def cpu_extension():
+    sources = _rel([os.path.join(ROOT, "csrc", "trainops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    return CppExtension(
+        "trainops._C",
+        sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": CXX_FLAGS},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+def cuda_extension_or_reason():
+    """The CUDA extension, or (None, why it is skipped)."""
+    import torch
+
+    if os.environ.get("TRAINOPS_SKIP_CUDA") == "1":
+        return None, "TRAINOPS_SKIP_CUDA=1"
+    cu_sources = glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
+    bindings = glob.glob(os.path.join(ROOT, "csrc", "cuda", "bindings", "*.cpp"))
+    if not cu_sources:
+        return None, "no CUDA C++ kernels in csrc/cuda"
+    forced = os.environ.get("TRAINOPS_FORCE_CUDA") == "1"
+    if torch.version.cuda is None and not forced:
+        return None, f"torch {torch.__version__} is a CPU build (set TRAINOPS_FORCE_CUDA=1 to force)"
+    from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension
+
+    if CUDA_HOME is None or shutil.which("nvcc") is None and not os.path.exists(os.path.join(CUDA_HOME or "", "bin", "nvcc")):
+        return None, "nvcc not found (set CUDA_HOME)"
+    archs = os.environ.get("TRAINOPS_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    ext = CUDAExtension(
+        "trainops._C_cuda",
+        _rel(cu_sources + bindings),
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "-std=c++17", "--fmad=false"]},
+        extra_link_args=["-fopenmp"],
+    )
+    return ext, None
+
+
+def extensions():
+    exts = [cpu_extension()]
+    cuda_ext, why = cuda_extension_or_reason()
+    if cuda_ext is None:
+        print(f"trainops: skipping the CUDA extension: {why}")
+    else:
+        exts.append(cuda_ext)
+    return exts
+
+
+packages = find_packages(where="python") + ["trainops.kernels"]
+setup(
+    packages=packages,
+    package_dir={"": "python", "trainops.kernels": "kernels"},
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+)
