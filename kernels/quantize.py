@@ -17,6 +17,8 @@ the same bytes. One program handles ``ROWS`` blocks as a [ROWS, B] tile.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -25,6 +27,7 @@ from trainops.formats import get_format, num_blocks, packed_bytes, seed_key
 
 FORMAT_IDS = {"int8": 0, "int4": 1, "fp8_e4m3": 2, "fp4_e3m0": 3, "fp4_e2m1": 4}
 _TILE_ELEMENTS = 4096
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -241,6 +244,10 @@ def dequantize(data: torch.Tensor, scales: torch.Tensor, fmt: str, block_size: i
     """Decode chunks [C, bytes] → out (sum over chunks; added to ``out`` if given)."""
     f = get_format(fmt)
     accumulate = out is not None
+    if not accumulate and dtype != torch.float32 and _INTERPRET:
+        # The interpreter truncates fp32 -> bf16/fp16 casts; GPUs round to nearest even,
+        # as torch does. Decode in fp32 and let torch round.
+        return dequantize(data, scales, fmt, block_size, numel).to(dtype)
     if out is None:
         out = torch.empty(numel, dtype=dtype, device=data.device)
     if numel == 0:
