@@ -12,6 +12,7 @@
 // is always stored with a positive sign so the bytes are deterministic.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -21,11 +22,11 @@ namespace quant {
 
 enum class Format : int { INT8 = 0, INT4 = 1, FP8_E4M3 = 2, FP4_E3M0 = 3, FP4_E2M1 = 4 };
 
-inline int bits_of(Format f) {
+constexpr int bits_of(Format f) {
   return (f == Format::INT4 || f == Format::FP4_E3M0 || f == Format::FP4_E2M1) ? 4 : 8;
 }
 
-inline float max_code_of(Format f) {
+constexpr float max_code_of(Format f) {
   switch (f) {
     case Format::INT8: return 127.0f;
     case Format::INT4: return 7.0f;
@@ -70,9 +71,10 @@ inline float uniform01(int64_t index, uint32_t key) {
 
 // 3-bit magnitude index of y on an FP4 grid, round to nearest, ties to even index.
 inline uint32_t fp4_index_nearest(float y, const float* mids) {
-  uint32_t idx = 0;
-  for (int j = 0; j < 7; ++j) idx += (j % 2 == 0) ? (y > mids[j]) : (y >= mids[j]);
-  return idx;
+  return static_cast<uint32_t>(y > mids[0]) + static_cast<uint32_t>(y >= mids[1]) +
+         static_cast<uint32_t>(y > mids[2]) + static_cast<uint32_t>(y >= mids[3]) +
+         static_cast<uint32_t>(y > mids[4]) + static_cast<uint32_t>(y >= mids[5]) +
+         static_cast<uint32_t>(y > mids[6]);
 }
 
 inline uint32_t fp4_index_stochastic(float y, const float* values, float u) {
@@ -84,67 +86,79 @@ inline uint32_t fp4_index_stochastic(float y, const float* values, float u) {
   return lo + (u < p ? 1u : 0u);
 }
 
-// e4m3fn magnitude code (7 bits) of y in [0, 448].
+inline uint32_t float_bits(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  return b;
+}
+
+inline float bits_float(uint32_t b) {
+  float v;
+  std::memcpy(&v, &b, sizeof(v));
+  return v;
+}
+
+// 2^e for e in the normal range, exactly.
+inline float pow2(int32_t e) { return bits_float(static_cast<uint32_t>(e + 127) << 23); }
+
+// e4m3fn magnitude code (7 bits) of y >= 0, saturating at 448. Branch-free so loops vectorize.
 inline uint32_t fp8_e4m3_code(float y, bool stochastic, float u) {
   // Quantum of the binade holding y: 2^(E-3) for normals, 2^-9 for subnormals.
-  uint32_t bits;
-  std::memcpy(&bits, &y, sizeof(bits));
-  int exponent = static_cast<int>((bits >> 23) & 0xFF) - 127;
-  if (exponent < -6) exponent = -6;
-  float quantum = std::ldexp(1.0f, exponent - 3);
-  float t = y / quantum;
+  int32_t exponent = static_cast<int32_t>((float_bits(y) >> 23) & 0xFF) - 127;
+  exponent = exponent < -6 ? -6 : exponent;
+  const float quantum = pow2(exponent - 3);
+  const float t = y / quantum;
   float r;
   if (stochastic) {
-    float lo = std::floor(t);
+    const float lo = std::floor(t);
     r = lo + (u < (t - lo) ? 1.0f : 0.0f);
   } else {
     r = round_half_even(t);
   }
-  float v = r * quantum;
-  if (v < 0.015625f) return static_cast<uint32_t>(r);  // subnormal: code is the mantissa count
-  std::memcpy(&bits, &v, sizeof(bits));
-  int e = static_cast<int>((bits >> 23) & 0xFF) - 127;
-  return static_cast<uint32_t>(((e + 7) << 3) | ((bits >> 20) & 7));
+  const float v = std::min(r * quantum, 448.0f);
+  const uint32_t vb = float_bits(v);
+  const uint32_t normal = ((((vb >> 23) & 0xFF) - 120) << 3) | ((vb >> 20) & 7);  // (e + 7) << 3 | m
+  return v < 0.015625f ? static_cast<uint32_t>(r) : normal;
 }
 
 inline float fp8_e4m3_value(uint32_t code7) {
   uint32_t e = code7 >> 3, m = code7 & 7;
-  if (e == 0) return std::ldexp(static_cast<float>(m), -9);
-  return std::ldexp(1.0f + static_cast<float>(m) * 0.125f, static_cast<int>(e) - 7);
+  if (e == 0) return static_cast<float>(m) * 0.001953125f;  // m * 2^-9
+  return (8.0f + static_cast<float>(m)) * pow2(static_cast<int32_t>(e) - 10);
 }
 
 // Encode one value given the block's scale (> 0). Returns the raw code: a byte for
-// 8-bit formats, a nibble for 4-bit ones.
-inline uint32_t encode(Format f, float x, float scale, float max_code, bool stochastic, float u) {
-  float y = std::fabs(x) / scale;
-  y = y < max_code ? y : max_code;
-  bool negative = x < 0.0f;
-  switch (f) {
-    case Format::INT8:
-    case Format::INT4: {
-      float m;
-      if (stochastic) {
-        float lo = std::floor(y);
-        m = lo + (u < (y - lo) ? 1.0f : 0.0f);
-      } else {
-        m = round_half_even(y);
-      }
-      int32_t q = negative ? -static_cast<int32_t>(m) : static_cast<int32_t>(m);
-      return static_cast<uint32_t>(q) & (f == Format::INT8 ? 0xFFu : 0xFu);
+// 8-bit formats, a nibble for 4-bit ones. Written without branches (selects and bit
+// operations only) so that a loop over it vectorizes.
+template <Format F, bool Stochastic>
+inline uint32_t encode(float x, float scale, float u) {
+  // y can exceed max_code by a rounding of the division; the clamp is applied after
+  // rounding (same result, since max_code is on every grid) because clamping first
+  // keeps GCC from vectorizing the loop.
+  constexpr float max_code = max_code_of(F);
+  const float y = std::fabs(x) / scale;
+  const uint32_t negative = float_bits(x) >> 31;
+  if constexpr (F == Format::INT8 || F == Format::INT4) {
+    float m;
+    if constexpr (Stochastic) {
+      const float lo = std::floor(y);
+      m = lo + static_cast<float>(u < (y - lo));
+    } else {
+      m = round_half_even(y);
     }
-    case Format::FP8_E4M3: {
-      uint32_t c = fp8_e4m3_code(y, stochastic, u);
-      return (negative && c != 0) ? (c | 0x80u) : c;
-    }
-    case Format::FP4_E3M0:
-    case Format::FP4_E2M1: {
-      bool e3m0 = f == Format::FP4_E3M0;
-      uint32_t idx = stochastic ? fp4_index_stochastic(y, e3m0 ? kE3M0Values : kE2M1Values, u)
-                                : fp4_index_nearest(y, e3m0 ? kE3M0Mids : kE2M1Mids);
-      return (negative && idx != 0) ? (idx | 0x8u) : idx;
-    }
+    m = std::min(m, max_code);
+    const uint32_t mag = static_cast<uint32_t>(static_cast<int32_t>(m));
+    const uint32_t q = (mag ^ (0u - negative)) + negative;  // two's complement negate if negative
+    return q & (F == Format::INT8 ? 0xFFu : 0xFu);
+  } else if constexpr (F == Format::FP8_E4M3) {
+    const uint32_t c = fp8_e4m3_code(y, Stochastic, u);
+    return c | ((negative & static_cast<uint32_t>(c != 0)) << 7);
+  } else {
+    constexpr bool kE3M0 = F == Format::FP4_E3M0;
+    const uint32_t idx = Stochastic ? fp4_index_stochastic(y, kE3M0 ? kE3M0Values : kE2M1Values, u)
+                                    : fp4_index_nearest(y, kE3M0 ? kE3M0Mids : kE2M1Mids);
+    return idx | ((negative & static_cast<uint32_t>(idx != 0)) << 3);
   }
-  return 0;
 }
 
 // Signed value (before scaling) of a raw code.

@@ -69,17 +69,19 @@ void quantize_kernel(const scalar_t* x, float* error, int64_t n, int64_t block_s
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * block_size;
       const int64_t len = std::min(block_size, n - start);
-      float absmax = 0.0f;
-      bool finite = true;
+      // absmax over the bit patterns of |v|: for non-negative floats integer order is float
+      // order, and NaN/Inf patterns sort above every finite one, so one integer max
+      // reduction (which vectorizes, unlike a NaN-aware float max) gives both.
+      uint32_t absmax_bits = 0;
       for (int64_t i = 0; i < len; ++i) {
         float v = static_cast<float>(x[start + i]);
         if (error != nullptr) v += error[start + i];
         values[i] = v;
-        const float a = std::fabs(v);
-        absmax = std::max(absmax, a);
-        finite &= (a <= FLT_MAX);  // false for Inf and NaN
+        const uint32_t a = quant::float_bits(v) & 0x7FFFFFFFu;
+        absmax_bits = a > absmax_bits ? a : absmax_bits;
       }
-      float scale = absmax / max_code;
+      const bool finite = absmax_bits < 0x7F800000u;
+      float scale = quant::bits_float(absmax_bits) / max_code;
       if (!finite) {
         // The whole block decodes to NaN; its error-feedback residual is left as it was
         // so one bad step does not poison the buffer forever.
@@ -90,7 +92,7 @@ void quantize_kernel(const scalar_t* x, float* error, int64_t n, int64_t block_s
       } else {
         for (int64_t i = 0; i < len; ++i) {
           const float u = Stochastic ? quant::uniform01(start + i, key) : 0.0f;
-          codes[i] = static_cast<uint8_t>(quant::encode(F, values[i], scale, max_code, Stochastic, u));
+          codes[i] = static_cast<uint8_t>(quant::encode<F, Stochastic>(values[i], scale, u));
         }
       }
       scales[b] = scale;
@@ -108,33 +110,53 @@ void quantize_kernel(const scalar_t* x, float* error, int64_t n, int64_t block_s
   });
 }
 
-template <Format F>
-inline uint32_t code_at(const uint8_t* data, int64_t i) {
-  if constexpr (F == Format::INT4 || F == Format::FP4_E3M0 || F == Format::FP4_E2M1) {
-    return (data[i >> 1] >> ((i & 1) * 4)) & 0xF;
-  } else {
-    return data[i];
-  }
-}
-
 // out[i] (+)= sum over chunks c of decode(data[c][i]) * scales[c][block(i)], in chunk order.
+// Per block, chunk by chunk into a small fp32 accumulator, so the inner loops are
+// straight table look-ups and adds over contiguous elements.
 template <Format F, bool Accumulate, typename out_t>
 void dequantize_kernel(const uint8_t* data, int64_t data_stride, const float* scales,
                        int64_t scale_stride, int64_t chunks, int64_t n, int64_t block_size, out_t* out) {
-  const std::vector<float> table = decode_table(F);
+  constexpr bool kFour = (F == Format::INT4 || F == Format::FP4_E3M0 || F == Format::FP4_E2M1);
+  const std::vector<float> table_storage = decode_table(F);
+  const float* table = table_storage.data();
   at::parallel_for(0, num_blocks(n, block_size), grain_for(block_size), [&](int64_t b0, int64_t b1) {
+    std::vector<float> acc_storage(block_size + 1);
+    float* acc = acc_storage.data();
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * block_size;
-      const int64_t end = std::min(start + block_size, n);
-      for (int64_t i = start; i < end; ++i) {
-        float acc = Accumulate ? static_cast<float>(out[i]) : 0.0f;
-        for (int64_t c = 0; c < chunks; ++c) {
-          const float s = scales[c * scale_stride + b];
-          acc = (Accumulate || c > 0) ? acc + table[code_at<F>(data + c * data_stride, i)] * s
-                                      : table[code_at<F>(data + c * data_stride, i)] * s;
+      const int64_t len = std::min(block_size, n - start);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float s = scales[c * scale_stride + b];
+        const uint8_t* d = data + c * data_stride;
+        // The first term is assigned (not added to 0) so a decoded -0.0 stays -0.0.
+        const bool assign = !Accumulate && c == 0;
+        if (Accumulate && c == 0) {
+          for (int64_t i = 0; i < len; ++i) acc[i] = static_cast<float>(out[start + i]);
         }
-        out[i] = static_cast<out_t>(acc);
+        if (kFour) {
+          const uint8_t* bytes = d + start / 2;
+          const int64_t pairs = (len + 1) / 2;
+          if (assign) {
+            for (int64_t j = 0; j < pairs; ++j) {
+              acc[2 * j] = table[bytes[j] & 0xF] * s;
+              acc[2 * j + 1] = table[bytes[j] >> 4] * s;
+            }
+          } else {
+            for (int64_t j = 0; j < pairs; ++j) {
+              acc[2 * j] = acc[2 * j] + table[bytes[j] & 0xF] * s;
+              acc[2 * j + 1] = acc[2 * j + 1] + table[bytes[j] >> 4] * s;
+            }
+          }
+        } else {
+          const uint8_t* codes = d + start;
+          if (assign) {
+            for (int64_t i = 0; i < len; ++i) acc[i] = table[codes[i]] * s;
+          } else {
+            for (int64_t i = 0; i < len; ++i) acc[i] = acc[i] + table[codes[i]] * s;
+          }
+        }
       }
+      for (int64_t i = 0; i < len; ++i) out[start + i] = static_cast<out_t>(acc[i]);
     }
   });
 }
