@@ -18,7 +18,8 @@ Buckets are reduced on a background thread over a process group of their own (cr
 here, on every rank), so communication overlaps the rest of the backward pass and never
 interleaves with DDP's own collectives.
 """
-from __future__ import annotations
+# No `from __future__ import annotations`: DDP checks the hook's return annotation object.
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -41,10 +42,10 @@ class QuantizedCommState:
     ``async_comm=False`` reduces each bucket inline instead (no extra group, no overlap).
     """
 
-    def __init__(self, process_group=None, fmt: str | None = "fp4_e3m0", block_size: int = 128,
-                 error_feedback: bool = True, *, module: torch.nn.Module | None = None,
+    def __init__(self, process_group=None, fmt: Optional[str] = "fp4_e3m0", block_size: int = 128,
+                 error_feedback: bool = True, *, module: Optional[torch.nn.Module] = None,
                  min_numel: int = DEFAULT_MIN_NUMEL, async_comm: bool = True, comm_group=None,
-                 nan_policy: str = "raise", stats: CommStats | None = None):
+                 nan_policy: str = "raise", stats: Optional[CommStats] = None):
         if fmt is not None:
             get_format(fmt)
             check_block_size(block_size)
@@ -86,7 +87,7 @@ class QuantizedCommState:
             key = self._auto_keys[id(p)] = f"param{len(self._auto_keys)}"
         return key
 
-    def _residual_of(self, key: str) -> torch.Tensor | None:
+    def _residual_of(self, key: str) -> Optional[torch.Tensor]:
         if key in self._loaded:
             return self._loaded.pop(key)
         slot = self._slots.get(key)
@@ -147,7 +148,7 @@ class QuantizedCommState:
         self._loaded = {key: t.detach().to(torch.float32).clone() for key, t in state["errors"].items()}
 
 
-def quantized_comm_hook(state: QuantizedCommState, bucket) -> torch.futures.Future:
+def quantized_comm_hook(state: QuantizedCommState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Average ``bucket``'s gradients across ranks with :func:`quantized_all_reduce`.
 
     Register with ``ddp.register_comm_hook(state, quantized_comm_hook)``. The returned
