@@ -218,3 +218,27 @@ def test_needs_process_group():
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="process group"):
         quantized_all_reduce(torch.zeros(10))
+
+
+# --- CUDA + NCCL (GPU machine only) -------------------------------------------------------------
+
+def _cuda_worker(rank, world):
+    g = torch.Generator(device="cuda").manual_seed(rank)
+    x = torch.randn(5000, device="cuda", generator=g)
+    y = x.clone()
+    quantized_all_reduce(y, "avg", min_numel=0)
+    z = x.clone()
+    work = quantized_all_reduce(z, "avg", min_numel=0, async_op=True)
+    work.wait()
+    return x.cpu().numpy(), y.cpu().numpy(), z.cpu().numpy()
+
+
+@pytest.mark.gpu
+def test_nccl_cuda_matches_reference():
+    world = max(1, min(2, torch.cuda.device_count()))
+    res = spawn(_cuda_worker, world, backend="nccl")
+    xs = [torch.from_numpy(r[0]) for r in res]
+    expected, _ = ref.quantized_all_reduce(xs, "avg", "fp4_e3m0", 128)
+    for r in res:
+        assert torch.equal(torch.from_numpy(r[1]), expected)
+        assert torch.equal(torch.from_numpy(r[2]), expected)

@@ -92,7 +92,9 @@ def submit(group, fn, device: torch.device | None = None) -> AsyncWork:
         return AsyncWork(worker.submit(fn))
     ready = torch.cuda.Event()
     ready.record(torch.cuda.current_stream(device))
-    stream = _SIDE_STREAMS.setdefault(device, torch.cuda.Stream(device))
+    stream = _SIDE_STREAMS.get(device)
+    if stream is None:
+        stream = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
     done = torch.cuda.Event()
 
     def on_side_stream():

@@ -106,6 +106,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 1 <= args.workers <= 8:
         p.error("--workers must be between 1 and 8")
+    if args.steps < 1 or args.sync_every < 1 or args.fragments < 1 or args.sync_every % args.fragments:
+        p.error("--steps, --sync-every, --fragments must be >= 1 and --sync-every divisible by --fragments")
+    if not 0 <= args.overlap < args.sync_every:
+        p.error("--overlap must be in [0, --sync-every)")
+    try:
+        from trainops.formats import check_block_size, get_format
+
+        get_format(args.fmt)
+        check_block_size(args.block_size)
+    except (TypeError, ValueError) as e:
+        p.error(str(e))
     return args
 
 
