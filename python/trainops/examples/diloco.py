@@ -5,8 +5,9 @@
 
 Task: a student MLP learns a fixed random teacher's labels (10 classes, inputs in R^32);
 each worker draws its own batches. After training, the cross-entropy of the final
-global model on a fixed held-out set is printed for each exchange format together with
-the bytes each worker sent (logical payload, see trainops.distributed.stats).
+model of each worker (the global model when alpha = 0) on a fixed held-out set is
+printed for each exchange format with the bytes each worker sent (logical payload,
+see trainops.distributed.stats).
 """
 from __future__ import annotations
 
@@ -130,7 +131,7 @@ def main(argv=None) -> None:
           f"fragments={args.fragments}, overlap={args.overlap}, alpha={args.alpha}", flush=True)
     start = time.perf_counter()
     results = run(cfg, (None, args.fmt))
-    print(f"\n| exchange | final eval loss (per worker) | bytes sent per worker | syncs |")
+    print("\n| exchange | final eval loss (per worker) | bytes sent per worker | syncs |")
     print("|---|---|---|---|")
     sent = {}
     for fmt, per_worker in results.items():
