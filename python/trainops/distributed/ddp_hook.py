@@ -1,0 +1,176 @@
+"""DDP communication hook: gradient buckets averaged with the two-shot quantized all-reduce.
+
+Usage::
+
+    state = QuantizedCommState(module=model, fmt="fp4_e3m0", error_feedback=True)
+    ddp = DistributedDataParallel(model)
+    ddp.register_comm_hook(state, quantized_comm_hook)
+    ...
+    torch.save({"model": ..., "comm": state.state_dict()}, path)
+
+Error feedback is kept per parameter, not per bucket index: DDP rebuilds its buckets
+after the first iteration (and a restarted job starts from the initial layout again),
+so residuals are stored as one flat fp32 buffer per bucket keyed by the bucket's
+parameters, and a bucket with a new layout takes over the residual slices of its
+parameters from the old buckets or from a loaded ``state_dict``. Nothing is reset.
+
+Buckets are reduced on a background thread over a process group of their own (created
+here, on every rank), so communication overlaps the rest of the backward pass and never
+interleaves with DDP's own collectives.
+"""
+# No `from __future__ import annotations`: DDP checks the hook's return annotation object.
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from trainops.distributed.all_reduce import DEFAULT_MIN_NUMEL, quantized_all_reduce
+from trainops.distributed.stats import CommStats, comm_stats
+from trainops.formats import check_block_size, check_nan_policy, get_format
+
+__all__ = ["QuantizedCommState", "quantized_comm_hook"]
+
+
+class QuantizedCommState:
+    """State of :func:`quantized_comm_hook`: format, process groups, per-parameter error feedback.
+
+    ``module``: the model (or the DDP wrapper) whose parameters are trained; its parameter
+    names key the residuals in :meth:`state_dict`. Without it, parameters are keyed by the
+    order in which buckets first show them (the same in every identically built run).
+    ``comm_group``: the group the hook communicates on; by default a new group over the
+    ranks of ``process_group`` (``dist.new_group``, so construct the state on every rank).
+    ``async_comm=False`` reduces each bucket inline instead (no extra group, no overlap).
+    """
+
+    def __init__(self, process_group=None, fmt: Optional[str] = "fp4_e3m0", block_size: int = 128,
+                 error_feedback: bool = True, *, module: Optional[torch.nn.Module] = None,
+                 min_numel: int = DEFAULT_MIN_NUMEL, async_comm: bool = True, comm_group=None,
+                 nan_policy: str = "raise", stats: Optional[CommStats] = None):
+        if fmt is not None:
+            get_format(fmt)
+            check_block_size(block_size)
+        check_nan_policy(nan_policy)
+        if not isinstance(error_feedback, bool):
+            raise TypeError(f"error_feedback must be a bool, got {type(error_feedback).__name__}")
+        if module is not None and not isinstance(module, torch.nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module or None, got {type(module).__name__}")
+        if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
+            raise ValueError(f"min_numel must be an int >= 0, got {min_numel!r}")
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("QuantizedCommState needs an initialized process group (dist.init_process_group)")
+        self.process_group = process_group
+        self.fmt = fmt
+        self.block_size = block_size
+        self.error_feedback = error_feedback
+        self.min_numel = min_numel
+        self.async_comm = async_comm
+        self.nan_policy = nan_policy
+        self.stats = comm_stats() if stats is None else stats
+        if comm_group is None and async_comm:
+            ranks = None if process_group is None else dist.get_process_group_ranks(process_group)
+            comm_group = dist.new_group(ranks=ranks)
+        self.comm_group = comm_group if comm_group is not None else process_group
+        self._names = {} if module is None else {id(p): n for n, p in module.named_parameters()}
+        self._auto_keys: dict[int, str] = {}
+        self._errors: dict[tuple, torch.Tensor] = {}  # bucket key -> flat fp32 residual
+        self._slots: dict[str, tuple] = {}  # param key -> (bucket key, offset, numel)
+        self._loaded: dict[str, torch.Tensor] = {}  # residuals from load_state_dict not yet claimed
+
+    # --- residual bookkeeping ---------------------------------------------------------------
+
+    def _param_key(self, p: torch.Tensor) -> str:
+        name = self._names.get(id(p))
+        if name is not None:
+            return name
+        key = self._auto_keys.get(id(p))
+        if key is None:
+            key = self._auto_keys[id(p)] = f"param{len(self._auto_keys)}"
+        return key
+
+    def _residual_of(self, key: str) -> Optional[torch.Tensor]:
+        if key in self._loaded:
+            return self._loaded.pop(key)
+        slot = self._slots.get(key)
+        if slot is None:
+            return None
+        bucket_key, offset, numel = slot
+        return self._errors[bucket_key][offset:offset + numel]
+
+    def bucket_error(self, params, buffer: torch.Tensor) -> torch.Tensor:
+        """The flat fp32 residual of the bucket holding ``params`` (laid out like ``buffer``)."""
+        keys = tuple(self._param_key(p) for p in params)
+        err = self._errors.get(keys)
+        if err is not None and err.numel() == buffer.numel():
+            return err
+        sizes = [p.numel() for p in params]
+        if sum(sizes) != buffer.numel():
+            raise RuntimeError(
+                f"DDP bucket of {buffer.numel()} elements does not hold its {len(sizes)} parameters "
+                f"({sum(sizes)} elements) back to back; per-parameter error feedback needs that layout"
+            )
+        err = torch.zeros(buffer.numel(), dtype=torch.float32, device=buffer.device)
+        offset = 0
+        for key, numel in zip(keys, sizes):
+            old = self._residual_of(key)
+            if old is not None:
+                err[offset:offset + numel] = old.reshape(-1).to(err.device)
+            offset += numel
+        offset = 0
+        for key, numel in zip(keys, sizes):
+            self._slots[key] = (keys, offset, numel)
+            offset += numel
+        self._errors[keys] = err
+        # Drop buckets of an old layout once none of their parameters point at them.
+        live = {slot[0] for slot in self._slots.values()}
+        for stale in [k for k in self._errors if k not in live]:
+            del self._errors[stale]
+        return err
+
+    def state_dict(self) -> dict:
+        """Format settings and the residual of every parameter (layout independent, cloned)."""
+        errors = {key: t.clone() for key, t in self._loaded.items()}
+        for key, (bucket_key, offset, numel) in self._slots.items():
+            errors[key] = self._errors[bucket_key][offset:offset + numel].clone()
+        return {"fmt": self.fmt, "block_size": self.block_size, "error_feedback": self.error_feedback,
+                "errors": errors}
+
+    def load_state_dict(self, state: dict) -> None:
+        for field in ("fmt", "block_size", "errors"):
+            if field not in state:
+                raise KeyError(f"state dict lacks {field!r}: not from QuantizedCommState.state_dict()")
+        if state["fmt"] != self.fmt or state["block_size"] != self.block_size:
+            raise ValueError(
+                f"state dict was saved with fmt={state['fmt']!r}, block_size={state['block_size']}; "
+                f"this state uses fmt={self.fmt!r}, block_size={self.block_size}"
+            )
+        self._errors.clear()
+        self._slots.clear()
+        self._loaded = {key: t.detach().to(torch.float32).clone() for key, t in state["errors"].items()}
+
+
+def quantized_comm_hook(state: QuantizedCommState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """Average ``bucket``'s gradients across ranks with :func:`quantized_all_reduce`.
+
+    Register with ``ddp.register_comm_hook(state, quantized_comm_hook)``. The returned
+    future holds the bucket buffer, reduced in place and bit-identical on every rank, so
+    all replicas take the same optimizer step.
+    """
+    buffer = bucket.buffer()
+    err = None
+    if state.error_feedback and state.fmt is not None and buffer.numel() >= state.min_numel:
+        err = state.bucket_error(bucket.parameters(), buffer)
+    work = quantized_all_reduce(buffer, "avg", state.comm_group, state.fmt, state.block_size, err,
+                                async_op=True, min_numel=state.min_numel, nan_policy=state.nan_policy,
+                                stats=state.stats) if state.async_comm else None
+    if work is None:
+        quantized_all_reduce(buffer, "avg", state.comm_group, state.fmt, state.block_size, err,
+                             min_numel=state.min_numel, nan_policy=state.nan_policy, stats=state.stats)
+        fut = torch.futures.Future()
+        fut.set_result(buffer)
+        return fut
+
+    def _result(fut):
+        fut.value()  # re-raise a failure of the reduction
+        return buffer
+
+    return work.get_future().then(_result)

@@ -1,0 +1,177 @@
+"""DiLoCo / Streaming DiLoCo over 2 gloo processes: FP4 vs FP32 on the demo task, checkpoints, schedule."""
+import io
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from trainops.distributed import DiLoCo, spawn
+from trainops.examples import diloco as demo
+
+STREAM = dict(sync_every=10, num_fragments=2, overlap_steps=3, fragment_alpha=0.0)
+
+
+def _batch(task, rank, step):
+    return task.batch(torch.Generator().manual_seed(7919 * rank + step), 32)
+
+
+def _inner_step(model, opt, task, rank, step):
+    x, y = _batch(task, rank, step)
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def _build(seed, **kw):
+    model = demo.make_model(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    return model, opt, DiLoCo(model, opt, **kw)
+
+
+def _fragment_flat(frag):
+    return torch.cat([p.detach().reshape(-1) for _, p in frag])
+
+
+def _equal_across_ranks(t):
+    gathered = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, t)
+    return all(torch.equal(gathered[0], g) for g in gathered)
+
+
+def _checkpoint_run(rank, task, kw, total, save_at):
+    """Params after `total` steps, straight or with a save/rebuild/load at `save_at`."""
+    model, opt, dl = _build(0, **kw)
+    for step in range(total if save_at is None else save_at):
+        _inner_step(model, opt, task, rank, step)
+        dl.step()
+    if save_at is not None:
+        buf = io.BytesIO()
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "diloco": dl.state_dict()}, buf)
+        buf.seek(0)
+        ckpt = torch.load(buf)
+        model, opt, dl = _build(5, **kw)  # different init: everything must come from the checkpoint
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        dl.load_state_dict(ckpt["diloco"])
+        for step in range(save_at, total):
+            _inner_step(model, opt, task, rank, step)
+            dl.step()
+    dl.flush()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _worker(rank, world):
+    torch.set_num_threads(1)
+    out = {}
+    # 1. The demo task with its default settings, FP32 and FP4 exchange.
+    cfg = {"steps": 600, "sync_every": 30, "fragments": 1, "overlap": 0, "alpha": 0.0, "block_size": 128,
+           "error_feedback": False, "lr": 3e-3, "batch_size": 64, "seed": 0}
+    out["fp32"] = demo.train(rank, world, {**cfg, "fmt": None})
+    out["fp4"] = demo.train(rank, world, {**cfg, "fmt": "fp4_e3m0"})
+
+    task = demo.TeacherTask(0)
+    # 2. Streaming schedule: when is each fragment identical across workers?
+    model, opt, dl = _build(0, fmt="fp4_e3m0", min_numel=0, **STREAM)
+    out["offsets"] = [dl.send_offset(f) for f in range(2)]
+    equal_at = {0: [], 1: []}
+    in_flight_at = []
+    for step in range(1, 25):
+        _inner_step(model, opt, task, rank, step)
+        dl.step()
+        for f in range(2):
+            if _equal_across_ranks(_fragment_flat(dl.fragments[f])):
+                equal_at[f].append(step)
+        if dl._in_flight:
+            in_flight_at.append(step)
+    out["equal_at"] = equal_at
+    out["in_flight_at"] = in_flight_at
+    out["unit_split"] = [[n for n, _ in frag] for frag in dl.fragments]
+
+    # 3. alpha mixing on arrival: theta = alpha * local + (1 - alpha) * global.
+    model, opt, dl = _build(0, fmt=None, sync_every=4, fragment_alpha=0.25)
+    for step in range(1, 4):
+        _inner_step(model, opt, task, rank, step)
+        dl.step()
+    _inner_step(model, opt, task, rank, 4)
+    local = [p.detach().clone() for p in model.parameters()]
+    dl.step()
+    glob = [g for frag in dl.global_parameters() for g in frag]
+    out["alpha_ok"] = all(torch.equal(p, l.mul(0.25).add_(g, alpha=0.75))
+                          for p, l, g in zip(model.parameters(), local, glob))
+    out["alpha_globals_equal"] = all(_equal_across_ranks(g) for g in glob)
+
+    # 4. Checkpoint round trip with a sync in flight at the save (step 16: fragment 0 sent at 15).
+    kw = dict(fmt="fp4_e3m0", error_feedback=True, min_numel=0, **{**STREAM, "fragment_alpha": 0.5})
+    straight = _checkpoint_run(rank, task, kw, 30, None)
+    resumed = _checkpoint_run(rank, task, kw, 30, 16)
+    out["resume_identical"] = bool(torch.equal(straight, resumed))
+    dist.barrier()
+    return out
+
+
+@pytest.fixture(scope="module")
+def results():
+    return spawn(_worker, 2, backend="gloo", timeout_s=300.0)
+
+
+def test_fp4_within_2_percent_of_fp32(results):
+    for r in results:
+        assert r["fp4"]["loss"] <= 1.02 * r["fp32"]["loss"]
+        assert r["fp4"]["loss"] < 1.0  # it learned (chance level is ln 10 = 2.3)
+        assert r["fp32"]["bytes_sent"] > 7 * r["fp4"]["bytes_sent"]
+    assert results[0]["fp4"]["loss"] == results[1]["fp4"]["loss"]  # identical global model
+
+
+def test_streaming_schedule(results):
+    r = results[0]
+    assert r["offsets"] == [5, 0]
+    # Fragment 0 is sent at steps 5, 15 and merged tau = 3 steps later; fragment 1 at 10, 20.
+    assert r["equal_at"] == {0: [8, 18], 1: [13, 23]}
+    assert r["in_flight_at"] == [5, 6, 7, 10, 11, 12, 15, 16, 17, 20, 21, 22]
+    # strided over the four Linear layers (Sequential indices 0, 2, 4, 6)
+    assert r["unit_split"] == [["0.weight", "0.bias", "4.weight", "4.bias"], ["2.weight", "2.bias", "6.weight", "6.bias"]]
+
+
+def test_alpha_mixing(results):
+    for r in results:
+        assert r["alpha_ok"] and r["alpha_globals_equal"]
+
+
+def test_checkpoint_round_trip_continues_identically(results):
+    for r in results:
+        assert r["resume_identical"]
+
+
+# --- argument checks (before any collective) ---------------------------------------------------
+
+def _args(**kw):
+    model = demo.make_model(0)
+    return dict(model=model, inner_optimizer=torch.optim.SGD(model.parameters(), lr=0.1), **kw)
+
+
+@pytest.mark.parametrize("kw, exc, word", [
+    (dict(model="m"), TypeError, "model"),
+    (dict(inner_optimizer=object()), TypeError, "inner_optimizer"),
+    (dict(sync_every=0), ValueError, "sync_every"),
+    (dict(sync_every=10, num_fragments=3), ValueError, "divisible"),
+    (dict(num_fragments=5, sync_every=10), ValueError, "num_fragments"),
+    (dict(sync_every=10, overlap_steps=10), ValueError, "overlap_steps"),
+    (dict(fragment_alpha=1.5), ValueError, "fragment_alpha"),
+    (dict(outer_lr=0.0), ValueError, "outer_lr"),
+    (dict(outer_momentum=0.0), ValueError, "nesterov"),
+    (dict(fmt="fp3"), ValueError, "fmt"),
+    (dict(block_size=48), ValueError, "block_size"),
+    (dict(sync_every=2.5), TypeError, "sync_every"),
+])
+def test_bad_arguments(kw, exc, word):
+    args = _args()
+    args.update(kw)
+    with pytest.raises(exc, match=word):
+        DiLoCo(**args)
+
+
+def test_needs_process_group():
+    with pytest.raises(RuntimeError, match="process group"):
+        DiLoCo(**_args())
