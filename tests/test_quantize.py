@@ -227,6 +227,8 @@ def test_bad_inputs_raise_clear_errors():
         ops.quantize(x, "int8", 64.0)
     with pytest.raises(ValueError, match="x is empty"):
         ops.quantize(torch.empty(0), "int8")
+    with pytest.raises(ValueError, match="seed must fit in a signed 64-bit"):
+        ops.quantize(x, "int8", stochastic=True, seed=2**64)
     with pytest.raises(ValueError, match="nan_policy"):
         ops.quantize(x, "int8", nan_policy="ignore")
     with pytest.raises(TypeError, match="error must be float32"):

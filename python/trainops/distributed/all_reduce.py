@@ -133,13 +133,16 @@ def _two_shot(tensor, op, group, fmt, block_size, error_feedback, stochastic, se
     rank = dist.get_rank(group)
     n = tensor.numel()
     chunk, code_bytes, nscales = chunk_layout(n, world, fmt, block_size)
+    # Each rank rounds with its own stream (ranks often share a torch seed): correlated
+    # rounding errors would add up coherently in the sum instead of averaging out.
+    seed1 = None if seed is None else (seed * 1_000_003 + 104_729 * rank) % 2**62
     # NaN/Inf always travel (as NaN blocks) so that every rank sees them and raises
     # together below; raising before the collective would leave the other ranks waiting.
     if error_feedback is not None:
-        q = quantize_error_feedback(tensor, error_feedback, fmt, block_size, stochastic=stochastic, seed=seed,
+        q = quantize_error_feedback(tensor, error_feedback, fmt, block_size, stochastic=stochastic, seed=seed1,
                                     nan_policy="propagate")
     else:
-        q = quantize(tensor, fmt, block_size, stochastic=stochastic, seed=seed, nan_policy="propagate")
+        q = quantize(tensor, fmt, block_size, stochastic=stochastic, seed=seed1, nan_policy="propagate")
     send = _pack(q, world, code_bytes, nscales)
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
@@ -150,7 +153,7 @@ def _two_shot(tensor, op, group, fmt, block_size, error_feedback, stochastic, se
     if op == "avg":
         acc.div_(world)
     # The owner's requantization draws its own stream (kept within int64 for the op schema).
-    seed2 = None if seed is None else (seed * 1_000_003 + 7_919 * (rank + 1)) % 2**62
+    seed2 = None if seed is None else (seed * 1_000_003 + 7_919 * (rank + 1) + 1) % 2**62
     mine = _pack(quantize(acc, fmt, block_size, stochastic=stochastic, seed=seed2, nan_policy="propagate"),
                  1, code_bytes, nscales)
     gathered = torch.empty(world * mine.numel(), dtype=torch.uint8, device=tensor.device)

@@ -71,6 +71,8 @@ def _resolve_seed(stochastic: bool, seed: int | None) -> int:
         return int(torch.randint(0, 2**62, (1,)).item())
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if not -(2**63) <= seed < 2**63:
+        raise ValueError(f"seed must fit in a signed 64-bit integer, got {seed}")
     return seed
 
 
