@@ -265,6 +265,11 @@ def _lowp(x, A) -> bool:
     return x.dtype in (torch.bfloat16, torch.float16) and A.dtype == x.dtype
 
 
+def _warps(block_r: int) -> int:
+    # The [BLOCK_T, BLOCK_R] gate tiles live in registers: more warps for wide rank banks.
+    return 8 if block_r >= 128 else 4
+
+
 def num_selected(top_k: int, num_ranks: int) -> int:
     """k = max(top_k, 2), at most the number of ranks."""
     return min(max(top_k, 2), num_ranks)
@@ -296,12 +301,12 @@ def mora_forward(x, A_f, B_f, A, B, top_k, temperature, threshold, training, sca
         x.stride(0), x.stride(1), af.stride(0), af.stride(1), A.stride(0), A.stride(1),
         1.0 / temperature, threshold, dp_, dscale, key,
         TRAINING=bool(training), DROPOUT=dropout, SELECT_ALL=K == R, LOWP=lowp,
-        BLOCK_T=BT, BLOCK_R=BR, BLOCK_D=BD)
+        BLOCK_T=BT, BLOCK_R=BR, BLOCK_D=BD, num_warps=_warps(BR))
     BN = 64
     _expand_kernel[(triton.cdiv(T, BT), triton.cdiv(N, BN))](
         z, bf, B, out, T, N, F, R,
         bf.stride(0), bf.stride(1), B.stride(0), B.stride(1), out.stride(0), out.stride(1), float(scaling),
-        LOWP=lowp, BLOCK_T=BT, BLOCK_R=BR, BLOCK_N=BN)
+        LOWP=lowp, BLOCK_T=BT, BLOCK_R=BR, BLOCK_N=BN, num_warps=_warps(BR))
     return out, p, idx, rho
 
 
@@ -325,7 +330,8 @@ def mora_backward(dy, x, A_f, B_f, A, B, p, idx, rho, top_k, temperature, thresh
         dy, bf, B, p, idx, rho, dp, z, T, N, F, R, K,
         dy.stride(0), dy.stride(1), bf.stride(0), bf.stride(1), B.stride(0), B.stride(1),
         float(scaling), 1.0 / temperature, threshold,
-        TRAINING=bool(training), LOWP=lowp, BLOCK_T=BT, BLOCK_R=BR, BLOCK_N=32 if BR > 128 else 64)
+        TRAINING=bool(training), LOWP=lowp, BLOCK_T=BT, BLOCK_R=BR, BLOCK_N=32 if BR > 128 else 64,
+        num_warps=_warps(BR))
     dx = dA = dB = None
     if need_dx:
         dx = torch.empty(T, D, device=dev, dtype=x.dtype)
