@@ -202,3 +202,21 @@ def test_bad_inputs():
         mora(torch.full_like(x, float("nan")), A, B)
     with pytest.raises(TypeError, match="seed"):
         mora(x, A, B, dropout_p=0.1, seed="1")
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=20, deadline=None)
+@given(T=st.integers(1, 9), D=st.integers(1, 10), N=st.integers(1, 7), F=st.integers(0, 5), Rt=st.integers(1, 12),
+       top_k=st.integers(1, 20), training=st.booleans(), seed=st.integers(0, 2**31))
+def test_aten_matches_reference_random_shapes(T, D, N, F, Rt, top_k, training, seed):
+    x, Af, Bf, A, B = make(T, D, N, F, Rt, dtype=torch.float64, seed=seed)
+    dy = torch.randn(T, N, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    kw = dict(top_k=top_k, training=training, scaling=1.5, temperature=0.2, threshold=0.1)
+    exp_out, exp_dx, exp_dA, exp_dB = reference(x, Af, Bf, A, B, dy, **kw)
+    out = mora(x, A, B, frozen_A=Af if F else None, frozen_B=Bf if F else None, **kw)
+    out.backward(dy)
+    for got, want in ((out, exp_out), (x.grad, exp_dx), (A.grad, exp_dA), (B.grad, exp_dB)):
+        close(got.detach(), want, 1e-9)

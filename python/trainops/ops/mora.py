@@ -15,7 +15,10 @@ Ranks come in two sources, frozen (A_f, B_f) then trainable (A, B): the kernels 
 both without concatenating them, and only the trainable ranks get gradients.
 
 Saved for backward: x (an input anyway), p [T, R] fp32, the top-k indices [T, k] and
-ρ [T]; dropout masks are regenerated from the seed. The gate g is recomputed.
+ρ [T]; dropout masks are regenerated from the seed. The gate g is recomputed. p is kept
+rather than recomputed: it is O(T·R) (2 MiB at T=8192, R=64) and the dense part of the
+gate backward, −ρ s (s·ds), needs it over all R, while recomputing it would repeat the
+T·R·d_in shrink GEMM.
 """
 from __future__ import annotations
 
