@@ -270,6 +270,12 @@ def _warps(block_r: int) -> int:
     return 8 if block_r >= 128 else 4
 
 
+def _stages(lowp: bool) -> int:
+    # fp32 tiles of a 256-wide rank bank with 3 pipeline stages need >164 KiB of shared
+    # memory (the A100 limit); 2 stages fit.
+    return 3 if lowp else 2
+
+
 def num_selected(top_k: int, num_ranks: int) -> int:
     """k = max(top_k, 2), at most the number of ranks."""
     return min(max(top_k, 2), num_ranks)
@@ -301,7 +307,7 @@ def mora_forward(x, A_f, B_f, A, B, top_k, temperature, threshold, training, sca
         x.stride(0), x.stride(1), af.stride(0), af.stride(1), A.stride(0), A.stride(1),
         1.0 / temperature, threshold, dp_, dscale, key,
         TRAINING=bool(training), DROPOUT=dropout, SELECT_ALL=K == R, LOWP=lowp,
-        BLOCK_T=BT, BLOCK_R=BR, BLOCK_D=BD, num_warps=_warps(BR))
+        BLOCK_T=BT, BLOCK_R=BR, BLOCK_D=BD, num_warps=_warps(BR), num_stages=_stages(lowp))
     BN = 64
     _expand_kernel[(triton.cdiv(T, BT), triton.cdiv(N, BN))](
         z, bf, B, out, T, N, F, R,
@@ -331,7 +337,7 @@ def mora_backward(dy, x, A_f, B_f, A, B, p, idx, rho, top_k, temperature, thresh
         dy.stride(0), dy.stride(1), bf.stride(0), bf.stride(1), B.stride(0), B.stride(1),
         float(scaling), 1.0 / temperature, threshold,
         TRAINING=bool(training), LOWP=lowp, BLOCK_T=BT, BLOCK_R=BR, BLOCK_N=32 if BR > 128 else 64,
-        num_warps=_warps(BR))
+        num_warps=_warps(BR), num_stages=_stages(lowp))
     dx = dA = dB = None
     if need_dx:
         dx = torch.empty(T, D, device=dev, dtype=x.dtype)
