@@ -123,6 +123,12 @@ def test_activation_stats_per_task_and_label():
     st = m.activation_stats()["data1"]
     assert st["tokens"] == 10 and int(st["rank_counts"].sum()) == 20
     assert len(st["task_frequency"]) == 2 and abs(sum(st["task_frequency"]) - 1.0) < 1e-9
+    m.add_task(2)  # counts taken before a task was added still line up
+    assert len(m.activation_stats()["data1"]["task_frequency"]) == 3
+    m.eval()
+    m.set_stats_label("eval")
+    m(torch.randn(10, 12))
+    assert int(m.activation_stats()["eval"]["rank_counts"].sum()) <= 20  # pruned ranks do not count
     m.enable_stats(False)
     m(torch.randn(3, 12))
     assert m.activation_stats() == {}

@@ -194,7 +194,9 @@ class MoRALinear(nn.Module):
         out = {}
         for label, entry in (self._stats or {}).items():
             counts = entry["rank_counts"].cpu()
-            per_task = torch.stack([counts[sl].sum() for sl in self.task_slices() if sl.start < counts.numel()])
+            if counts.numel() < self.num_ranks:  # recorded before later tasks were added
+                counts = torch.cat([counts, counts.new_zeros(self.num_ranks - counts.numel())])
+            per_task = torch.stack([counts[sl].sum() for sl in self.task_slices()])
             total = per_task.sum().clamp_min(1)
             out[label] = {"tokens": entry["tokens"], "rank_counts": counts,
                           "task_frequency": (per_task.double() / total).tolist()}
