@@ -94,7 +94,8 @@ def main(argv=None):
     dtype = DTYPES[a.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
     if not full:
         print("CPU run at reduced sizes: d=768, T=512 (use --full for the issue's grid)", flush=True)
-    table = Table(f"MoRALinear fwd+bwd ({str(dtype).replace('torch.', '')})", device)
+    sizes = "issue grid" if full else "reduced CPU sizes d=768, T=512; see --help"
+    table = Table(f"MoRALinear fwd+bwd ({str(dtype).replace('torch.', '')}, {sizes})", device)
     for d, R, k, T in grid(full):
         base, mora, A, B = build(d, R, k, device, dtype)
         x = torch.randn(T, d, device=device, dtype=dtype, requires_grad=True)
