@@ -1,5 +1,6 @@
 """Plain-PyTorch references of every trainops op: the specification tests compare against."""
 from trainops.reference.all_reduce import quantized_all_reduce
+from trainops.reference.mora import mora
 from trainops.reference.quantize import dequantize, dequantize_accumulate, quantize, signed_values
 
-__all__ = ["quantize", "dequantize", "dequantize_accumulate", "signed_values", "quantized_all_reduce"]
+__all__ = ["quantize", "dequantize", "dequantize_accumulate", "signed_values", "quantized_all_reduce", "mora"]

@@ -1,0 +1,350 @@
+"""MoRA modules: ``MoRALinear`` (a frozen Linear plus a bank of rank-1 experts),
+``apply_mora`` (PEFT-style replacement), adapter-only save and load.
+
+MoRA ("Little By Little", arXiv 2506.21035) treats each rank-1 pair (A_i, B_i) of a LoRA
+adapter as an expert routed by its own key: s = p/‖p‖ with p = x̃ Aᵀ, top-k, softmax
+at temperature τ, pruning below δ at eval. For continual learning each task appends new
+ranks and freezes all earlier ones; routing runs over all of them.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+from trainops.ops.mora import mora_routing
+
+__all__ = ["MoRALinear", "apply_mora", "mora_state_dict", "load_mora_state_dict", "mora_modules"]
+
+_ADAPTER_KEYS = ("frozen_A", "frozen_B", "lora_A", "lora_B", "task_ranks")
+
+
+class MoRALinear(nn.Module):
+    """``y = base(x) + ((p ⊙ w) Bᵀ) · scaling``: a frozen ``nn.Linear`` with MoRA rank-1 experts.
+
+    Args:
+        base: the ``nn.Linear`` to adapt; its parameters are frozen.
+        rank: ranks added per task (also the first task's).
+        top_k: experts kept per token, k = max(top_k, 2).
+        temperature: softmax temperature τ of the gate.
+        threshold: eval-time pruning δ: ranks with s < δ get weight 0 (not renormalized).
+        dropout: dropout on the adapter input x̃ (training only; the base sees x).
+        scaling: multiplier of the adapter delta.
+        capacity: initial size of the frozen-rank bank (default 4·rank); it doubles when full.
+
+    Ranks: the current task's ``lora_A`` [rank, in] and ``lora_B`` [out, rank] are the only
+    trainable parameters. Earlier tasks' ranks live in preallocated buffers ``frozen_A``
+    [capacity, in] and ``frozen_B`` [capacity, out] (B stored transposed so a prefix of
+    rows is the active bank) with ``num_frozen`` rows in use: no concatenation per forward.
+    :meth:`add_task` copies the current ranks into the bank and starts new ones (LoRA
+    init: A Kaiming-uniform, B zero). The new values start at zero, but the new keys join
+    the routing (norm and top-k run over all ranks), so the output may move through the
+    gate. Re-create the optimizer afterwards: the parameters are new objects.
+
+    Merging is impossible: the gate w depends on the input x (through the top-k and the
+    softmax of s), so ((p ⊙ w) Bᵀ) is not x ΔWᵀ for any fixed ΔW; the adapter always runs
+    next to the base layer.
+
+    ``state_dict`` holds only the active ranks (``frozen_A[:num_frozen]``), so it does not
+    depend on the capacity, and loading it resizes the module to the saved task layout.
+    Statistics: :meth:`enable_stats` counts, per input label, how often each task's ranks
+    are selected (and, at eval, not pruned); see :meth:`activation_stats`.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int = 8, top_k: int = 8, temperature: float = 0.03,
+                 threshold: float = 0.2, dropout: float = 0.0, scaling: float = 1.0, capacity: int | None = None):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        for name, v in (("rank", rank), ("top_k", top_k)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.base = base
+        for prm in base.parameters():
+            prm.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.top_k = rank, top_k
+        self.temperature, self.threshold = float(temperature), float(threshold)
+        self.dropout, self.scaling = float(dropout), float(scaling)
+        self.check_nan = False
+        w = base.weight
+        capacity = 4 * rank if capacity is None else int(capacity)
+        self.register_buffer("frozen_A", torch.zeros(capacity, self.in_features, device=w.device, dtype=w.dtype))
+        self.register_buffer("frozen_B", torch.zeros(capacity, self.out_features, device=w.device, dtype=w.dtype))
+        self.num_frozen = 0
+        self.task_ranks: list[int] = [rank]
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype))
+        self._init_ranks()
+        self._stats: dict | None = None
+        self._stats_label = 0
+
+    @classmethod
+    def from_linear(cls, base: nn.Linear, **kwargs) -> "MoRALinear":
+        """Wrap ``base`` (frozen) with MoRA; keyword arguments as the constructor."""
+        return cls(base, **kwargs)
+
+    def _init_ranks(self) -> None:
+        # LoRA init: A like nn.Linear's weight, B zero, so a new task starts from delta = 0.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    # --- ranks ---------------------------------------------------------------------------
+
+    @property
+    def num_ranks(self) -> int:
+        return self.num_frozen + self.lora_A.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.frozen_A.shape[0]
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_ranks)
+
+    def _reserve(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        cap = max(needed, 2 * self.capacity)
+        for name in ("frozen_A", "frozen_B"):
+            old = getattr(self, name)
+            new = old.new_zeros(cap, old.shape[1])
+            new[: self.num_frozen] = old[: self.num_frozen]
+            setattr(self, name, new)
+
+    @torch.no_grad()
+    def add_task(self, rank: int | None = None) -> "MoRALinear":
+        """Freeze every existing rank and append ``rank`` (default ``self.rank``) new trainable ones."""
+        rank = self.rank if rank is None else rank
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+        cur = self.lora_A.shape[0]
+        self._reserve(self.num_frozen + cur)
+        self.frozen_A[self.num_frozen: self.num_frozen + cur] = self.lora_A
+        self.frozen_B[self.num_frozen: self.num_frozen + cur] = self.lora_B.t()
+        self.num_frozen += cur
+        w = self.lora_A
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype))
+        self._init_ranks()
+        self.task_ranks.append(rank)
+        return self
+
+    def task_slices(self) -> list[slice]:
+        """Rank range of each task in routing order (frozen tasks first, then the current one)."""
+        out, start = [], 0
+        for r in self.task_ranks:
+            out.append(slice(start, start + r))
+            start += r
+        return out
+
+    # --- forward -------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        F = self.num_frozen
+        delta, p, idx, rho = mora_routing(
+            x, self.lora_A, self.lora_B, top_k=self.top_k, temperature=self.temperature,
+            threshold=self.threshold, training=self.training, scaling=self.scaling,
+            dropout_p=self.dropout if self.training else 0.0,
+            frozen_A=self.frozen_A[:F] if F else None, frozen_B=self.frozen_B[:F].t() if F else None,
+            check_nan=self.check_nan)
+        if self._stats is not None:
+            self._record(p.detach(), idx, rho.detach())
+        return self.base(x) + delta.to(x.dtype)
+
+    # --- statistics ----------------------------------------------------------------------
+
+    def enable_stats(self, enabled: bool = True) -> None:
+        """Start (or stop) counting rank activations; counts are kept until :meth:`reset_stats`."""
+        self._stats = ({} if self._stats is None else self._stats) if enabled else None
+
+    def reset_stats(self) -> None:
+        if self._stats is not None:
+            self._stats = {}
+
+    def set_stats_label(self, label) -> None:
+        """Label of the inputs that follow (e.g. the data's task id): counts are kept per label."""
+        self._stats_label = label
+
+    @torch.no_grad()
+    def _record(self, p, idx, rho) -> None:
+        fired = idx
+        if not self.training:
+            s = p.gather(1, idx) * rho[:, None]
+            fired = torch.where(s >= self.threshold, idx, torch.full_like(idx, self.num_ranks))
+        counts = torch.bincount(fired.reshape(-1), minlength=self.num_ranks + 1)[: self.num_ranks]
+        entry = self._stats.setdefault(self._stats_label, {"tokens": 0, "rank_counts": torch.zeros_like(counts)})
+        if entry["rank_counts"].numel() != counts.numel():  # ranks were added since
+            grown = torch.zeros_like(counts)
+            grown[: entry["rank_counts"].numel()] = entry["rank_counts"]
+            entry["rank_counts"] = grown
+        entry["rank_counts"] += counts
+        entry["tokens"] += idx.shape[0]
+
+    def activation_stats(self) -> dict:
+        """Per input label: tokens seen, activation counts per rank, and per adapter task the
+        fraction of all activations that went to that task's ranks (``task_frequency``)."""
+        out = {}
+        for label, entry in (self._stats or {}).items():
+            counts = entry["rank_counts"].cpu()
+            if counts.numel() < self.num_ranks:  # recorded before later tasks were added
+                counts = torch.cat([counts, counts.new_zeros(self.num_ranks - counts.numel())])
+            per_task = torch.stack([counts[sl].sum() for sl in self.task_slices()])
+            total = per_task.sum().clamp_min(1)
+            out[label] = {"tokens": entry["tokens"], "rank_counts": counts,
+                          "task_frequency": (per_task.double() / total).tolist()}
+        return out
+
+    # --- state dict: only the active bank, resized on load -------------------------------
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        F = self.num_frozen
+        destination[prefix + "frozen_A"] = self.frozen_A[:F] if keep_vars else self.frozen_A[:F].detach().clone()
+        destination[prefix + "frozen_B"] = self.frozen_B[:F] if keep_vars else self.frozen_B[:F].detach().clone()
+        destination[prefix + "task_ranks"] = torch.tensor(self.task_ranks, dtype=torch.int64)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "task_ranks"
+        if key in state_dict:
+            self._resize_to([int(r) for r in state_dict[key].tolist()])
+            state_dict = dict(state_dict)
+            state_dict.pop(key)
+            fa, fb = state_dict.get(prefix + "frozen_A"), state_dict.get(prefix + "frozen_B")
+            if fa is not None and fb is not None and fa.shape[0] == self.num_frozen:
+                self.frozen_A[: self.num_frozen].copy_(fa)
+                self.frozen_B[: self.num_frozen].copy_(fb)
+                state_dict.pop(prefix + "frozen_A")
+                state_dict.pop(prefix + "frozen_B")
+            elif fa is not None:
+                error_msgs.append(f"{prefix}frozen_A has {fa.shape[0]} ranks but task_ranks says {self.num_frozen}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        missing_keys[:] = [k for k in missing_keys if k not in (prefix + "frozen_A", prefix + "frozen_B")]
+
+    @torch.no_grad()
+    def _resize_to(self, task_ranks: list[int]) -> None:
+        if not task_ranks or min(task_ranks) < 1:
+            raise ValueError(f"task_ranks must be a non-empty list of positive ints, got {task_ranks}")
+        F = sum(task_ranks[:-1])
+        self._reserve(F)
+        self.num_frozen = F
+        self.task_ranks = list(task_ranks)
+        cur = task_ranks[-1]
+        if self.lora_A.shape[0] != cur:
+            w = self.lora_A
+            self.lora_A = nn.Parameter(w.new_zeros(cur, self.in_features))
+            self.lora_B = nn.Parameter(w.new_zeros(self.out_features, cur))
+
+    def adapter_state_dict(self) -> dict:
+        """The adapter's tensors only (no base weights)."""
+        sd = self.state_dict()
+        return {k: v for k, v in sd.items() if k in _ADAPTER_KEYS}
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"tasks={self.num_tasks}, ranks={self.num_ranks} ({self.num_frozen} frozen), "
+                f"capacity={self.capacity}, top_k={self.top_k}, temperature={self.temperature}, "
+                f"threshold={self.threshold}, dropout={self.dropout}, scaling={self.scaling}")
+
+
+# --- model-level helpers ------------------------------------------------------------------
+
+def _matcher(target_modules):
+    if isinstance(target_modules, str):
+        pattern = re.compile(target_modules)
+        return lambda name: pattern.fullmatch(name) is not None
+    if isinstance(target_modules, (list, tuple, set)) and target_modules and all(
+            isinstance(t, str) for t in target_modules):
+        names = set(target_modules)
+        return lambda name: name in names or name.rsplit(".", 1)[-1] in names
+    raise TypeError("target_modules must be a regex string or a non-empty list of module names, "
+                    f"got {target_modules!r}")
+
+
+def apply_mora(model: nn.Module, target_modules, **kwargs) -> nn.Module:
+    """Replace matching ``nn.Linear`` layers of ``model`` by ``MoRALinear`` and freeze the rest.
+
+    ``target_modules``: a regex string (full match on the qualified module name, as PEFT) or
+    a list of names, each matching a qualified name exactly or its last component (e.g.
+    ``["q_proj", "v_proj"]``). Other keyword arguments go to :class:`MoRALinear`. Every
+    non-adapter parameter gets ``requires_grad=False``. Returns ``model`` (changed in place).
+    """
+    match = _matcher(target_modules)
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if name and isinstance(mod, nn.Linear) and match(name)]
+    if not targets:
+        raise ValueError(f"target_modules {target_modules!r} matched no nn.Linear in the model")
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    for name, mod in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, MoRALinear(mod, **kwargs).train(mod.training))  # keep the model's mode
+    return model
+
+
+def mora_modules(model: nn.Module):
+    """(qualified name, MoRALinear) pairs of ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MoRALinear)]
+
+
+def add_task(model: nn.Module, rank: int | None = None) -> nn.Module:
+    """``add_task`` on every ``MoRALinear`` of ``model``."""
+    for _, m in mora_modules(model):
+        m.add_task(rank)
+    return model
+
+
+def mora_state_dict(model: nn.Module) -> dict:
+    """Only the MoRA adapters' tensors of ``model`` (qualified keys), for saving."""
+    out = {}
+    for name, m in mora_modules(model):
+        for k, v in m.adapter_state_dict().items():
+            out[f"{name}.{k}"] = v
+    return out
+
+
+def load_mora_state_dict(model: nn.Module, state_dict: dict, strict: bool = True) -> nn.Module:
+    """Load adapters saved by :func:`mora_state_dict` (resizing each layer to its saved tasks)."""
+    mods = dict(mora_modules(model))
+    seen = set()
+    for name, m in mods.items():
+        sub = {k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(name + ".")}
+        if not sub:
+            if strict:
+                raise KeyError(f"no adapter tensors for MoRA layer {name!r} in state_dict")
+            continue
+        seen.update(f"{name}.{k}" for k in sub)
+        missing, unexpected = m.load_state_dict(sub, strict=False)
+        missing = [k for k in missing if not k.startswith("base.")]
+        if strict and (missing or unexpected):
+            raise KeyError(f"MoRA layer {name!r}: missing {missing}, unexpected {unexpected}")
+    extra = set(state_dict) - seen
+    if strict and extra:
+        raise KeyError(f"state_dict keys with no MoRA layer: {sorted(extra)[:5]}")
+    return model
+
+
+def mora_activation_stats(model: nn.Module) -> dict:
+    """``activation_stats()`` of every MoRA layer, by qualified name."""
+    return {n: m.activation_stats() for n, m in mora_modules(model)}
+
+
+def set_mora_stats(model: nn.Module, enabled: bool = True, label=None) -> None:
+    """Enable/disable statistics on every MoRA layer and set the label of the coming inputs."""
+    for _, m in mora_modules(model):
+        m.enable_stats(enabled)
+        if label is not None:
+            m.set_stats_label(label)
+
+
+__all__ += ["add_task", "mora_activation_stats", "set_mora_stats"]

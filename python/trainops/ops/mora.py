@@ -1,0 +1,310 @@
+"""MoRA, rank-1 LoRA expert mixing: ``trainops.ops.mora``.
+
+Design: the op returns the adapter **delta** ``((p ⊙ w) Bᵀ) · scaling``, not the full
+layer output. The frozen base layer stays whatever it is (``nn.Linear``, a quantized
+Linear, a tensor-parallel shard) and runs its own GEMM; ``MoRALinear`` adds the two.
+The delta costs ≈ R/d_out + k/d_in of the base GEMM's FLOPs.
+
+Registered ops (``torch.library.custom_op``, schema from the signature):
+  ``trainops::mora_fwd(x, A_f, B_f, A, B, ...) -> (delta, p, idx, rho)``
+  ``trainops::mora_bwd(dy, x, A_f, B_f, A, B, p, idx, rho, ...) -> (dx, dA, dB)``
+CUDA tensors run the Triton kernels of :mod:`trainops.kernels.mora` (fused shrink+gate,
+gated expand, fused gate backward). CPU tensors run the same algorithm in ATen (the
+GEMMs dominate; fusing the gate buys nothing on a CPU) — no C++ extension is needed.
+Ranks come in two sources, frozen (A_f, B_f) then trainable (A, B): the kernels read
+both without concatenating them, and only the trainable ranks get gradients.
+
+Saved for backward: x (an input anyway), p [T, R] fp32, the top-k indices [T, k] and
+ρ [T]; dropout masks are regenerated from the seed. The gate g is recomputed. p is kept
+rather than recomputed: it is O(T·R) (2 MiB at T=8192, R=64) and the dense part of the
+gate backward, −ρ s (s·ds), needs it over all R, while recomputing it would repeat the
+T·R·d_in shrink GEMM.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from trainops._triton import HAS_TRITON
+from trainops.reference.mora import dropout_mask
+
+__all__ = ["mora", "mora_routing", "num_selected"]
+
+EPS = 1e-12
+_ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def num_selected(top_k: int, num_ranks: int) -> int:
+    """Ranks kept per token: k = max(top_k, 2), at most the number of ranks."""
+    return min(max(top_k, 2), num_ranks)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _dropped(x, training, dropout_p, seed, ct):
+    xt = x.to(ct)
+    if training and dropout_p > 0.0:
+        keep = dropout_mask(xt.shape, seed, dropout_p, xt.device)
+        xt = torch.where(keep, xt * (1.0 / (1.0 - dropout_p)), torch.zeros_like(xt))
+    return xt
+
+
+def _two_source_mm(left, F, right_f, right_t):
+    """left[:, :F] @ right_f + left[:, F:] @ right_t without concatenating the banks."""
+    out = left[:, F:] @ right_t
+    if F > 0:
+        out = torch.addmm(out, left[:, :F], right_f)
+    return out
+
+
+# --- CPU (ATen) implementation --------------------------------------------------------------
+
+def _fwd_aten(x, A_f, B_f, A, B, top_k, temperature, threshold, training, scaling, dropout_p, seed):
+    ct = _compute_dtype(x)
+    F = A_f.shape[0]
+    R = F + A.shape[0]
+    k = num_selected(top_k, R)
+    xt = _dropped(x, training, dropout_p, seed, ct)
+    p = xt @ A.to(ct).t()
+    if F > 0:
+        p = torch.cat([xt @ A_f.to(ct).t(), p], dim=1)  # [T, R] scores, not a concat of the ranks
+    rho = 1.0 / p.norm(dim=1).clamp_min(EPS)
+    s = p * rho[:, None]
+    vals, idx = torch.topk(s, k, dim=1)
+    w = torch.softmax(vals / temperature, dim=1)
+    if not training:
+        w = w * (vals >= threshold).to(w.dtype)
+    z = torch.zeros_like(p).scatter_(1, idx, p.gather(1, idx) * w)
+    delta = _two_source_mm(z, F, B_f.to(ct).t(), B.to(ct).t()) * scaling
+    return delta.to(x.dtype), p, idx, rho
+
+
+def _bwd_aten(dy, x, A_f, B_f, A, B, p, idx, rho, top_k, temperature, threshold, training, scaling,
+              dropout_p, seed, need_dx, need_dA, need_dB):
+    ct = p.dtype
+    F = A_f.shape[0]
+    dy = dy.to(ct)
+    dz = dy @ B.to(ct)
+    if F > 0:
+        dz = torch.cat([dy @ B_f.to(ct), dz], dim=1)
+    dz = dz * scaling                                                   # [T, R]
+    pk = p.gather(1, idx)
+    sk = pk * rho[:, None]
+    g = torch.softmax(sk / temperature, dim=1)
+    m = torch.ones_like(g) if training else (sk >= threshold).to(ct)
+    wk = g * m
+    dzk = dz.gather(1, idx)
+    h = dzk * pk * m
+    ds = g * (h - (g * h).sum(1, keepdim=True)) / temperature
+    live = (p.norm(dim=1) > EPS).to(ct)
+    sds = (sk * ds).sum(1) * live
+    dp = p * (-(rho * rho) * sds)[:, None]                              # −ρ s (s·ds), dense over R
+    dp.scatter_add_(1, idx, dzk * wk + rho[:, None] * ds)
+    dx = dA = dB = None
+    xt = None
+    if need_dx:
+        dxt = _two_source_mm(dp, F, A_f.to(ct), A.to(ct))
+        if training and dropout_p > 0.0:
+            keep = dropout_mask(dxt.shape, seed, dropout_p, dxt.device)
+            dxt = torch.where(keep, dxt * (1.0 / (1.0 - dropout_p)), torch.zeros_like(dxt))
+        dx = dxt.to(x.dtype)
+    if need_dA:
+        xt = _dropped(x, training, dropout_p, seed, ct)
+        dA = (dp[:, F:].t() @ xt).to(A.dtype)
+    if need_dB:
+        z = torch.zeros_like(p).scatter_(1, idx, pk * wk)
+        dB = ((dy.t() @ z[:, F:]) * scaling).to(B.dtype)
+    return dx, dA, dB
+
+
+# --- registered ops -------------------------------------------------------------------------
+
+@torch.library.custom_op("trainops::mora_fwd", mutates_args=())
+def mora_fwd(x: torch.Tensor, A_f: torch.Tensor, B_f: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+             top_k: int, temperature: float, threshold: float, training: bool, scaling: float,
+             dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MoRA forward on x [T, D]: (delta [T, N], p [T, R], top-k indices [T, k] int64, ρ [T])."""
+    return _fwd_aten(x, A_f, B_f, A, B, top_k, temperature, threshold, training, scaling, dropout_p, seed)
+
+
+@torch.library.custom_op("trainops::mora_bwd", mutates_args=())
+def mora_bwd(dy: torch.Tensor, x: torch.Tensor, A_f: torch.Tensor, B_f: torch.Tensor, A: torch.Tensor,
+             B: torch.Tensor, p: torch.Tensor, idx: torch.Tensor, rho: torch.Tensor, top_k: int,
+             temperature: float, threshold: float, training: bool, scaling: float, dropout_p: float,
+             seed: int, need_dx: bool, need_dA: bool, need_dB: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MoRA backward: (dx, dA, dB) for the trainable ranks; empty tensors where not needed."""
+    dx, dA, dB = _bwd_aten(dy, x, A_f, B_f, A, B, p, idx, rho, top_k, temperature, threshold, training,
+                           scaling, dropout_p, seed, need_dx, need_dA, need_dB)
+    return _or_empty(dx, x), _or_empty(dA, A), _or_empty(dB, B)
+
+
+def _or_empty(t, like):
+    return like.new_empty(0) if t is None else t
+
+
+@mora_fwd.register_fake
+def _(x, A_f, B_f, A, B, top_k, temperature, threshold, training, scaling, dropout_p, seed):
+    T = x.shape[0]
+    R = A_f.shape[0] + A.shape[0]
+    ct = _compute_dtype(x)
+    k = num_selected(top_k, R)
+    return (x.new_empty(T, B.shape[0]), x.new_empty(T, R, dtype=ct), x.new_empty(T, k, dtype=torch.int64),
+            x.new_empty(T, dtype=ct))
+
+
+@mora_bwd.register_fake
+def _(dy, x, A_f, B_f, A, B, p, idx, rho, top_k, temperature, threshold, training, scaling, dropout_p, seed,
+      need_dx, need_dA, need_dB):
+    return (torch.empty_like(x) if need_dx else x.new_empty(0),
+            torch.empty_like(A) if need_dA else A.new_empty(0),
+            torch.empty_like(B) if need_dB else B.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, A_f, B_f, A, B, top_k, temperature, threshold, training, scaling, dropout_p, seed = inputs
+    _, p, idx, rho = output
+    ctx.save_for_backward(x, A_f, B_f, A, B, p, idx, rho)
+    ctx.args = (top_k, temperature, threshold, training, scaling, dropout_p, seed)
+
+
+def _backward(ctx, d_delta, _dp, _didx, _drho):
+    x, A_f, B_f, A, B, p, idx, rho = ctx.saved_tensors
+    need_dx, _, _, need_dA, need_dB = ctx.needs_input_grad[:5]
+    dx, dA, dB = torch.ops.trainops.mora_bwd(d_delta, x, A_f, B_f, A, B, p, idx, rho, *ctx.args,
+                                             need_dx, need_dA, need_dB)
+    return (dx if need_dx else None, None, None, dA if need_dA else None, dB if need_dB else None,
+            None, None, None, None, None, None, None)
+
+
+mora_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+if HAS_TRITON:
+    @mora_fwd.register_kernel("cuda")
+    def _(x, A_f, B_f, A, B, top_k, temperature, threshold, training, scaling, dropout_p, seed):
+        from trainops.kernels import mora as km
+
+        return km.mora_forward(x, A_f, B_f, A, B, top_k, temperature, threshold, training, scaling,
+                               dropout_p, seed)
+
+    @mora_bwd.register_kernel("cuda")
+    def _(dy, x, A_f, B_f, A, B, p, idx, rho, top_k, temperature, threshold, training, scaling, dropout_p,
+          seed, need_dx, need_dA, need_dB):
+        from trainops.kernels import mora as km
+
+        dx, dA, dB = km.mora_backward(dy, x, A_f, B_f, A, B, p, idx, rho, top_k, temperature, threshold,
+                                      training, scaling, dropout_p, seed, need_dx, need_dA, need_dB)
+        return _or_empty(dx, x), _or_empty(dA, A), _or_empty(dB, B)
+
+
+# --- functional wrapper ---------------------------------------------------------------------
+
+def _check_tensor(t, name, dtypes, device=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}")
+
+
+def _check_number(v, name, *, positive=False, unit=False):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    v = float(v)
+    if math.isnan(v):
+        raise ValueError(f"{name} is NaN")
+    if positive and not (v > 0.0 and math.isfinite(v)):
+        raise ValueError(f"{name} must be a finite number > 0, got {v}")
+    if unit and not 0.0 <= v < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {v}")
+    return v
+
+
+def _resolve_seed(active: bool, seed) -> int:
+    if not active:
+        return 0
+    if seed is None:
+        # From torch's global generator, so torch.manual_seed makes it reproducible.
+        return int(torch.randint(0, 2**62, (1,)).item())
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    return seed
+
+
+def _validate(x, A, B, frozen_A, frozen_B, top_k, temperature, threshold, scaling, dropout_p, check_nan):
+    act = _ACT_DTYPES + ((torch.float64,) if isinstance(x, torch.Tensor) and x.device.type == "cpu" else ())
+    _check_tensor(x, "x", act)
+    if x.dim() < 1 or x.numel() == 0:
+        raise ValueError(f"x is empty (shape {tuple(x.shape)}): nothing to adapt")
+    adapter = (torch.float32, x.dtype)
+    _check_tensor(A, "A", adapter, x.device)
+    _check_tensor(B, "B", (A.dtype,), x.device)
+    if A.dim() != 2 or A.shape[1] != x.shape[-1]:
+        raise ValueError(f"A must have shape [ranks, {x.shape[-1]}] (in_features of x), got {tuple(A.shape)}")
+    if B.dim() != 2 or B.shape[1] != A.shape[0]:
+        raise ValueError(f"B must have shape [out_features, {A.shape[0]}] (ranks of A), got {tuple(B.shape)}")
+    if (frozen_A is None) != (frozen_B is None):
+        raise ValueError("frozen_A and frozen_B must be given together")
+    if frozen_A is not None:
+        _check_tensor(frozen_A, "frozen_A", (A.dtype,), x.device)
+        _check_tensor(frozen_B, "frozen_B", (A.dtype,), x.device)
+        if frozen_A.dim() != 2 or frozen_A.shape[1] != A.shape[1]:
+            raise ValueError(f"frozen_A must have shape [frozen ranks, {A.shape[1]}], got {tuple(frozen_A.shape)}")
+        if frozen_B.dim() != 2 or frozen_B.shape != (B.shape[0], frozen_A.shape[0]):
+            raise ValueError(f"frozen_B must have shape [{B.shape[0]}, {frozen_A.shape[0]}], got {tuple(frozen_B.shape)}")
+    if A.shape[0] + (0 if frozen_A is None else frozen_A.shape[0]) == 0:
+        raise ValueError("A (with frozen_A) has no ranks")
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    temperature = _check_number(temperature, "temperature", positive=True)
+    threshold = _check_number(threshold, "threshold")
+    scaling = _check_number(scaling, "scaling")
+    dropout_p = _check_number(dropout_p, "dropout_p", unit=True)
+    if check_nan:
+        for name, t in (("x", x), ("A", A), ("B", B), ("frozen_A", frozen_A), ("frozen_B", frozen_B)):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} contains NaN or Inf")
+    return temperature, threshold, scaling, dropout_p
+
+
+def mora_routing(x, A, B, *, top_k=8, temperature=0.03, threshold=0.2, training=True, scaling=1.0,
+                 dropout_p=0.0, seed=None, frozen_A=None, frozen_B=None, check_nan=True):
+    """Like :func:`mora`, also returning the routing: (delta, p [T, R], idx [T, k], ρ [T])."""
+    temperature, threshold, scaling, dropout_p = _validate(
+        x, A, B, frozen_A, frozen_B, top_k, temperature, threshold, scaling, dropout_p, check_nan)
+    training = bool(training)
+    seed = _resolve_seed(training and dropout_p > 0.0, seed)
+    if frozen_A is None:
+        frozen_A, frozen_B = A.new_empty(0, A.shape[1]), B.new_empty(B.shape[0], 0)
+    x2 = x.reshape(-1, x.shape[-1])
+    delta, p, idx, rho = torch.ops.trainops.mora_fwd(x2, frozen_A, frozen_B, A, B, top_k, temperature,
+                                                     threshold, training, scaling, dropout_p, seed)
+    return delta.view(*x.shape[:-1], B.shape[0]), p, idx, rho
+
+
+def mora(x, A, B, *, top_k=8, temperature=0.03, threshold=0.2, training=True, scaling=1.0, dropout_p=0.0,
+         seed=None, frozen_A=None, frozen_B=None, check_nan=True):
+    """MoRA adapter delta (arXiv 2506.21035): each rank-1 pair (A_i, B_i) is an expert.
+
+        x̃ = dropout(x) (training only),  p = x̃ Aᵀ,  s = p / ‖p‖₂
+        keep the top-k of the signed s (k = max(top_k, 2)),  w = softmax(s_K / τ)
+        eval only: w ← w · 1[s ≥ threshold] (no renormalization)
+        returns ((p ⊙ w) Bᵀ) · scaling, shape x.shape[:-1] + (out_features,)
+
+    x: [..., in] fp32/bf16/fp16 (fp64 on CPU, for gradcheck). A: [R, in], B: [out, R],
+    fp32 or x's dtype; accumulation is fp32. ``frozen_A`` [F, in] / ``frozen_B`` [out, F]:
+    earlier tasks' ranks, routed over together with A, B (ranks F.. are A's) and given no
+    gradient. ``seed`` fixes the dropout mask (None: drawn from torch's generator).
+    ``check_nan`` scans the inputs for NaN/Inf (one reduction; off in ``MoRALinear``).
+    Returns the delta only: add the frozen base layer's output yourself.
+    """
+    return mora_routing(x, A, B, top_k=top_k, temperature=temperature, threshold=threshold, training=training,
+                        scaling=scaling, dropout_p=dropout_p, seed=seed, frozen_A=frozen_A, frozen_B=frozen_B,
+                        check_nan=check_nan)[0]
