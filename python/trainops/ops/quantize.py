@@ -84,6 +84,16 @@ def _raise_non_finite(scales: torch.Tensor, name: str) -> None:
     )
 
 
+def _check_quantize_args(x, fmt, block_size, nan_policy):
+    _check_float_tensor(x, "x")
+    f = get_format(fmt)
+    check_block_size(block_size)
+    check_nan_policy(nan_policy)
+    if x.numel() == 0:
+        raise ValueError("x is empty: nothing to quantize")
+    return f
+
+
 def quantize(
     x: torch.Tensor,
     fmt: str = "fp4_e3m0",
@@ -100,12 +110,7 @@ def quantize(
     from torch's global generator). ``nan_policy="raise"`` (default) raises ValueError
     on NaN/Inf; ``"propagate"`` lets the affected blocks decode to NaN.
     """
-    _check_float_tensor(x, "x")
-    f = get_format(fmt)
-    check_block_size(block_size)
-    check_nan_policy(nan_policy)
-    if x.numel() == 0:
-        raise ValueError("x is empty: nothing to quantize")
+    f = _check_quantize_args(x, fmt, block_size, nan_policy)
     _extension.require("quantize")
     seed = _resolve_seed(stochastic, seed)
     data, scales = torch.ops.trainops.quantize(x.reshape(-1).contiguous(), f.name, block_size, bool(stochastic), seed)
@@ -130,7 +135,7 @@ def quantize_error_feedback(
     place. With ``nan_policy="raise"`` a non-finite ``x`` raises before anything is
     changed; with ``"propagate"`` its blocks decode to NaN and keep their residual.
     """
-    _check_float_tensor(x, "x")
+    f = _check_quantize_args(x, fmt, block_size, nan_policy)
     if not isinstance(error, torch.Tensor):
         raise TypeError(f"error must be a torch.Tensor, got {type(error).__name__}")
     if error.dtype != torch.float32:
@@ -139,11 +144,6 @@ def quantize_error_feedback(
         raise ValueError(f"error must be contiguous with {x.numel()} elements like x, got {error.numel()}")
     if error.device != x.device:
         raise ValueError(f"error is on {error.device} but x is on {x.device}")
-    f = get_format(fmt)
-    check_block_size(block_size)
-    check_nan_policy(nan_policy)
-    if x.numel() == 0:
-        raise ValueError("x is empty: nothing to quantize")
     _extension.require("quantize_error_feedback")
     if nan_policy == "raise" and not torch.isfinite(x).all():
         # Checked before the kernel so a bad gradient leaves the residual untouched.
