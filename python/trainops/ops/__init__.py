@@ -6,5 +6,6 @@ from trainops.ops.quantize import (
     quantize,
     quantize_error_feedback,
 )
+from trainops.ops.router import router_topk
 
-__all__ = ["QuantizedTensor", "quantize", "dequantize", "dequantize_accumulate", "quantize_error_feedback"]
+__all__ = ["QuantizedTensor", "quantize", "dequantize", "dequantize_accumulate", "quantize_error_feedback", "router_topk"]

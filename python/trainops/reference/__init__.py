@@ -1,4 +1,6 @@
 """Plain-PyTorch references of every trainops op: the specification tests compare against."""
 from trainops.reference.quantize import dequantize, dequantize_accumulate, quantize, signed_values
+from trainops.reference.router import lbl_from_stats, load_balancing_loss, router_topk, sequence_load_balancing_loss
 
-__all__ = ["quantize", "dequantize", "dequantize_accumulate", "signed_values"]
+__all__ = ["quantize", "dequantize", "dequantize_accumulate", "signed_values", "router_topk", "lbl_from_stats", "load_balancing_loss",
+           "sequence_load_balancing_loss"]
