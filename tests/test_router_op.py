@@ -167,3 +167,15 @@ def test_non_finite_logits(value):
     # Out-of-range indices never appear, even when the check is off.
     idx = router_topk(logits, 2, check_finite=False)[1]
     assert int(idx.max()) < 12 and int(idx.min()) >= 0
+
+
+@pytest.mark.parametrize("E,k", [(16, 8), (64, 8), (64, 4), (256, 8), (17, 8), (40, 12)])
+def test_topk_paths_with_many_ties(E, k):
+    # Integer-valued logits tie often: the candidate-rank path, its many-ties fallback and
+    # the insertion path (k > 8) must all keep the lower index first.
+    g = torch.Generator().manual_seed(E + k)
+    for logits in (torch.randint(-2, 3, (500, E), generator=g).float(), torch.randn(500, E, generator=g)):
+        for score in ("softmax", "sigmoid"):
+            got = router_topk(logits, k, score=score)
+            exp = ref.router_topk(logits, k, score=score)
+            assert torch.equal(got[1], exp[1]) and torch.equal(got[2], exp[2])

@@ -23,6 +23,12 @@
 #include <string>
 #include <vector>
 
+#if defined(__GNUC__) && !defined(__clang__)
+// The float compares in the row loops may then be if-converted, so the loops vectorize.
+// Values are unchanged (no reassociation or contraction); only FP exception flags differ.
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 // AVX2 copy of the row loops chosen at load time; the default copy runs anywhere.
 #define ROUTER_CLONES __attribute__((target_clones("avx2", "default")))
@@ -35,11 +41,16 @@ namespace {
 
 constexpr int64_t kChunk = 64;
 
+// Helpers are always inlined: GCC does not inline across the optimize/target attributes
+// of the clones above (std::max itself would become a call).
+#define ROUTER_INLINE inline __attribute__((always_inline))
+
 // exp(x) for x <= 88 (Cephes expf: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial,
-// about 1 ulp); 0 below -87.3. Written branch-free so the row loops vectorize.
-inline float exp_approx(float x) {
-  const float xc = std::min(std::max(x, -87.3f), 88.3f);
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+// about 1 ulp); 0 below -87.3. Branch-free selects so the row loops vectorize.
+ROUTER_INLINE float exp_approx(float x) {
+  float xc = x < -87.3f ? -87.3f : x;
+  xc = xc > 88.3f ? 88.3f : xc;
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
   const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -48,15 +59,16 @@ inline float exp_approx(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float y = p * (r * r) + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.3f ? 0.0f : y * scale;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
+  const float keep = x < -87.3f ? 0.0f : 1.0f;
+  return y * __builtin_bit_cast(float, bits) * keep;
 }
+
+ROUTER_INLINE float fmax2(float a, float b) { return a > b ? a : b; }
 
 // Reductions over a row in 8 interleaved lanes combined in a fixed order: vectorizable
 // without reassociation flags, and the same result for the AVX2 and default builds.
-inline float sum_row(const float* v, int64_t n) {
+ROUTER_INLINE float sum_row(const float* v, int64_t n) {
   float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
   int64_t e = 0;
   for (; e + 8 <= n; e += 8)
@@ -65,7 +77,7 @@ inline float sum_row(const float* v, int64_t n) {
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
-inline float dot_row(const float* a, const float* b, int64_t n) {
+ROUTER_INLINE float dot_row(const float* a, const float* b, int64_t n) {
   float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
   int64_t e = 0;
   for (; e + 8 <= n; e += 8)
@@ -74,15 +86,14 @@ inline float dot_row(const float* a, const float* b, int64_t n) {
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
-inline float max_row(const float* v, int64_t n) {
+ROUTER_INLINE float max_row(const float* v, int64_t n) {
   const float lo = -std::numeric_limits<float>::infinity();
   float acc[8] = {lo, lo, lo, lo, lo, lo, lo, lo};
   int64_t e = 0;
   for (; e + 8 <= n; e += 8)
-    for (int j = 0; j < 8; ++j) acc[j] = std::max(acc[j], v[e + j]);
-  for (int j = 0; e < n; ++e, ++j) acc[j] = std::max(acc[j], v[e]);
-  return std::max(std::max(std::max(acc[0], acc[1]), std::max(acc[2], acc[3])),
-                  std::max(std::max(acc[4], acc[5]), std::max(acc[6], acc[7])));
+    for (int j = 0; j < 8; ++j) acc[j] = fmax2(acc[j], v[e + j]);
+  for (int j = 0; e < n; ++e, ++j) acc[j] = fmax2(acc[j], v[e]);
+  return fmax2(fmax2(fmax2(acc[0], acc[1]), fmax2(acc[2], acc[3])), fmax2(fmax2(acc[4], acc[5]), fmax2(acc[6], acc[7])));
 }
 
 // s <- scores of x; returns logsumexp(x) when softmax or need_lse (else 0).
@@ -144,10 +155,68 @@ void backward_row(const float* x, int64_t E, int64_t k, bool softmax, bool renor
 }
 
 // Indices of the k largest of v, descending; equal values keep ascending index order.
-// One scan with insertion into a sorted list of k: O(E) when k << E.
-void topk_row(const float* v, int64_t E, int64_t k, float* tv, int64_t* ti) {
+// For k <= 8 a lower bound L of the k-th largest (the k-th largest of the 8 interleaved
+// lane maxima, which are 8 distinct elements) keeps only the candidates v >= L (about
+// 2k of them for random rows), gathered branch-free. Each candidate's rank is then
+// counted against the others (earlier equal values rank ahead) and it is written to slot
+// min(rank, k): no data-dependent branches. Other cases use an insertion into a sorted
+// list of k. cand, cval: E scratch each.
+ROUTER_CLONES
+void topk_row(const float* v, int64_t E, int64_t k, float* tv, int64_t* ti, int64_t* cand, float* cval) {
+  int64_t n = 0;
+  if (k <= 8 && E >= 16) {
+    const float lo = -std::numeric_limits<float>::infinity();
+    float lm[8] = {lo, lo, lo, lo, lo, lo, lo, lo};
+    int64_t e = 0;
+    for (; e + 8 <= E; e += 8)
+      for (int j = 0; j < 8; ++j) lm[j] = fmax2(lm[j], v[e + j]);
+    for (int j = 0; e < E; ++e, ++j) lm[j] = fmax2(lm[j], v[e]);
+    // Sort the 8 lane maxima, descending: 19-comparator network of max/min (branch-free).
+#define ROUTER_CE(i, j)                               \
+  do {                                                \
+    const float hi = fmax2(lm[i], lm[j]);             \
+    const float lo_ = lm[i] > lm[j] ? lm[j] : lm[i];  \
+    lm[i] = hi;                                       \
+    lm[j] = lo_;                                      \
+  } while (0)
+    ROUTER_CE(0, 2); ROUTER_CE(1, 3); ROUTER_CE(4, 6); ROUTER_CE(5, 7);
+    ROUTER_CE(0, 4); ROUTER_CE(1, 5); ROUTER_CE(2, 6); ROUTER_CE(3, 7);
+    ROUTER_CE(0, 1); ROUTER_CE(2, 3); ROUTER_CE(4, 5); ROUTER_CE(6, 7);
+    ROUTER_CE(2, 4); ROUTER_CE(3, 5); ROUTER_CE(1, 4); ROUTER_CE(3, 6);
+    ROUTER_CE(1, 2); ROUTER_CE(3, 4); ROUTER_CE(5, 6);
+#undef ROUTER_CE
+    const float bound = lm[k - 1];
+    for (e = 0; e < E; ++e) {
+      cand[n] = e;
+      cval[n] = v[e];
+      n += v[e] >= bound ? 1 : 0;
+    }
+    if (n >= k && n <= 64) {
+      float ov[9];
+      int64_t oi[9];
+      for (int64_t c = 0; c < n; ++c) {
+        const float x = cval[c];
+        int64_t r = 0;
+        for (int64_t d = 0; d < c; ++d) r += cval[d] >= x ? 1 : 0;
+        for (int64_t d = c + 1; d < n; ++d) r += cval[d] > x ? 1 : 0;
+        r = r < k ? r : k;
+        ov[r] = x;
+        oi[r] = cand[c];
+      }
+      for (int64_t j = 0; j < k; ++j) {
+        tv[j] = ov[j];
+        ti[j] = oi[j];
+      }
+      return;
+    }
+  }
+  if (n < k || n > 64) {  // k > 8, tiny rows, NaN in the row, or many ties
+    for (int64_t e = 0; e < E; ++e) cand[e] = e;
+    n = E;
+  }
   int64_t filled = 0;
-  for (int64_t e = 0; e < E; ++e) {
+  for (int64_t c = 0; c < n; ++c) {
+    const int64_t e = cand[c];
     const float x = v[e];
     int64_t pos;
     if (filled < k) {
@@ -157,7 +226,7 @@ void topk_row(const float* v, int64_t E, int64_t k, float* tv, int64_t* ti) {
     } else {
       continue;
     }
-    while (pos > 0 && tv[pos - 1] < x) {  // strict: an equal earlier value stays ahead
+    while (pos > 0 && tv[pos - 1] < x) {
       tv[pos] = tv[pos - 1];
       ti[pos] = ti[pos - 1];
       --pos;
@@ -217,6 +286,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
     const scalar_t* X = logits.const_data_ptr<scalar_t>();
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       std::vector<float> x(E), s(E), tmp(E), sel(E), tv(k);
+      std::vector<int64_t> cand(E);
+      std::vector<float> cval(E);
       for (int64_t c = c0; c < c1; ++c) {
         float* acc = part_p.data() + c * E;
         int64_t* cnt = part_c.data() + c * E;
@@ -232,7 +303,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
           }
           int64_t* idx = i_out + t * k;
           float* w = w_out + t * k;
-          topk_row(pick, E, k, tv.data(), idx);
+          topk_row(pick, E, k, tv.data(), idx, cand.data(), cval.data());
           float g = 0.0f;
           for (int64_t j = 0; j < k; ++j) {
             w[j] = s[idx[j]];
