@@ -99,25 +99,40 @@ class LoadBalancingLoss(nn.Module):
         return dist.get_world_size(self.group)
 
     @torch.compiler.disable
-    def global_stats(self, counts: torch.Tensor, num_tokens: torch.Tensor):
-        """(accumulated counts [E], accumulated valid tokens) including this call's
-        micro-batch summed over the group; idempotent under recomputation."""
+    def _start_global(self, counts: torch.Tensor, num_tokens: torch.Tensor):
+        """Launch the (async) all-reduce of [counts, tokens]; under recomputation, look up
+        the statistics of the original forward instead (no collective, no double count)."""
         counts = counts.detach().to(torch.int64)
         if _in_backward():
             for snap in reversed(self._snapshots):
-                if torch.equal(snap[0], counts):
-                    return snap[1], snap[2]
+                if torch.equal(snap[0], counts.to(snap[0].device)):
+                    return ("done", snap[1], snap[2])
             raise RuntimeError("LoadBalancingLoss: a recomputed forward found no matching original forward "
                                "(were the counts reset between forward and backward?)")
         buf = torch.cat([counts, num_tokens.detach().to(torch.int64).reshape(1)]).to(self.acc_counts.device)
+        work = None
         if self._world() > 1:
             # One small collective; integer sums are exact and order-independent.
-            dist.all_reduce(buf, group=self.group)
+            work = dist.all_reduce(buf, group=self.group, async_op=True)
+        return ("pending", counts, buf, work)
+
+    @torch.compiler.disable
+    def _finish_global(self, state):
+        if state[0] == "done":
+            return state[1], state[2]
+        _, counts, buf, work = state
+        if work is not None:
+            work.wait()
         self.acc_counts += buf[:-1]
         self.acc_tokens += buf[-1]
         snap = (counts.to(self.acc_counts.device), self.acc_counts.clone(), self.acc_tokens.clone())
         self._snapshots.append(snap)
         return snap[1], snap[2]
+
+    def global_stats(self, counts: torch.Tensor, num_tokens: torch.Tensor):
+        """(accumulated counts [E], accumulated valid tokens) including this call's
+        micro-batch summed over the group; idempotent under recomputation."""
+        return self._finish_global(self._start_global(counts, torch.as_tensor(num_tokens, device=counts.device)))
 
     def forward(self, counts: torch.Tensor, prob_sum: torch.Tensor, num_tokens=None, *,
                 logits: torch.Tensor | None = None, indices: torch.Tensor | None = None,
@@ -139,12 +154,15 @@ class LoadBalancingLoss(nn.Module):
         num_tokens = torch.as_tensor(num_tokens, device=counts.device)
         p = prob_sum.float() / num_tokens.clamp_min(1).to(torch.float32)
         total = prob_sum.new_zeros((), dtype=torch.float32)
-        for name, weight in self.scopes.items():
+        # The all-reduce of the global counts overlaps the other scopes' work.
+        pending = self._start_global(counts, num_tokens) if "global" in self.scopes else None
+        for name in sorted(self.scopes, key=lambda n: n == "global"):  # global last: its wait last
+            weight = self.scopes[name]
             if name == "micro_batch":
                 f = counts.float() / (K * num_tokens.clamp_min(1).to(torch.float32))
                 total = total + weight * E * (f * p).sum()
             elif name == "global":
-                acc_counts, acc_tokens = self.global_stats(counts, num_tokens)
+                acc_counts, acc_tokens = self._finish_global(pending)
                 f = acc_counts.to(p.device, torch.float32) / (K * acc_tokens.clamp_min(1).to(p.device, torch.float32))
                 total = total + weight * E * (f * p).sum()
             else:
