@@ -93,9 +93,34 @@ def test_global_scope_accumulates_and_resets():
     assert out.aux_loss is None and all(int(lbl.acc_tokens) == 0 for lbl in losses)
 
 
+def test_class_level_patch_and_revert():
+    model = _model("olmoe")
+    ids, mask = _batch()
+    base = model(input_ids=ids, attention_mask=mask)
+    assert apply_global_load_balancing(None, scope="micro_batch") == []
+    try:
+        out = model(input_ids=ids, attention_mask=mask)  # built before the patch
+        fresh = _model("mixtral")  # built after it
+        fresh_out = fresh(input_ids=ids, attention_mask=mask)
+        routers = [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
+        assert all("_trainops_lbl_losses" in r.__dict__ for r in routers)
+    finally:
+        revert(None)
+    torch.testing.assert_close(out.logits, base.logits, rtol=1e-5, atol=1e-5)
+    flat = mask.reshape(-1).bool()
+    expected = 2 * torch.stack([ref.load_balancing_loss(lg, 2, mask=flat) for lg in base.router_logits]).mean()
+    torch.testing.assert_close(out.aux_loss, expected, rtol=1e-5, atol=1e-6)
+    assert fresh_out.aux_loss is not None
+    again = _model("mixtral")(input_ids=ids, attention_mask=mask)
+    assert again.router_logits is not None  # HF's own forward is back
+    assert all("_trainops_lbl_losses" not in r.__dict__ for r in routers)
+
+
 def test_bad_patch_targets():
     with pytest.raises(TypeError):
-        apply_global_load_balancing(None)
+        apply_global_load_balancing("model")
+    with pytest.raises(ValueError, match="not patched"):
+        revert(None)
     with pytest.raises(ValueError, match="not supported"):
         apply_global_load_balancing(torch.nn.Linear(2, 2))
     model = _model("mixtral")

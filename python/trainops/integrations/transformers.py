@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 import types
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -108,18 +109,80 @@ def _patch_router(router: nn.Module, scope, group, cast: bool) -> LoadBalancingL
     return lbl
 
 
-def apply_global_load_balancing(model: nn.Module, scope="global", *, group=None, convention: str = "hf"):
+# model_type -> (module, router class, causal-LM class), for the class-level patch.
+_CLASSES = {"qwen2_moe": ("qwen2_moe", "Qwen2MoeTopKRouter", "Qwen2MoeForCausalLM"),
+            "qwen3_moe": ("qwen3_moe", "Qwen3MoeTopKRouter", "Qwen3MoeForCausalLM"),
+            "mixtral": ("mixtral", "MixtralTopKRouter", "MixtralForCausalLM"),
+            "olmoe": ("olmoe", "OlmoeTopKRouter", "OlmoeForCausalLM")}
+_class_patch: dict = {}  # class -> original forward, while the classes are patched
+_class_instances = weakref.WeakSet()  # modules that got per-instance state from the class patch
+
+
+def _patch_classes(scope, group, convention) -> None:
+    import importlib
+
+    if _class_patch:
+        raise RuntimeError("apply_global_load_balancing(None): the classes are already patched (call revert(None))")
+    for mod_name, router_name, lm_name in _CLASSES.values():
+        mod = importlib.import_module(f"transformers.models.{mod_name}.modeling_{mod_name}")
+        router_cls, lm_cls = getattr(mod, router_name), getattr(mod, lm_name)
+        cast = _ROUTERS[router_name]
+
+        def router_forward(self, hidden_states, _cast=cast):
+            if "_trainops_lbl_losses" not in self.__dict__:  # first call: this layer's loss module
+                lbl = LoadBalancingLoss(self.num_experts, self.top_k, 1.0, scope, group).to(self.weight.device)
+                self.__dict__["_trainops_lbl_losses"] = [lbl]
+                self.__dict__["_trainops_cast"] = _cast
+                _class_instances.add(self)
+            return _router_forward(self, hidden_states)
+
+        def lm_forward(self, *args, _orig=lm_cls.forward, **kwargs):
+            if "_trainops_lbl_patch" not in self.__dict__:
+                orig = types.MethodType(_orig, self)
+                sig = inspect.signature(orig)
+                var_kw = next((p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+                self.__dict__["_trainops_lbl_patch"] = {"orig": orig, "signature": sig, "var_kw": var_kw,
+                                                        "convention": convention, "routers": []}
+                _class_instances.add(self)
+            return _model_forward(self, *args, **kwargs)
+
+        _class_patch[router_cls] = router_cls.forward
+        _class_patch[lm_cls] = lm_cls.forward
+        router_cls.forward = router_forward
+        lm_cls.forward = lm_forward
+
+
+def _revert_classes() -> None:
+    if not _class_patch:
+        raise ValueError("revert(None): the classes are not patched")
+    for cls, forward in _class_patch.items():
+        cls.forward = forward
+    _class_patch.clear()
+    for m in list(_class_instances):
+        for name in ("_trainops_lbl_patch", "_trainops_lbl_losses", "_trainops_cast"):
+            m.__dict__.pop(name, None)
+    _class_instances.clear()
+
+
+def apply_global_load_balancing(model: nn.Module | None, scope="global", *, group=None, convention: str = "hf"):
     """Patch a live Qwen2-MoE / Qwen3-MoE / Mixtral / OLMoE causal LM in place; returns the
     list of the per-layer :class:`~trainops.nn.LoadBalancingLoss` modules.
 
+    ``model=None`` patches the four model classes instead (models built before or after use
+    the fused router; each router creates its loss module on first use); returns ``[]``.
     ``scope``: ``"global"``, ``"micro_batch"``, ``"sequence"`` or a mapping scope → weight
     (e.g. ``{"global": 1.0, "micro_batch": 0.01}``). ``group``: data-parallel process group
     for the global scope. ``convention``: ``"hf"`` (×K, HF's scale) or ``"normalized"``.
     """
-    if model is None or not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a transformers MoE causal-LM module, got {type(model).__name__}")
     if convention not in _CONVENTIONS:
         raise ValueError(f"convention must be one of {_CONVENTIONS}, got {convention!r}")
+    if model is None:
+        _patch_classes(scope, group, convention)
+        return []
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a transformers MoE causal-LM module or None, got {type(model).__name__}")
+    if _class_patch:
+        raise RuntimeError("apply_global_load_balancing: the model classes are patched (revert(None) first)")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
@@ -140,8 +203,11 @@ def apply_global_load_balancing(model: nn.Module, scope="global", *, group=None,
     return losses
 
 
-def revert(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply_global_load_balancing` (restores the class forwards)."""
+def revert(model: nn.Module | None):
+    """Undo :func:`apply_global_load_balancing` (restores the original forwards; ``None``: the classes)."""
+    if model is None:
+        _revert_classes()
+        return None
     patch = model.__dict__.pop("_trainops_lbl_patch", None)
     if patch is None:
         raise ValueError("revert: the model is not patched")
