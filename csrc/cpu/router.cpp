@@ -186,11 +186,11 @@ void topk_row(const float* v, int64_t E, int64_t k, float* tv, int64_t* ti, int6
     ROUTER_CE(1, 2); ROUTER_CE(3, 4); ROUTER_CE(5, 6);
 #undef ROUTER_CE
     const float bound = lm[k - 1];
-    for (e = 0; e < E; ++e) {
+    for (e = 0; e < E; ++e) {  // one store per element: the loop runs at store throughput
       cand[n] = e;
-      cval[n] = v[e];
       n += v[e] >= bound ? 1 : 0;
     }
+    for (int64_t c = 0; c < n; ++c) cval[c] = v[cand[c]];
     if (n >= k && n <= 64) {
       float ov[9];
       int64_t oi[9];
