@@ -205,3 +205,19 @@ def test_bad_module_arguments():
         LoadBalancingLoss(E, K, 1.0)(torch.zeros(E - 1, dtype=torch.long), torch.zeros(E - 1))
     with pytest.raises(ValueError, match="sequence"):
         LoadBalancingLoss(E, K, 1.0, "sequence")(torch.zeros(E, dtype=torch.long), torch.zeros(E))
+
+
+def test_router_under_torch_compile():
+    torch.manual_seed(0)
+    r = TopKRouter(16, 8, 2, lbl_coeff=0.01, scope="global", z_loss_coeff=1e-3)
+    x = torch.randn(32, 16)
+    w, idx, aux = r(x)
+    aux.backward()
+    grad = r.weight.grad.clone()
+    r.weight.grad = None
+    r.lbl.reset()
+    w2, idx2, aux2 = torch.compile(r)(x)
+    aux2.backward()
+    assert torch.equal(idx, idx2) and int(r.lbl.acc_tokens) == 32
+    torch.testing.assert_close(aux2, aux)
+    torch.testing.assert_close(r.weight.grad, grad)
