@@ -11,7 +11,8 @@ Every workload except hf_lbl differentiates (weights · g).sum() + LBL, so the b
 covers the gate weights and the LBL term. ``speedup`` is hf_lbl / row (the issue's
 baseline); the vs_* columns compare fused with the other rows.
 
-Usage: python benchmarks/bench_router.py [--tokens 16384] [--no-compile] [--quick]
+Usage: python benchmarks/bench_router.py [--tokens 16384] [--no-compile] [--quick] [--threads N]
+Sizes are the issue's (T=16384, E in {64,128,256}, k in {4,8}); nothing is reduced.
 """
 from __future__ import annotations
 
@@ -68,7 +69,11 @@ def main():
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
     ap.add_argument("--quick", action="store_true", help="one case (E=64, k=8) only")
     ap.add_argument("--min-run-time", type=float, default=0.5)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (default: torch's); results go to router_cpu_<n>thread.csv")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = default_device()
     hf = _hf_lbl_fn()
     table = Table(f"router + load-balancing loss, fwd+bwd, T={args.tokens}", device)
@@ -95,7 +100,8 @@ def main():
             if name == "fused":
                 extra = {f"vs_{n}": round(rows[n].median_s / f, 2) for n in rows if n != "fused"}
             table.add(case, name, t, baseline=None if name == base else base, **extra)
-    table.report(f"router_{results_suffix(device)}.csv")
+    tag = f"_{args.threads}thread" if args.threads else ""
+    table.report(f"router_{results_suffix(device)}{tag}.csv")
 
 
 if __name__ == "__main__":
