@@ -12,6 +12,15 @@ TORCH_LIBRARY(trainops, m) {
       " -> (Tensor data, Tensor scales)");
   m.def("dequantize(Tensor data, Tensor scales, str fmt, int block_size, int numel, ScalarType dtype) -> Tensor");
   m.def("dequantize_accumulate(Tensor(a!) out, Tensor data, Tensor scales, str fmt, int block_size) -> ()");
+  // Fused MoE router (trainops.ops.router_topk; global-batch load-balancing loss).
+  // Returns gate weights fp32 [T,k], expert indices int64 [T,k], selection counts int64 [E],
+  // sums of the score distribution fp32 [E] and the sum of logsumexp^2 fp32 [] over valid rows.
+  m.def(
+      "router_topk(Tensor logits, int k, str score, bool renormalize, Tensor? expert_bias, Tensor? mask, bool with_z)"
+      " -> (Tensor weights, Tensor indices, Tensor counts, Tensor prob_sum, Tensor z_sum)");
+  m.def(
+      "router_topk_backward(Tensor grad_weights, Tensor grad_prob_sum, Tensor grad_z_sum, Tensor logits,"
+      " Tensor indices, Tensor? mask, str score, bool renormalize, bool with_z) -> Tensor");
 }
 
 // `import trainops._C` loads this shared object, which registers the library above.

@@ -1,4 +1,7 @@
 """Neural-network modules."""
+from trainops.nn.load_balancing import LoadBalancingLoss, register_reset_hook, reset_load_balancing
+from trainops.nn.moe import MoELayer
+from trainops.nn.moe_metrics import domain_expert_counts, expert_selection_frequency, specialization_score
 from trainops.nn.mora import (  # MoRA: rank-1 LoRA expert mixing
     MoRALinear,
     add_task,
@@ -9,6 +12,11 @@ from trainops.nn.mora import (  # MoRA: rank-1 LoRA expert mixing
     mora_state_dict,
     set_mora_stats,
 )
+from trainops.nn.router import TopKRouter
 
-__all__ = ["MoRALinear", "apply_mora", "add_task", "mora_state_dict", "load_mora_state_dict", "mora_modules",
-           "mora_activation_stats", "set_mora_stats"]
+__all__ = [
+    "LoadBalancingLoss", "reset_load_balancing", "register_reset_hook", "TopKRouter", "MoELayer",
+    "domain_expert_counts", "expert_selection_frequency", "specialization_score",
+    "MoRALinear", "apply_mora", "add_task", "mora_state_dict", "load_mora_state_dict", "mora_modules",
+    "mora_activation_stats", "set_mora_stats",
+]

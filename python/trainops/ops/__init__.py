@@ -1,4 +1,5 @@
 """Functional API over ``torch.ops.trainops.*``: argument checks, dispatch, fake tensors, autograd."""
+from trainops.ops.mora import mora, mora_routing
 from trainops.ops.quantize import (
     QuantizedTensor,
     dequantize,
@@ -6,7 +7,9 @@ from trainops.ops.quantize import (
     quantize,
     quantize_error_feedback,
 )
-from trainops.ops.mora import mora, mora_routing  # noqa: E402  (MoRA: rank-1 LoRA expert mixing)
+from trainops.ops.router import router_topk
 
-__all__ = ["QuantizedTensor", "quantize", "dequantize", "dequantize_accumulate", "quantize_error_feedback",
-           "mora", "mora_routing"]
+__all__ = [
+    "QuantizedTensor", "quantize", "dequantize", "dequantize_accumulate", "quantize_error_feedback",
+    "mora", "mora_routing", "router_topk",
+]

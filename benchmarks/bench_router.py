@@ -1,0 +1,108 @@
+"""Fused MoE router + load-balancing loss, forward + backward, vs Hugging Face and the
+composed-PyTorch reference (eager and torch.compile).
+
+Rows per case (T tokens, E experts, top-k):
+  hf_lbl        transformers' load_balancing_loss_func on one layer's logits (loss only)
+  hf_router_lbl HF router (softmax fp32, topk, renormalize) + load_balancing_loss_func
+  reference     trainops.reference.router_topk + lbl_from_stats (router + loss)
+  ref_compiled  the same under torch.compile
+  fused         trainops.ops.router_topk + lbl_from_stats (router + loss), one kernel each way
+Every workload except hf_lbl differentiates (weights · g).sum() + LBL, so the backward
+covers the gate weights and the LBL term. ``speedup`` is hf_lbl / row (the issue's
+baseline); the vs_* columns compare fused with the other rows.
+
+Usage: python benchmarks/bench_router.py [--tokens 16384] [--no-compile] [--quick] [--threads N]
+Sizes are the issue's (T=16384, E in {64,128,256}, k in {4,8}); nothing is reduced.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.harness import Table, default_device, measure, results_suffix  # noqa: E402
+from trainops import reference as ref  # noqa: E402
+from trainops.ops import router_topk  # noqa: E402
+
+
+def _hf_lbl_fn():
+    try:
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+        return load_balancing_loss_func
+    except ImportError as exc:  # pragma: no cover
+        print(f"transformers not installed: skipping the HF rows ({exc})")
+        return None
+
+
+def hf_router_lbl(hf, logits, k, gw):
+    probs = torch.softmax(logits.float(), dim=-1)
+    top, idx = torch.topk(probs, k, dim=-1)
+    top = top / top.sum(-1, keepdim=True)
+    return (top * gw).sum() + hf((logits,), logits.shape[1], k, None)
+
+
+def reference_router_lbl(logits, k, gw):
+    w, _, counts, psum = ref.router_topk(logits, k)
+    T = logits.shape[0]
+    return (w * gw).sum() + ref.lbl_from_stats(counts, psum, T, T, k)
+
+
+def fused_router_lbl(logits, k, gw):
+    w, _, counts, psum = router_topk(logits, k)
+    T = logits.shape[0]
+    return (w * gw).sum() + ref.lbl_from_stats(counts, psum, T, T, k)
+
+
+def fwd_bwd(fn, logits, *args):
+    def run():
+        logits.grad = None
+        fn(logits, *args).backward()
+    return run
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=16384, help="tokens T (the issue's size: 16384)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    ap.add_argument("--quick", action="store_true", help="one case (E=64, k=8) only")
+    ap.add_argument("--min-run-time", type=float, default=0.5)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (default: torch's); results go to router_cpu_<n>thread.csv")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = default_device()
+    hf = _hf_lbl_fn()
+    table = Table(f"router + load-balancing loss, fwd+bwd, T={args.tokens}", device)
+    cases = [(64, 8)] if args.quick else [(E, k) for E in (64, 128, 256) for k in (4, 8)]
+    compiled = None if args.no_compile else torch.compile(reference_router_lbl, dynamic=False)
+    for E, k in cases:
+        torch.manual_seed(0)
+        logits = torch.randn(args.tokens, E, device=device, requires_grad=True)
+        gw = torch.randn(args.tokens, k, device=device)
+        case = {"T": args.tokens, "E": E, "k": k}
+        rows = {}
+        if hf is not None:
+            rows["hf_lbl"] = measure(fwd_bwd(lambda x: hf((x,), E, k, None), logits), device, args.min_run_time)
+            rows["hf_router_lbl"] = measure(fwd_bwd(lambda x: hf_router_lbl(hf, x, k, gw), logits), device,
+                                            args.min_run_time)
+        rows["reference"] = measure(fwd_bwd(reference_router_lbl, logits, k, gw), device, args.min_run_time)
+        if compiled is not None:
+            rows["ref_compiled"] = measure(fwd_bwd(compiled, logits, k, gw), device, args.min_run_time)
+        rows["fused"] = measure(fwd_bwd(fused_router_lbl, logits, k, gw), device, args.min_run_time)
+        base = "hf_lbl" if "hf_lbl" in rows else "reference"
+        f = rows["fused"].median_s
+        for name, t in rows.items():
+            extra = {}
+            if name == "fused":
+                extra = {f"vs_{n}": round(rows[n].median_s / f, 2) for n in rows if n != "fused"}
+            table.add(case, name, t, baseline=None if name == base else base, **extra)
+    tag = f"_{args.threads}thread" if args.threads else ""
+    table.report(f"router_{results_suffix(device)}{tag}.csv")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""Hugging Face transformers drop-in: global-batch load balancing with the fused router.
+
+``apply_global_load_balancing(model, scope="global")`` rebinds, on a live model, the
+``forward`` of every MoE top-k router (Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE) to the
+fused ``trainops.ops.router_topk`` kernel and the causal-LM ``forward`` so that the
+auxiliary loss is computed per layer from the router statistics (no concatenation of
+all layers' logits), with padding tokens (``attention_mask == 0``) excluded. Weights
+and ``state_dict`` are untouched; :func:`revert` restores the original forwards.
+
+Loss semantics. HF's ``load_balancing_loss_func`` pools the logits of all layers and
+returns N_E·Σ_i (count_i/T)·P_i, which is K times the Megatron/DeepSeek convention
+LBL = N_E·Σ_i (count_i/(K·T))·P_i (a balanced router gives K vs 1). The patched model
+returns ``aux_loss = K · mean_over_layers(LBL_layer)`` by default (``convention="hf"``), so
+``config.router_aux_loss_coef`` keeps its scale; ``convention="normalized"`` returns
+``mean_over_layers(LBL_layer)``. The training loss is ``lm_loss + router_aux_loss_coef ·
+aux_loss`` as in HF. With ``scope="global"`` f is summed over ``group`` and over
+micro-batches until :func:`trainops.nn.reset_load_balancing` (call it after each
+optimizer step). The aux loss is computed when ``output_router_logits`` is on (argument
+or config), as in HF; the patched model returns ``router_logits=None`` (not recorded).
+"""
+from __future__ import annotations
+
+import contextvars
+import inspect
+import types
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainops.nn.load_balancing import LoadBalancingLoss
+from trainops.ops.router import router_topk
+
+__all__ = ["apply_global_load_balancing", "revert", "SUPPORTED_MODEL_TYPES"]
+
+# Router class name -> whether the router casts its gate weights to the logits' dtype.
+_ROUTERS = {"Qwen2MoeTopKRouter": True, "Qwen3MoeTopKRouter": True, "OlmoeTopKRouter": True,
+            "MixtralTopKRouter": False}
+SUPPORTED_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe")
+_CONVENTIONS = ("hf", "normalized")
+
+_collector: contextvars.ContextVar = contextvars.ContextVar("trainops_lbl_collector", default=None)
+
+
+class _Collector:
+    def __init__(self, mask, seq_len):
+        self.mask, self.seq_len, self.terms = mask, seq_len, []
+
+
+def _router_forward(self, hidden_states):
+    """Fused replacement of ``<Model>TopKRouter.forward``: same outputs, plus this layer's LBL."""
+    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+    router_logits = F.linear(hidden_states, self.weight)
+    coll = _collector.get()
+    mask = None
+    if coll is not None and coll.mask is not None and coll.mask.numel() == router_logits.shape[0]:
+        mask = coll.mask
+    renormalize = getattr(self, "norm_topk_prob", True)  # Mixtral always renormalizes
+    weights, indices, counts, prob_sum = router_topk(router_logits, self.top_k, renormalize=renormalize, mask=mask)
+    if coll is not None:
+        lbl = self._trainops_lbl_losses[0]
+        coll.terms.append(lbl(counts, prob_sum, logits=router_logits, indices=indices, mask=mask,
+                              seq_len=coll.seq_len))
+    if self._trainops_cast:
+        weights = weights.to(router_logits.dtype)
+    return router_logits, weights, indices
+
+
+def _model_forward(self, *args, **kwargs):
+    """Causal-LM forward: the original one without HF's pooled aux loss, plus ours."""
+    patch = self._trainops_lbl_patch
+    bound = patch["signature"].bind_partial(*args, **kwargs)
+    call = dict(bound.arguments)
+    extra = dict(call.pop(patch["var_kw"], {})) if patch["var_kw"] else {}
+    return_dict = extra.pop("return_dict", call.pop("return_dict", None))
+    want = call.get("output_router_logits")
+    if want is None:
+        want = bool(getattr(self.config, "output_router_logits", False))
+    call["output_router_logits"] = False  # HF would record and pool every layer's logits
+    mask = call.get("attention_mask")
+    ids = call.get("input_ids")
+    if ids is None:
+        ids = call.get("inputs_embeds")
+    seq_len = ids.shape[1] if ids is not None and ids.dim() >= 2 else None
+    flat_mask = mask.reshape(-1) != 0 if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    coll = _Collector(flat_mask, seq_len) if want else None
+    token = _collector.set(coll)
+    try:
+        out = patch["orig"](**call, **extra)
+    finally:
+        _collector.reset(token)
+    if coll is not None and coll.terms:
+        aux = torch.stack([t.to(coll.terms[0].device) for t in coll.terms]).mean()
+        if patch["convention"] == "hf":
+            aux = aux * self.num_experts_per_tok
+        out["aux_loss"] = aux  # item assignment: ModelOutput keeps keys and attributes in step
+        if out.loss is not None:
+            out["loss"] = out.loss + self.router_aux_loss_coef * aux.to(out.loss.device)
+    return out.to_tuple() if return_dict is False else out
+
+
+def _patch_router(router: nn.Module, scope, group, cast: bool) -> LoadBalancingLoss:
+    lbl = LoadBalancingLoss(router.num_experts, router.top_k, 1.0, scope, group).to(router.weight.device)
+    # Plain attributes, not submodules: the model's state_dict stays as it was.
+    router.__dict__["_trainops_lbl_losses"] = [lbl]
+    router.__dict__["_trainops_cast"] = cast
+    router.forward = types.MethodType(_router_forward, router)
+    return lbl
+
+
+# model_type -> (module, router class, causal-LM class), for the class-level patch.
+_CLASSES = {"qwen2_moe": ("qwen2_moe", "Qwen2MoeTopKRouter", "Qwen2MoeForCausalLM"),
+            "qwen3_moe": ("qwen3_moe", "Qwen3MoeTopKRouter", "Qwen3MoeForCausalLM"),
+            "mixtral": ("mixtral", "MixtralTopKRouter", "MixtralForCausalLM"),
+            "olmoe": ("olmoe", "OlmoeTopKRouter", "OlmoeForCausalLM")}
+_class_patch: dict = {}  # class -> original forward, while the classes are patched
+_class_instances = weakref.WeakSet()  # modules that got per-instance state from the class patch
+
+
+def _patch_classes(scope, group, convention) -> None:
+    import importlib
+
+    if _class_patch:
+        raise RuntimeError("apply_global_load_balancing(None): the classes are already patched (call revert(None))")
+    for mod_name, router_name, lm_name in _CLASSES.values():
+        mod = importlib.import_module(f"transformers.models.{mod_name}.modeling_{mod_name}")
+        router_cls, lm_cls = getattr(mod, router_name), getattr(mod, lm_name)
+        cast = _ROUTERS[router_name]
+
+        def router_forward(self, hidden_states, _cast=cast):
+            if "_trainops_lbl_losses" not in self.__dict__:  # first call: this layer's loss module
+                lbl = LoadBalancingLoss(self.num_experts, self.top_k, 1.0, scope, group).to(self.weight.device)
+                self.__dict__["_trainops_lbl_losses"] = [lbl]
+                self.__dict__["_trainops_cast"] = _cast
+                _class_instances.add(self)
+            return _router_forward(self, hidden_states)
+
+        def lm_forward(self, *args, _orig=lm_cls.forward, **kwargs):
+            if "_trainops_lbl_patch" not in self.__dict__:
+                orig = types.MethodType(_orig, self)
+                sig = inspect.signature(orig)
+                var_kw = next((p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+                self.__dict__["_trainops_lbl_patch"] = {"orig": orig, "signature": sig, "var_kw": var_kw,
+                                                        "convention": convention, "routers": []}
+                _class_instances.add(self)
+            return _model_forward(self, *args, **kwargs)
+
+        _class_patch[router_cls] = router_cls.forward
+        _class_patch[lm_cls] = lm_cls.forward
+        router_cls.forward = router_forward
+        lm_cls.forward = lm_forward
+
+
+def _revert_classes() -> None:
+    if not _class_patch:
+        raise ValueError("revert(None): the classes are not patched")
+    for cls, forward in _class_patch.items():
+        cls.forward = forward
+    _class_patch.clear()
+    for m in list(_class_instances):
+        for name in ("_trainops_lbl_patch", "_trainops_lbl_losses", "_trainops_cast"):
+            m.__dict__.pop(name, None)
+    _class_instances.clear()
+
+
+def apply_global_load_balancing(model: nn.Module | None, scope="global", *, group=None, convention: str = "hf"):
+    """Patch a live Qwen2-MoE / Qwen3-MoE / Mixtral / OLMoE causal LM in place; returns the
+    list of the per-layer :class:`~trainops.nn.LoadBalancingLoss` modules.
+
+    ``model=None`` patches the four model classes instead (models built before or after use
+    the fused router; each router creates its loss module on first use); returns ``[]``.
+    ``scope``: ``"global"``, ``"micro_batch"``, ``"sequence"`` or a mapping scope → weight
+    (e.g. ``{"global": 1.0, "micro_batch": 0.01}``). ``group``: data-parallel process group
+    for the global scope. ``convention``: ``"hf"`` (×K, HF's scale) or ``"normalized"``.
+    """
+    if convention not in _CONVENTIONS:
+        raise ValueError(f"convention must be one of {_CONVENTIONS}, got {convention!r}")
+    if model is None:
+        _patch_classes(scope, group, convention)
+        return []
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a transformers MoE causal-LM module or None, got {type(model).__name__}")
+    if _class_patch:
+        raise RuntimeError("apply_global_load_balancing: the model classes are patched (revert(None) first)")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if "_trainops_lbl_patch" in model.__dict__:
+        raise RuntimeError("apply_global_load_balancing: this model is already patched (call revert first)")
+    routers = [m for m in model.modules() if type(m).__name__ in _ROUTERS]
+    if not routers:
+        raise ValueError(f"no MoE router ({', '.join(_ROUTERS)}) found in the model")
+    if not hasattr(model, "router_aux_loss_coef"):
+        raise ValueError("the model has no router_aux_loss_coef: pass the *ForCausalLM model")
+    losses = [_patch_router(r, scope, group, _ROUTERS[type(r).__name__]) for r in routers]
+    orig = model.forward
+    sig = inspect.signature(orig)
+    var_kw = next((p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    model.__dict__["_trainops_lbl_patch"] = {"orig": orig, "signature": sig, "var_kw": var_kw,
+                                             "convention": convention, "routers": routers}
+    model.forward = types.MethodType(_model_forward, model)
+    return losses
+
+
+def revert(model: nn.Module | None):
+    """Undo :func:`apply_global_load_balancing` (restores the original forwards; ``None``: the classes)."""
+    if model is None:
+        _revert_classes()
+        return None
+    patch = model.__dict__.pop("_trainops_lbl_patch", None)
+    if patch is None:
+        raise ValueError("revert: the model is not patched")
+    for r in patch["routers"]:
+        for name in ("forward", "_trainops_lbl_losses", "_trainops_cast"):
+            r.__dict__.pop(name, None)
+    model.__dict__.pop("forward", None)
+    return model

@@ -1,0 +1,208 @@
+"""Load-balancing loss for MoE routers, with the global-batch scope of "Demons in the
+Detail" (arXiv 2501.11873).
+
+    LBL = coeff · N_E · Σ_i f_i · P_i,   f_i = count_i / (K · T_f),   P_i = prob_sum_i / T_local
+
+``micro_batch``: f from this micro-batch's local tokens (Switch Transformer).
+``sequence``: the same per sequence, averaged over sequences (DeepSeek-V3's
+sequence-wise balance loss).
+``global``: counts and valid-token totals all-reduced over ``group`` (one small int64
+all-reduce per call) and accumulated over gradient-accumulation micro-batches until
+:meth:`LoadBalancingLoss.reset` — micro-batch m uses the counts of 1..m (the paper's
+Algorithm 1). Only f is synchronized; P stays local and carries the gradient.
+"""
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from trainops.reference.router import probability, router_scores
+
+__all__ = ["LoadBalancingLoss", "reset_load_balancing", "register_reset_hook", "SCOPES"]
+
+SCOPES = ("micro_batch", "sequence", "global")
+_MAX_SNAPSHOTS = 64
+
+
+def _in_backward() -> bool:
+    """True while the autograd engine runs a backward: a forward seen then is a
+    recomputation (activation checkpointing, reentrant or not)."""
+    fn = getattr(torch._C, "_current_graph_task_id", None)
+    return fn is not None and fn() != -1
+
+
+def _parse_scope(scope) -> dict[str, float]:
+    if isinstance(scope, str):
+        scopes = {scope: 1.0}
+    elif isinstance(scope, Mapping):
+        scopes = {str(k): float(v) for k, v in scope.items()}
+    else:
+        raise TypeError(f"scope must be a str or a mapping scope -> weight, got {type(scope).__name__}")
+    if not scopes:
+        raise ValueError("scope must name at least one of " + ", ".join(SCOPES))
+    for name in scopes:
+        if name not in SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(SCOPES)} (or a mapping of them), got {name!r}")
+    return scopes
+
+
+class LoadBalancingLoss(nn.Module):
+    """Auxiliary load-balancing loss of one MoE layer.
+
+    Args:
+        num_experts: N_E.
+        top_k: K, experts per token.
+        coeff: loss weight; a perfectly balanced router gives ``coeff`` (times the scope weights).
+        scope: ``"global"``, ``"micro_batch"``, ``"sequence"``, or a mapping scope → weight to
+            combine them, e.g. ``{"global": 1.0, "micro_batch": 0.01}`` (the paper's recipe).
+        group: process group of the data-parallel ranks whose counts are summed (global scope);
+            ``None``: the default group when torch.distributed is initialized.
+
+    The accumulated global counts are buffers (``acc_counts``, ``acc_tokens``), so they are
+    saved in ``state_dict``. A forward that runs during backward (activation recomputation)
+    reuses the statistics of its original forward instead of adding the counts again.
+    """
+
+    def __init__(self, num_experts: int, top_k: int, coeff: float, scope="global", group=None):
+        super().__init__()
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
+        self.num_experts, self.top_k, self.coeff = num_experts, top_k, float(coeff)
+        self.scopes = _parse_scope(scope)
+        self.group = group
+        self.register_buffer("acc_counts", torch.zeros(num_experts, dtype=torch.int64))
+        self.register_buffer("acc_tokens", torch.zeros((), dtype=torch.int64))
+        self._snapshots: deque = deque(maxlen=_MAX_SNAPSHOTS)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, top_k={self.top_k}, coeff={self.coeff}, scope={self.scopes}"
+
+    @property
+    def scope(self):
+        return next(iter(self.scopes)) if len(self.scopes) == 1 else dict(self.scopes)
+
+    def reset(self) -> None:
+        """Start a new global batch (call after each optimizer step)."""
+        self.acc_counts.zero_()
+        self.acc_tokens.zero_()
+        self._snapshots.clear()
+
+    def _world(self) -> int:
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.group)
+
+    @torch.compiler.disable
+    def _start_global(self, counts: torch.Tensor, num_tokens: torch.Tensor):
+        """Launch the (async) all-reduce of [counts, tokens]; under recomputation, look up
+        the statistics of the original forward instead (no collective, no double count)."""
+        counts = counts.detach().to(torch.int64)
+        if _in_backward():
+            for snap in reversed(self._snapshots):
+                if torch.equal(snap[0], counts.to(snap[0].device)):
+                    return ("done", snap[1], snap[2])
+            raise RuntimeError("LoadBalancingLoss: a recomputed forward found no matching original forward "
+                               "(were the counts reset between forward and backward?)")
+        buf = torch.cat([counts, num_tokens.detach().to(torch.int64).reshape(1)]).to(self.acc_counts.device)
+        work = None
+        if self._world() > 1:
+            # One small collective; integer sums are exact and order-independent.
+            work = dist.all_reduce(buf, group=self.group, async_op=True)
+        return ("pending", counts, buf, work)
+
+    @torch.compiler.disable
+    def _finish_global(self, state):
+        if state[0] == "done":
+            return state[1], state[2]
+        _, counts, buf, work = state
+        if work is not None:
+            work.wait()
+        self.acc_counts += buf[:-1]
+        self.acc_tokens += buf[-1]
+        snap = (counts.to(self.acc_counts.device), self.acc_counts.clone(), self.acc_tokens.clone())
+        self._snapshots.append(snap)
+        return snap[1], snap[2]
+
+    def global_stats(self, counts: torch.Tensor, num_tokens: torch.Tensor):
+        """(accumulated counts [E], accumulated valid tokens) including this call's
+        micro-batch summed over the group; idempotent under recomputation."""
+        return self._finish_global(self._start_global(counts, torch.as_tensor(num_tokens, device=counts.device)))
+
+    def forward(self, counts: torch.Tensor, prob_sum: torch.Tensor, num_tokens=None, *,
+                logits: torch.Tensor | None = None, indices: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, seq_len: int | None = None,
+                score: str = "softmax") -> torch.Tensor:
+        """Loss of one micro-batch from the router statistics of ``trainops.ops.router_topk``.
+
+        ``counts`` [E] (local selection counts), ``prob_sum`` [E] (local sums of the score
+        distribution, differentiable), ``num_tokens``: local valid tokens (default
+        counts.sum() / K). The ``sequence`` scope also needs ``logits`` [B·S, E],
+        ``indices`` [B·S, K], ``seq_len`` = S and ``mask`` if any.
+        """
+        E, K = self.num_experts, self.top_k
+        if counts.shape != (E,) or prob_sum.shape != (E,):
+            raise ValueError(f"counts and prob_sum must have shape [{E}], got {tuple(counts.shape)} and "
+                             f"{tuple(prob_sum.shape)}")
+        if num_tokens is None:
+            num_tokens = counts.sum() // K
+        num_tokens = torch.as_tensor(num_tokens, device=counts.device)
+        p = prob_sum.float() / num_tokens.clamp_min(1).to(torch.float32)
+        total = prob_sum.new_zeros((), dtype=torch.float32)
+        # The all-reduce of the global counts overlaps the other scopes' work.
+        pending = self._start_global(counts, num_tokens) if "global" in self.scopes else None
+        for name in sorted(self.scopes, key=lambda n: n == "global"):  # global last: its wait last
+            weight = self.scopes[name]
+            if name == "micro_batch":
+                f = counts.float() / (K * num_tokens.clamp_min(1).to(torch.float32))
+                total = total + weight * E * (f * p).sum()
+            elif name == "global":
+                acc_counts, acc_tokens = self._finish_global(pending)
+                f = acc_counts.to(p.device, torch.float32) / (K * acc_tokens.clamp_min(1).to(p.device, torch.float32))
+                total = total + weight * E * (f * p).sum()
+            else:
+                total = total + weight * self._sequence_term(logits, indices, mask, seq_len, score)
+        return self.coeff * total
+
+    def _sequence_term(self, logits, indices, mask, seq_len, score) -> torch.Tensor:
+        # Composed PyTorch: per-sequence statistics are a segmented reduction the fused op
+        # does not produce; the cost is one extra pass over the logits.
+        if logits is None or indices is None or seq_len is None:
+            raise ValueError("scope 'sequence' needs logits, indices and seq_len")
+        T, E = logits.shape
+        if seq_len < 1 or T % seq_len:
+            raise ValueError(f"seq_len must divide the number of tokens {T}, got {seq_len}")
+        B = T // seq_len
+        valid = (torch.ones(T, dtype=torch.bool, device=logits.device) if mask is None
+                 else mask.reshape(-1).bool()).view(B, seq_len)
+        p = probability(router_scores(logits, score), score).view(B, seq_len, E) * valid[..., None]
+        n = valid.sum(1)
+        hits = torch.zeros(B, seq_len, E, dtype=torch.float32, device=logits.device)
+        hits.scatter_(2, indices.view(B, seq_len, -1), 1.0)
+        counts = (hits * valid[..., None]).sum(1)
+        nf = n.clamp_min(1).to(torch.float32)[:, None]
+        per_seq = E * ((counts / (self.top_k * nf)) * (p.sum(1) / nf)).sum(1)
+        has = (n > 0).to(torch.float32)
+        return (per_seq * has).sum() / has.sum().clamp_min(1)
+
+
+def reset_load_balancing(model: nn.Module, update_bias: bool = True) -> None:
+    """After an optimizer step: reset every LoadBalancingLoss in ``model`` (also those held
+    by a Hugging Face patch) and apply the pending aux-loss-free bias updates."""
+    for m in model.modules():
+        if isinstance(m, LoadBalancingLoss):
+            m.reset()
+        for lbl in getattr(m, "_trainops_lbl_losses", ()):
+            lbl.reset()
+        if update_bias and hasattr(m, "update_bias") and getattr(m, "expert_bias", None) is not None:
+            m.update_bias()
+
+
+def register_reset_hook(optimizer: torch.optim.Optimizer, model: nn.Module, update_bias: bool = True):
+    """Call :func:`reset_load_balancing` after every ``optimizer.step()``; returns the hook handle."""
+    return optimizer.register_step_post_hook(lambda opt, args, kwargs: reset_load_balancing(model, update_bias))

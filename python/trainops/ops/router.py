@@ -1,0 +1,148 @@
+"""Fused MoE router: ``trainops.ops.router_topk``.
+
+One pass over the router logits gives the gate weights and expert indices of every
+token plus the statistics of the load-balancing loss (per-expert selection counts and
+sums of the score distribution over valid tokens) and, optionally, the router z-loss.
+The backward is one fused kernel too: gradients of the gate weights and of the
+load-balancing term (through ``prob_sum``) and of the z-loss, w.r.t. the logits.
+
+Kernels: C++ on CPU (csrc/cpu/router.cpp), Triton on CUDA (kernels/router.py); spec:
+:mod:`trainops.reference.router`. Reductions are deterministic (fixed-order partial sums).
+"""
+from __future__ import annotations
+
+import torch
+
+from trainops import _extension
+from trainops._triton import HAS_TRITON
+
+__all__ = ["router_topk"]
+
+_SCORES = ("softmax", "sigmoid")
+_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check(logits, k, score, expert_bias, mask):
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in _FLOAT:
+        raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D [tokens, experts], got shape {tuple(logits.shape)}")
+    if logits.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"logits must be on a CPU or CUDA device, got {logits.device}")
+    T, E = logits.shape
+    if T == 0 or E == 0:
+        raise ValueError(f"logits is empty (shape {tuple(logits.shape)}): nothing to route")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= E:
+        raise ValueError(f"k must be in [1, num_experts={E}], got {k}")
+    if score not in _SCORES:
+        raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
+    if expert_bias is not None:
+        if not isinstance(expert_bias, torch.Tensor):
+            raise TypeError(f"expert_bias must be a torch.Tensor or None, got {type(expert_bias).__name__}")
+        if expert_bias.dtype not in _FLOAT:
+            raise TypeError(f"expert_bias must be a float tensor, got {expert_bias.dtype}")
+        if expert_bias.shape != (E,):
+            raise ValueError(f"expert_bias must have shape [{E}], got {tuple(expert_bias.shape)}")
+        if expert_bias.device != logits.device:
+            raise ValueError(f"expert_bias is on {expert_bias.device} but logits is on {logits.device}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        if mask.dtype.is_floating_point or mask.dtype.is_complex:
+            raise TypeError(f"mask must be bool or integer (nonzero = valid token), got {mask.dtype}")
+        if mask.numel() != T:
+            raise ValueError(f"mask must have one entry per token ({T}), got shape {tuple(mask.shape)}")
+        if mask.device != logits.device:
+            raise ValueError(f"mask is on {mask.device} but logits is on {logits.device}")
+
+
+def router_topk(logits: torch.Tensor, k: int, *, score: str = "softmax", renormalize: bool = True,
+                expert_bias: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                z_loss: bool = False, check_finite: bool = True):
+    """Route tokens to their top-k experts and gather load-balancing statistics.
+
+    Args:
+        logits: router logits [T, E] (fp32, bf16 or fp16; math is fp32).
+        k: experts per token, 1 ≤ k ≤ E.
+        score: ``"softmax"`` (over experts) or ``"sigmoid"`` (per expert, DeepSeek-V3).
+        renormalize: divide the k gate weights by their sum.
+        expert_bias: [E] added to the scores only to pick experts (aux-loss-free balancing);
+            the gate weights come from the raw scores. No gradient.
+        mask: [T] bool/int, nonzero = valid token. Padding rows are routed but excluded
+            from ``counts``, ``prob_sum`` and the z-loss.
+        z_loss: also return the router z-loss, mean over valid tokens of logsumexp(x)².
+        check_finite: raise ValueError when NaN/Inf logits make the outputs non-finite
+            (one small device-to-host check).
+
+    Returns:
+        ``(weights fp32 [T,k], indices int64 [T,k], counts int64 [E], prob_sum fp32 [E])``
+        and the z-loss (fp32 scalar) when ``z_loss``. ``prob_sum`` sums the softmax scores
+        (sigmoid: the scores normalized per token) over valid tokens, so P_i =
+        prob_sum_i / n_valid. ``weights``, ``prob_sum`` and the z-loss are differentiable
+        w.r.t. ``logits`` through one fused backward kernel.
+    """
+    _check(logits, k, score, expert_bias, mask)
+    _extension.require("router_topk")
+    if mask is not None:
+        mask = mask.reshape(-1)
+        if mask.dtype != torch.bool:
+            mask = mask != 0
+    weights, indices, counts, prob_sum, z_sum = torch.ops.trainops.router_topk(
+        logits, k, score, bool(renormalize), expert_bias, mask, bool(z_loss))
+    if check_finite and not bool(torch.isfinite(prob_sum).all() & torch.isfinite(weights).all()):
+        raise ValueError("logits contains NaN or Inf (the router scores are not finite); "
+                         "check the router input or pass check_finite=False")
+    if not z_loss:
+        return weights, indices, counts, prob_sum
+    n_valid = (counts.sum() // k).clamp_min(1)
+    return weights, indices, counts, prob_sum, z_sum / n_valid
+
+
+# --- registration: fake tensors, autograd, Triton on CUDA -----------------------------------------
+
+def _register() -> None:
+    @torch.library.register_fake("trainops::router_topk")
+    def _(logits, k, score, renormalize, expert_bias, mask, with_z):
+        T, E = logits.shape
+        return (logits.new_empty(T, k, dtype=torch.float32), logits.new_empty(T, k, dtype=torch.int64),
+                logits.new_empty(E, dtype=torch.int64), logits.new_empty(E, dtype=torch.float32),
+                logits.new_empty((), dtype=torch.float32))
+
+    @torch.library.register_fake("trainops::router_topk_backward")
+    def _(grad_weights, grad_prob_sum, grad_z_sum, logits, indices, mask, score, renormalize, with_z):
+        return torch.empty_like(logits)
+
+    def setup_context(ctx, inputs, output):
+        logits, k, score, renormalize, expert_bias, mask, with_z = inputs
+        ctx.save_for_backward(logits, output[1], mask)
+        ctx.score, ctx.renormalize, ctx.with_z = score, renormalize, with_z
+
+    def backward(ctx, gw, gi, gc, gp, gz):
+        logits, indices, mask = ctx.saved_tensors
+        if gw is None:
+            gw = logits.new_zeros(indices.shape, dtype=torch.float32)
+        if gp is None:
+            gp = logits.new_zeros(logits.shape[1], dtype=torch.float32)
+        if gz is None:
+            gz = logits.new_zeros((), dtype=torch.float32)
+        grad = torch.ops.trainops.router_topk_backward(gw, gp, gz, logits, indices, mask, ctx.score,
+                                                       ctx.renormalize, ctx.with_z)
+        return grad, None, None, None, None, None, None
+
+    torch.library.register_autograd("trainops::router_topk", backward, setup_context=setup_context)
+
+    if HAS_TRITON:
+        from trainops.kernels import router as triton_router
+
+        lib = torch.library.Library("trainops", "IMPL")
+        _register.lib = lib  # keep the registrations alive
+        lib.impl("router_topk", triton_router.router_topk, "CUDA")
+        lib.impl("router_topk_backward", triton_router.router_topk_backward, "CUDA")
+
+
+if _extension.HAS_C:
+    _register()

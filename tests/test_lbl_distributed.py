@@ -1,0 +1,80 @@
+"""Global-scope LoadBalancingLoss across real gloo processes equals the single-process
+computation over the concatenated global batch (micro-batch m uses counts of 1..m)."""
+import pytest
+import torch
+
+import trainops
+from trainops import reference as ref
+from trainops.distributed.launch import spawn
+
+pytestmark = pytest.mark.skipif(not trainops.has_extension(), reason="C++ extension not built")
+E, K, T, M, COEFF = 10, 2, 24, 3, 0.5
+
+
+def _global_logits(world, seed=0):
+    return torch.randn(M, world, T, E, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def _masks(world):
+    g = torch.Generator().manual_seed(9)
+    return torch.rand(M, world, T, generator=g) > 0.25
+
+
+def _worker(rank, world, use_mask):
+    from trainops.nn import LoadBalancingLoss
+    from trainops.ops import router_topk
+
+    logits = _global_logits(world)
+    masks = _masks(world) if use_mask else None
+    lbl = LoadBalancingLoss(E, K, COEFF, "global")
+    out = []
+    for m in range(M):
+        x = logits[m, rank].clone().requires_grad_()
+        mask = None if masks is None else masks[m, rank]
+        _, _, counts, psum = router_topk(x, K, mask=mask)
+        loss = lbl(counts, psum)
+        loss.backward()
+        # Plain Python values: tensors returned through the result queue share storage by
+        # file descriptor, which races with the worker's exit.
+        out.append((loss.item(), x.grad.tolist(), lbl.acc_counts.tolist(), int(lbl.acc_tokens)))
+    return out
+
+
+def _t(v):
+    return torch.tensor(v, dtype=torch.int64 if isinstance(v, list) and v and isinstance(v[0], int) else torch.float32)
+
+
+def test_global_scope_two_ranks_three_micro_batches():
+    world = 2
+    results = spawn(_worker, world, False)
+    logits = _global_logits(world)
+    acc = torch.zeros(E, dtype=torch.int64)
+    for m in range(M):
+        xg = logits[m].reshape(world * T, E).clone().requires_grad_()
+        _, _, counts, psum = ref.router_topk(xg, K)
+        acc = acc + counts
+        single = ref.lbl_from_stats(acc, psum, (m + 1) * world * T, world * T, K, COEFF)
+        single.backward()
+        # Mean over ranks of the rank losses = the global-batch loss (equal token counts);
+        # DDP's gradient average gives the global-batch gradient.
+        torch.testing.assert_close(torch.tensor(sum(r[m][0] for r in results) / world), single.detach(),
+                                   rtol=1e-5, atol=1e-6)
+        grads = torch.cat([_t(r[m][1]) for r in results]) / world
+        torch.testing.assert_close(grads, xg.grad, rtol=1e-4, atol=1e-7)
+        for r in results:
+            assert r[m][2] == acc.tolist() and r[m][3] == (m + 1) * world * T
+
+
+def test_global_scope_three_ranks_with_padding():
+    world = 3
+    results = spawn(_worker, world, True)
+    logits, masks = _global_logits(world), _masks(world)
+    acc, tokens = torch.zeros(E, dtype=torch.int64), 0
+    for m in range(M):
+        stats = [ref.router_topk(logits[m, r], K, mask=masks[m, r]) for r in range(world)]
+        acc = acc + sum(s[2] for s in stats)
+        tokens += int(masks[m].sum())
+        for r in range(world):
+            assert results[r][m][2] == acc.tolist() and results[r][m][3] == tokens
+            local = ref.lbl_from_stats(acc, stats[r][3], tokens, int(masks[m, r].sum()), K, COEFF)
+            torch.testing.assert_close(torch.tensor(results[r][m][0]), local, rtol=1e-5, atol=1e-6)

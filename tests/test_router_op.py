@@ -1,0 +1,181 @@
+"""trainops.ops.router_topk (C++ CPU kernel) against trainops.reference.router_topk."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import trainops
+from trainops import reference as ref
+from trainops.ops import router_topk
+
+pytestmark = pytest.mark.skipif(not trainops.has_extension(), reason="C++ extension not built")
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+
+
+def _inputs(T, E, dtype, seed, masked=False, biased=False):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(T, E, generator=g) * 2).to(dtype)
+    mask = (torch.rand(T, generator=g) > 0.3) if masked else None
+    bias = (torch.randn(E, generator=g) * 0.05) if biased else None
+    return logits, mask, bias
+
+
+def _losses(out, g):
+    w, _, _, p, z = out
+    return (w * g[0]).sum() + (p * g[1]).sum() + z * g[2]
+
+
+def _check(T, E, k, dtype, score, renorm, masked, biased, seed=0):
+    logits, mask, bias = _inputs(T, E, dtype, seed, masked, biased)
+    x1 = logits.clone().requires_grad_()
+    x2 = logits.clone().requires_grad_()
+    got = router_topk(x1, k, score=score, renormalize=renorm, expert_bias=bias, mask=mask, z_loss=True)
+    exp = ref.router_topk(x2, k, score=score, renormalize=renorm, expert_bias=bias, mask=mask, z_loss=True)
+    n_valid = T if mask is None else int(mask.sum())
+    exp = exp[:4] + (exp[4] / max(n_valid, 1),)
+    assert torch.equal(got[1], exp[1])
+    assert torch.equal(got[2], exp[2])
+    assert got[2].sum() == k * n_valid
+    tol = TOL[dtype]
+    torch.testing.assert_close(got[0], exp[0], rtol=tol, atol=tol)
+    torch.testing.assert_close(got[3], exp[3], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got[4], exp[4], rtol=1e-5, atol=1e-5)
+    gen = torch.Generator().manual_seed(seed + 1)
+    g = (torch.randn(T, k, generator=gen), torch.randn(E, generator=gen), torch.randn((), generator=gen))
+    _losses(got, g).backward()
+    _losses(exp, g).backward()
+    gtol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(x1.grad.float(), x2.grad.float(), rtol=gtol, atol=gtol)
+    assert x1.grad.dtype == dtype
+
+
+@pytest.mark.parametrize("T,E,k", [(1, 8, 1), (37, 13, 3), (129, 60, 8), (300, 256, 8), (64, 100, 5)])
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_matches_reference_fp32(T, E, k, score):
+    for i, (renorm, masked, biased) in enumerate([(True, False, False), (False, True, False), (True, True, True)]):
+        _check(T, E, k, torch.float32, score, renorm, masked, biased, seed=i)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_matches_reference_half(dtype, score):
+    _check(77, 24, 4, dtype, score, True, True, False)
+
+
+@settings(max_examples=20, deadline=None)
+@given(T=st.integers(1, 70), E=st.integers(2, 70), kf=st.floats(0, 1), score=st.sampled_from(["softmax", "sigmoid"]),
+       renorm=st.booleans(), masked=st.booleans(), biased=st.booleans(), seed=st.integers(0, 2**16))
+def test_random_shapes(T, E, kf, score, renorm, masked, biased, seed):
+    k = 1 + int(kf * (min(E, 8) - 1))
+    _check(T, E, k, torch.float32, score, renorm, masked, biased, seed)
+
+
+def test_ties_pick_lower_index():
+    logits = torch.zeros(3, 6)
+    logits[1, 4] = logits[1, 2] = 1.0
+    w, idx, counts, _ = router_topk(logits, 3)
+    assert idx[0].tolist() == [0, 1, 2]
+    assert idx[1].tolist() == [2, 4, 0]
+    assert counts.tolist() == [3, 2, 3, 0, 1, 0]
+
+
+def test_bias_changes_choice_not_weights():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    bias = torch.tensor([0.0, 0.0, 0.0, 10.0])
+    w, idx, _, _ = router_topk(logits, 2, expert_bias=bias, renormalize=False)
+    s = torch.softmax(logits, -1)
+    assert idx.tolist() == [[3, 0]]
+    torch.testing.assert_close(w, s[:, [3, 0]])
+
+
+def test_padding_excluded():
+    logits, _, _ = _inputs(50, 16, torch.float32, 3)
+    mask = torch.zeros(50, dtype=torch.bool)
+    mask[:20] = True
+    full = router_topk(logits[:20], 4)
+    part = router_topk(logits, 4, mask=mask)
+    assert torch.equal(full[2], part[2])
+    torch.testing.assert_close(full[3], part[3])
+    torch.testing.assert_close(full[0], part[0][:20])
+    # integer attention masks are accepted too
+    assert torch.equal(router_topk(logits, 4, mask=mask.long())[2], part[2])
+
+
+def test_deterministic_and_thread_invariant():
+    logits, mask, _ = _inputs(2000, 64, torch.float32, 5, masked=True)
+    a = router_topk(logits, 8, mask=mask, z_loss=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        b = router_topk(logits, 8, mask=mask, z_loss=True)
+    finally:
+        torch.set_num_threads(threads)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_balanced_statistics():
+    # Identical logits in every row: sigmoid prob_sum is the normalized score, sums to T.
+    logits = torch.randn(1, 10).repeat(30, 1)
+    _, _, counts, p = router_topk(logits, 2, score="sigmoid")
+    torch.testing.assert_close(p.sum(), torch.tensor(30.0))
+    assert counts.sum() == 60
+
+
+def test_opcheck():
+    logits, mask, bias = _inputs(33, 12, torch.float32, 7, masked=True, biased=True)
+    cases = [
+        (logits.requires_grad_(), 3, "softmax", True, None, None, True),
+        (logits, 4, "sigmoid", False, bias, mask, True),
+        (logits.bfloat16(), 2, "softmax", True, bias, mask, False),
+    ]
+    for args in cases:
+        torch.library.opcheck(torch.ops.trainops.router_topk.default, args)
+    x = logits.detach()
+    idx = router_topk(x, 3)[1]
+    torch.library.opcheck(torch.ops.trainops.router_topk_backward.default,
+                          (torch.randn(33, 3), torch.randn(12), torch.randn(()), x, idx, mask, "softmax", True, True))
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (dict(k=20), ValueError, "k must"),
+    (dict(k=0), ValueError, "k must"),
+    (dict(logits=torch.randn(12)), ValueError, "2-D"),
+    (dict(logits=torch.randn(3, 2, 12)), ValueError, "2-D"),
+    (dict(mask=torch.ones(9, dtype=torch.bool)), ValueError, "mask"),
+    (dict(mask=torch.ones(10)), TypeError, "mask"),
+    (dict(logits=torch.randint(0, 3, (10, 12))), TypeError, "logits"),
+    (dict(logits=torch.randn(0, 12)), ValueError, "empty"),
+    (dict(expert_bias=torch.zeros(11)), ValueError, "expert_bias"),
+    (dict(score="relu"), ValueError, "score"),
+    (dict(k=2.0), TypeError, "k must"),
+])
+def test_bad_inputs(bad, exc, match):
+    args = dict(logits=torch.randn(10, 12), k=2, mask=None, expert_bias=None, score="softmax")
+    args.update(bad)
+    with pytest.raises(exc, match=match):
+        router_topk(args.pop("logits"), args.pop("k"), **args)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_logits(value):
+    logits = torch.randn(10, 12)
+    logits[4, 3] = value
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        router_topk(logits, 2)
+    # Out-of-range indices never appear, even when the check is off.
+    idx = router_topk(logits, 2, check_finite=False)[1]
+    assert int(idx.max()) < 12 and int(idx.min()) >= 0
+
+
+@pytest.mark.parametrize("E,k", [(16, 8), (64, 8), (64, 4), (256, 8), (17, 8), (40, 12)])
+def test_topk_paths_with_many_ties(E, k):
+    # Integer-valued logits tie often: the candidate-rank path, its many-ties fallback and
+    # the insertion path (k > 8) must all keep the lower index first.
+    g = torch.Generator().manual_seed(E + k)
+    for logits in (torch.randint(-2, 3, (500, E), generator=g).float(), torch.randn(500, E, generator=g)):
+        for score in ("softmax", "sigmoid"):
+            got = router_topk(logits, k, score=score)
+            exp = ref.router_topk(logits, k, score=score)
+            assert torch.equal(got[1], exp[1]) and torch.equal(got[2], exp[2])
