@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import queue
 import socket
 import time
@@ -36,7 +37,9 @@ def _worker(rank, world_size, port, backend, timeout_s, fn, args, results):
                             timeout=datetime.timedelta(seconds=timeout_s))
     try:
         out = fn(rank, world_size, *args)
-        results.put((rank, "ok", out))
+        # Plain pickle (by value): the queue's own pickler would pass tensors as shared
+        # memory handles, which are gone once this worker exits.
+        results.put((rank, "ok", pickle.dumps(out)))
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))
         raise
@@ -72,7 +75,7 @@ def spawn(fn, world_size: int, *args, backend: str | None = None, timeout_s: flo
                 break
             continue
         if status == "ok":
-            outputs[rank] = payload
+            outputs[rank] = pickle.loads(payload)
         else:
             errors.append(f"worker {rank} failed:\n{payload}")
     for r, p in enumerate(procs):
