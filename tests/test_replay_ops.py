@@ -76,7 +76,8 @@ def test_sample_all_zero_weights_fall_back_to_uniform():
     cap = 40
     storage = [torch.arange(cap, dtype=torch.float32).view(cap, 1)]
     weights = torch.zeros(cap)
-    bs = torch.stack([torch.zeros(1, dtype=torch.float64), torch.full((1,), float("inf"), dtype=torch.float64)])
+    bs = torch.zeros(2, rops.num_blocks(cap), dtype=torch.float64)
+    bs[1] = float("inf")
     out, idx, w, _ = rops.replay_sample(storage, 16, size=30, mode="weights", weights=weights, block_stats=bs, beta=0.4)
     assert bool((idx < 30).all()) and torch.equal(w, torch.ones(16))
     _, r_idx, _, _ = ref.sample(storage, 16, size=30, mode=1, weights=weights, beta=0.4)
@@ -201,3 +202,33 @@ def test_errors():
         with pytest.raises(ValueError, match=msg):
             rops.replay_update_priorities(prio, w, bs, winner, gens, torch.tensor([0]), torch.tensor([bad]),
                                           alpha=0.6, size=8)
+
+
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is a test dependency
+    given = None
+
+if given is not None:
+
+    @settings(max_examples=25, deadline=None)
+    @given(cap=st.integers(1, 300), frac=st.floats(0.01, 1.0), n_replay=st.integers(1, 80),
+           mode=st.sampled_from(list(ref.MODES)), replacement=st.booleans(), seed=st.integers(0, 2**63 - 1),
+           offset=st.integers(0, 2**40), beta=st.sampled_from([0.0, 0.4, 1.0]))
+    def test_sample_matches_reference_random(cap, frac, n_replay, mode, replacement, seed, offset, beta):
+        size = max(1, int(cap * frac))
+        if not replacement:
+            n_replay = min(n_replay, size)
+        gen = torch.Generator().manual_seed(cap + n_replay)
+        storage = [torch.randn(cap, 3, generator=gen).half()]
+        weights, block_stats = _weights_state(cap, size, gen)
+        slot_key = torch.randint(-1, 5, (cap,), generator=gen)
+        table = torch.rand(4, generator=gen, dtype=torch.float64)
+        kw = dict(size=size, weights=weights, slot_key=slot_key, table=table, now=3, beta=beta,
+                  replacement=replacement, seed=seed, offset=offset)
+        out, idx, w, _ = rops.replay_sample(storage, n_replay, mode=mode, block_stats=block_stats, **kw)
+        r_out, r_idx, r_w, _ = ref.sample(storage, n_replay, mode=ref.MODES[mode], **kw)
+        assert torch.equal(idx, r_idx)
+        torch.testing.assert_close(w, r_w, rtol=1e-6, atol=0)
+        assert torch.equal(out[0], r_out[0])

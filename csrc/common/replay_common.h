@@ -7,18 +7,20 @@
 // accumulated leaf by leaf in fp64, blocks are prefix-summed, a target t is located by binary
 // search over the block prefixes and then by a sequential scan inside the block. Blocking keeps
 // the fp64 drift of a flat cumulative sum over 2^20+ slots away, and lets priority updates
-// refresh only the blocks they touch.
+// refresh only the blocks they touch. 32 leaves balance the per-call block scan (N / 32 fp64
+// adds) against the per-draw leaf scan and the per-update block refresh (32 leaves each).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "philox.h"
 
 namespace trainops {
 namespace replay {
 
-constexpr int64_t kBlock = 64;  // leaves per block of the blocked prefix sums
+constexpr int64_t kBlock = 32;  // leaves per block of the blocked prefix sums
 
 // How the per-slot sampling weight w_i is obtained.
 enum Mode : int64_t {
@@ -37,32 +39,42 @@ struct WeightSource {
   int64_t now;
 };
 
+// w_i for a mode known at compile time (the hot loops below are instantiated per mode, so the
+// per-leaf work is one load and one fp64 add).
+template <int64_t M>
+TRAINOPS_HD double weight_at(const WeightSource& s, int64_t i) {
+  if constexpr (M == kWeights) {
+    return static_cast<double>(s.weights[i]);
+  } else if constexpr (M == kRecency) {
+    int64_t age = s.now - s.key[i];
+    if (age < 0) age = 0;
+    return 1.0 / static_cast<double>(age + 1);
+  } else if constexpr (M == kTable) {
+    const int64_t k = s.key[i];
+    return (k >= 0 && k < s.table_size) ? s.table[k] : 0.0;
+  } else {
+    return 1.0;
+  }
+}
+
 TRAINOPS_HD double slot_weight(const WeightSource& s, int64_t i) {
   switch (s.mode) {
-    case kWeights:
-      return static_cast<double>(s.weights[i]);
-    case kRecency: {
-      int64_t age = s.now - s.key[i];
-      if (age < 0) age = 0;
-      return 1.0 / static_cast<double>(age + 1);
-    }
-    case kTable: {
-      const int64_t k = s.key[i];
-      return (k >= 0 && k < s.table_size) ? s.table[k] : 0.0;
-    }
-    default:
-      return 1.0;
+    case kWeights: return weight_at<kWeights>(s, i);
+    case kRecency: return weight_at<kRecency>(s, i);
+    case kTable: return weight_at<kTable>(s, i);
+    default: return 1.0;
   }
 }
 
 // Sum (leaf by leaf, fp64) and smallest positive weight (+inf if none) of block b over slots < size.
+template <int64_t M>
 TRAINOPS_HD void block_stat(const WeightSource& s, int64_t b, int64_t size, double* sum, double* minpos) {
   const int64_t begin = b * kBlock;
   const int64_t end = begin + kBlock < size ? begin + kBlock : size;
   double acc = 0.0;
   double mn = INFINITY;
   for (int64_t i = begin; i < end; ++i) {
-    const double w = slot_weight(s, i);
+    const double w = weight_at<M>(s, i);
     acc += w;
     if (w > 0.0 && w < mn) mn = w;
   }
@@ -70,12 +82,17 @@ TRAINOPS_HD void block_stat(const WeightSource& s, int64_t b, int64_t size, doub
   *minpos = mn;
 }
 
-// Slot of target t in [0, total): the largest block b with prefix[b] <= t (trailing zero-sum
-// blocks stepped back over), then the first positive leaf whose running sum prefix[b] + w_0 +
-// ... + w_i exceeds t; if rounding leaves t past the block's end, its last positive leaf.
-TRAINOPS_HD int64_t locate(const WeightSource& s, const double* prefix, const double* block_sum, int64_t nb,
-                           int64_t size, double t) {
-  int64_t lo = 0, hi = nb - 1;
+// The largest block b in [lo, nb) with prefix[b] <= t, given prefix[lo] <= t (or lo = 0):
+// galloping from lo, then binary search. Increasing targets (stratified draws of one thread)
+// pass the previous answer as lo, so consecutive searches touch a few neighbouring prefixes
+// instead of log2(nb) scattered ones.
+TRAINOPS_HD int64_t find_block(const double* prefix, int64_t nb, double t, int64_t lo) {
+  int64_t step = 1;
+  while (lo + step < nb && prefix[lo + step] <= t) {
+    lo += step;
+    step <<= 1;
+  }
+  int64_t hi = lo + step < nb ? lo + step - 1 : nb - 1;
   while (lo < hi) {
     const int64_t mid = (lo + hi + 1) >> 1;
     if (prefix[mid] <= t) {
@@ -84,14 +101,22 @@ TRAINOPS_HD int64_t locate(const WeightSource& s, const double* prefix, const do
       hi = mid - 1;
     }
   }
-  int64_t b = lo;
+  return lo;
+}
+
+// Slot of target t in block b (found by find_block): trailing zero-sum blocks are stepped back
+// over, then the first positive leaf whose running sum prefix[b] + w_0 + ... + w_i exceeds t;
+// if rounding leaves t past the block's end, its last positive leaf.
+template <int64_t M>
+TRAINOPS_HD int64_t scan_block(const WeightSource& s, const double* prefix, const double* block_sum, int64_t b,
+                               int64_t size, double t) {
   while (b > 0 && !(block_sum[b] > 0.0)) --b;
   const int64_t begin = b * kBlock;
   const int64_t end = begin + kBlock < size ? begin + kBlock : size;
   double cum = prefix[b];
   int64_t last = begin;
   for (int64_t i = begin; i < end; ++i) {
-    const double w = slot_weight(s, i);
+    const double w = weight_at<M>(s, i);
     cum += w;
     if (w > 0.0) {
       last = i;
@@ -99,6 +124,13 @@ TRAINOPS_HD int64_t locate(const WeightSource& s, const double* prefix, const do
     }
   }
   return last;
+}
+
+// Slot of target t in [0, total): inverse CDF over the blocked prefix sums.
+template <int64_t M>
+TRAINOPS_HD int64_t locate(const WeightSource& s, const double* prefix, const double* block_sum, int64_t nb,
+                           int64_t size, double t) {
+  return scan_block<M>(s, prefix, block_sum, find_block(prefix, nb, t, 0), size, t);
 }
 
 // Target of stratified sample j of n: t = (j + u) / n * total, one draw per stratum.
@@ -133,6 +165,17 @@ TRAINOPS_HD double reservoir_key(uint64_t seed, int64_t serial) {
 TRAINOPS_HD float priority_weight(float p, double alpha, double eps) {
   const double q = static_cast<double>(p) > eps ? static_cast<double>(p) : eps;
   return static_cast<float>(pow(q, alpha));
+}
+
+// Calls fn(std::integral_constant<int64_t, M>) for the runtime mode, so hot loops see M as a constant.
+template <typename Fn>
+inline void dispatch_mode(int64_t mode, Fn&& fn) {
+  switch (mode) {
+    case kWeights: fn(std::integral_constant<int64_t, kWeights>()); break;
+    case kRecency: fn(std::integral_constant<int64_t, kRecency>()); break;
+    case kTable: fn(std::integral_constant<int64_t, kTable>()); break;
+    default: fn(std::integral_constant<int64_t, kUniform>()); break;
+  }
 }
 
 }  // namespace replay

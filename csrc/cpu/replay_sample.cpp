@@ -161,8 +161,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> replay_sample_cpu(
     std::copy(bs, bs + nb, bsum.begin());
     std::copy(bs + stride, bs + stride + nb, bmin.begin());
   } else if (mode != replay::kUniform) {
-    at::parallel_for(0, nb, 256, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) replay::block_stat(src, b, size, &bsum[b], &bmin[b]);
+    replay::dispatch_mode(mode, [&](auto m) {
+      at::parallel_for(0, nb, 256, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) replay::block_stat<decltype(m)::value>(src, b, size, &bsum[b], &bmin[b]);
+      });
     });
   }
   std::vector<double> prefix(nb);
@@ -178,20 +180,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> replay_sample_cpu(
 
   std::vector<double> wsel(n_replay, 1.0);
   if (replacement) {
-    at::parallel_for(0, n_replay, 256, [&](int64_t j0, int64_t j1) {
-      for (int64_t j = j0; j < j1; ++j) {
-        const double u = philox::uniform01(philox::draw(useed, uoff, j, philox::kSample));
-        int64_t slot;
-        if (uniform) {
-          const double t = replay::stratified_target(j, n_replay, u, static_cast<double>(size));
-          slot = std::min<int64_t>(static_cast<int64_t>(t), size - 1);
+    replay::dispatch_mode(src.mode, [&](auto m) {
+      constexpr int64_t M = decltype(m)::value;
+      at::parallel_for(0, n_replay, 256, [&](int64_t j0, int64_t j1) {
+        if constexpr (M == replay::kUniform) {
+          for (int64_t j = j0; j < j1; ++j) {
+            const double u = philox::uniform01(philox::draw(useed, uoff, j, philox::kSample));
+            const double t = replay::stratified_target(j, n_replay, u, static_cast<double>(size));
+            idx[n_fresh + j] = std::min<int64_t>(static_cast<int64_t>(t), size - 1);
+          }
         } else {
-          const double t = replay::stratified_target(j, n_replay, u, total);
-          slot = replay::locate(src, prefix.data(), bsum.data(), nb, size, t);
+          // Pass 1: targets and their blocks (targets grow with j, so each search gallops from
+          // the previous block over the cache-resident prefix array). Pass 2: the leaf scans,
+          // with the leaves of a block a few draws ahead prefetched, as they are scattered in memory.
+          std::vector<double> ts(j1 - j0);
+          std::vector<int64_t> bs(j1 - j0);
+          int64_t hint = 0;
+          for (int64_t j = j0; j < j1; ++j) {
+            const double u = philox::uniform01(philox::draw(useed, uoff, j, philox::kSample));
+            ts[j - j0] = replay::stratified_target(j, n_replay, u, total);
+            hint = replay::find_block(prefix.data(), nb, ts[j - j0], hint);
+            bs[j - j0] = hint;
+          }
+          constexpr int64_t kAhead = 8;
+          for (int64_t j = j0; j < j1; ++j) {
+            if (M == replay::kWeights && j + kAhead < j1) {
+              __builtin_prefetch(src.weights + bs[j + kAhead - j0] * kBlock);
+              __builtin_prefetch(src.weights + bs[j + kAhead - j0] * kBlock + 16);
+            }
+            const int64_t slot = replay::scan_block<M>(src, prefix.data(), bsum.data(), bs[j - j0], size, ts[j - j0]);
+            idx[n_fresh + j] = slot;
+            wsel[j] = replay::weight_at<M>(src, slot);
+          }
         }
-        idx[n_fresh + j] = slot;
-        wsel[j] = replay::slot_weight(src, slot);
-      }
+      });
     });
   } else {
     std::vector<double> keys(size);

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "../common/replay_common.h"
@@ -157,6 +158,13 @@ at::Tensor replay_update_priorities_cpu(at::Tensor priorities, at::Tensor weight
   at::Tensor applied = at::empty({n}, indices.options().dtype(at::kBool));
   bool* app = applied.data_ptr<bool>();
 
+  // Checked before anything is written, so a bad call leaves the buffer unchanged. (Indices
+  // outside [0, size) are not errors here: like stale entries they are ignored.)
+  for (int64_t j = 0; j < n; ++j) {
+    TORCH_CHECK_VALUE(val[j] >= 0.0f && val[j] <= std::numeric_limits<float>::max(),
+                      "trainops.replay_update_priorities: priorities must be finite and >= 0, got ", val[j],
+                      " at position ", j, val[j] != val[j] ? " (NaN)" : "");
+  }
   auto valid = [&](int64_t j) {
     const int64_t s = idx[j];
     return s >= 0 && s < size && (exp == nullptr || gen[s] == exp[j]);
@@ -183,7 +191,7 @@ at::Tensor replay_update_priorities_cpu(at::Tensor priorities, at::Tensor weight
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 64, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t b = blocks[k];
-      replay::block_stat(src, b, capacity, &bs[b], &bs[nbc + b]);
+      replay::block_stat<replay::kWeights>(src, b, capacity, &bs[b], &bs[nbc + b]);
     }
   });
   return applied;

@@ -2,7 +2,7 @@
 // output batch after the fresh rows, and PER importance weights, enqueued on one stream with
 // no host synchronization. Same rules as the CPU kernel (csrc/common/replay_common.h):
 //
-//   block stats   one thread per 64-slot block: fp64 sum (slot by slot) and smallest positive
+//   block stats   one thread per 32-slot block: fp64 sum (slot by slot) and smallest positive
 //                 weight (computed here for recency / table modes; maintained for mode 1)
 //   prefix        CUB exclusive scan of the block sums (fp64), CUB min of the block minima
 //   sample        one thread per draw: Philox4x32-10 u_j, stratified target
@@ -34,9 +34,10 @@ __device__ __forceinline__ bool use_uniform(int64_t mode, double total) {
   return mode == replay::kUniform || !(total > 0.0) || !isfinite(total);
 }
 
+template <int64_t M>
 __global__ void block_stats_kernel(replay::WeightSource src, int64_t nb, int64_t size, double* sums, double* mins) {
   const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (b < nb) replay::block_stat(src, b, size, &sums[b], &mins[b]);
+  if (b < nb) replay::block_stat<M>(src, b, size, &sums[b], &mins[b]);
 }
 
 // scalars[0] = total weight, [1] = smallest positive weight (the CUB min wrote it already).
@@ -44,6 +45,7 @@ __global__ void total_kernel(const double* prefix, const double* sums, int64_t n
   scalars[0] = prefix[nb - 1] + sums[nb - 1];
 }
 
+template <int64_t M>
 __global__ void sample_kernel(replay::WeightSource src, const double* prefix, const double* sums, int64_t nb,
                               const double* scalars, int64_t size, int64_t n_fresh, int64_t n_replay, uint64_t seed,
                               uint64_t offset, int64_t* indices, double* wsel) {
@@ -59,8 +61,8 @@ __global__ void sample_kernel(replay::WeightSource src, const double* prefix, co
     wsel[j] = 1.0;
   } else {
     const double t = replay::stratified_target(j, n_replay, u, total);
-    slot = replay::locate(src, prefix, sums, nb, size, t);
-    wsel[j] = replay::slot_weight(src, slot);
+    slot = replay::locate<M>(src, prefix, sums, nb, size, t);
+    wsel[j] = replay::weight_at<M>(src, slot);
   }
   indices[n_fresh + j] = slot;
 }
@@ -209,8 +211,10 @@ extern "C" int trainops_replay_sample(const TrainopsReplaySampleArgs* a, void* w
       sums = a->block_stats;
       mins = a->block_stats + a->block_stride;
     } else {
-      block_stats_kernel<<<static_cast<unsigned>((nb + threads - 1) / threads), threads, 0, stream>>>(
-          src, nb, a->size, w.sums, w.mins);
+      replay::dispatch_mode(a->mode, [&](auto m) {
+        block_stats_kernel<decltype(m)::value><<<static_cast<unsigned>((nb + threads - 1) / threads), threads, 0,
+                                                 stream>>>(src, nb, a->size, w.sums, w.mins);
+      });
     }
     size_t bytes = w.cub_bytes;
     cub::DeviceScan::ExclusiveSum(w.cub_temp, bytes, sums, w.prefix, static_cast<int>(nb), stream);
@@ -221,8 +225,11 @@ extern "C" int trainops_replay_sample(const TrainopsReplaySampleArgs* a, void* w
   if (a->n_replay > 0) {
     const unsigned grid_r = static_cast<unsigned>((a->n_replay + threads - 1) / threads);
     if (a->replacement) {
-      sample_kernel<<<grid_r, threads, 0, stream>>>(src, w.prefix, sums, nb, w.scalars, a->size, a->n_fresh,
-                                                    a->n_replay, a->seed, a->offset, a->indices, w.wsel);
+      replay::dispatch_mode(a->mode, [&](auto m) {
+        sample_kernel<decltype(m)::value><<<grid_r, threads, 0, stream>>>(
+            src, w.prefix, sums, nb, w.scalars, a->size, a->n_fresh, a->n_replay, a->seed, a->offset, a->indices,
+            w.wsel);
+      });
     } else {
       const unsigned grid_s = static_cast<unsigned>((a->size + threads - 1) / threads);
       gumbel_keys_kernel<<<grid_s, threads, 0, stream>>>(src, w.scalars, a->size, a->seed, a->offset, w.keys_in,

@@ -113,7 +113,7 @@ __global__ void refresh_kernel(TrainopsReplayUpdateArgs a) {
   const int64_t s = a.indices[j];
   const int64_t b = s / kBlock;
   const replay::WeightSource src{replay::kWeights, a.weights, nullptr, nullptr, 0, 0};
-  replay::block_stat(src, b, a.capacity, &a.block_stats[b], &a.block_stats[a.block_stride + b]);
+  replay::block_stat<replay::kWeights>(src, b, a.capacity, &a.block_stats[b], &a.block_stats[a.block_stride + b]);
   a.winner[s] = -1;
 }
 

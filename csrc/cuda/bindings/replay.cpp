@@ -9,12 +9,13 @@
 #include <algorithm>
 #include <vector>
 
+#include "../../common/replay_common.h"
 #include "../replay.h"
 
 namespace trainops {
 namespace {
 
-constexpr int64_t kBlock = 64;
+using replay::kBlock;
 
 void check_cuda(int err, const char* op) {
   TORCH_CHECK(err == 0, "trainops.", op, ": CUDA launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));

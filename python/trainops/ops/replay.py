@@ -72,7 +72,7 @@ def replay_sample(storage: Sequence[torch.Tensor], n_replay: int, *, size: int, 
     """Sample ``n_replay`` stored rows and gather every field after the fresh rows, in one op.
 
     Sampling weight w_i of slot i < size by ``mode``: ``uniform`` (1), ``weights`` (stored
-    p_i^alpha with maintained ``block_stats`` [2, ceil(capacity/64)] = block sums and minima),
+    p_i^alpha with maintained ``block_stats`` [2, ceil(capacity/32)] = block sums and minima),
     ``recency`` (1 / (now - slot_key_i + 1)), ``table`` (table[slot_key_i]). With replacement:
     stratified inverse-CDF draws t_j = (j + u_j) / R * sum(w); without: Gumbel-top-k. PER
     importance weights (N P(j))^-beta / max w with P(j) = w_j / sum(w), max over the buffer or,
@@ -176,7 +176,7 @@ def replay_update_priorities(priorities: torch.Tensor, weights: torch.Tensor, bl
     valid entry names the same slot (duplicates: the last one wins). Applied slots get weight
     max(p, eps)^alpha; the sums and minima of the touched blocks are recomputed exactly.
     ``winner`` is an int32 [capacity] scratch filled with -1 (left so). ``validate`` checks the
-    values are finite and >= 0 (reads them on the host).
+    values are finite and >= 0 (on CUDA it reads them on the host; the CPU kernel always checks).
     """
     cap = _check_tensor(priorities, "priorities", torch.float32).numel()
     device = priorities.device
@@ -197,7 +197,9 @@ def replay_update_priorities(priorities: torch.Tensor, weights: torch.Tensor, bl
     if expected_generations is not None:
         _check_tensor(expected_generations, "generation", torch.int64, device, indices.numel())
         expected_generations = expected_generations.reshape(-1).contiguous()
-    if validate and values.numel():
+    # The CPU kernel checks values and indices itself before writing; on CUDA that would need a
+    # host sync inside the op, so the check (one host read) happens here.
+    if validate and device.type != "cpu" and values.numel() and not bool(((values >= 0) & (values < float("inf"))).all()):
         if torch.isnan(values).any():
             raise ValueError("priorities contain NaN")
         if (values < 0).any():

@@ -18,7 +18,7 @@ import torch
 __all__ = ["BLOCK", "MODES", "philox4x32", "uniform01", "sample", "insert", "update_priorities", "block_stats",
            "priority_weight", "reservoir_keys"]
 
-BLOCK = 64
+BLOCK = 32
 MODES = {"uniform": 0, "weights": 1, "recency": 2, "table": 3}
 STREAM_SAMPLE, STREAM_GUMBEL, STREAM_RESERVOIR = 0, 1, 2
 
