@@ -3,7 +3,8 @@
 Per case (capacity, batch, row type), in one process:
   sample/prioritized  trainops fused op vs ``torch.multinomial`` on the stored p^alpha +
                       ``index_select`` + PER weights (baseline), and a plain ``index_select``
-                      of the same number of rows (the memory-bandwidth floor of the gather)
+                      of as many random rows, a new row set each call (the memory floor of the
+                      gather; a fixed set would be timed from cache)
   sample/uniform      trainops fused op vs ``torch.randint`` + ``index_select``
   update              trainops generation-checked priority update (with block-sum refresh)
                       vs ``index_put_`` of p^alpha (no staleness check, no sums)
@@ -109,8 +110,16 @@ def run_case(table: Table, case, device, min_run_time, notes):
         w = (cap * p) ** -BETA
         return rows, idx, (w / w.max()).float()
 
-    idx_fixed = torch.randint(0, cap, (batch,), device=device)
-    floor = measure(lambda: storage.index_select(0, idx_fixed), device, min_run_time)
+    # The floor gathers a different random row set each call, like the sampler does: a fixed
+    # index set would be served from cache after the first call (4096 x 1 KiB fits in L3).
+    idx_sets = [torch.randint(0, cap, (batch,), device=device) for _ in range(64)]
+    turn = [0]
+
+    def floor_gather():
+        turn[0] = (turn[0] + 1) % len(idx_sets)
+        return storage.index_select(0, idx_sets[turn[0]])
+
+    floor = measure(floor_gather, device, min_run_time)
     c = {**case, "op": "sample/prioritized"}
     table.add(c, "index_select (bandwidth floor)", floor, gather_GBps=round(gbytes / floor.median_s, 2))
     table.add(c, "multinomial+index_select", measure(baseline_prioritized, device, min_run_time))
