@@ -62,9 +62,17 @@ std::vector<Field> collect_fields(const std::vector<at::Tensor>& storage, const 
 // and zero the rest, so padding never carries stale tokens of a previous occupant.
 void gather_rows(const std::vector<Field>& fields, const int32_t* lengths, const int64_t* idx, int64_t n_fresh,
                  int64_t n_replay) {
+  constexpr int64_t kAhead = 4;  // rows are scattered: start fetching a later row's first lines early
   at::parallel_for(0, n_replay, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t slot = idx[n_fresh + r];
+      if (r + kAhead < r1) {
+        const int64_t next = idx[n_fresh + r + kAhead];
+        for (const Field& f : fields) {
+          __builtin_prefetch(f.src + next * f.row_bytes);
+          __builtin_prefetch(f.src + next * f.row_bytes + 64);
+        }
+      }
       for (const Field& f : fields) {
         uint8_t* dst = f.dst + (n_fresh + r) * f.row_bytes;
         const uint8_t* src = f.src + slot * f.row_bytes;

@@ -1,12 +1,13 @@
 // CUDA registrations of the fused replay ops: tensors -> the C launchers of
 // csrc/cuda/replay.h, on the current stream, with the workspace from torch's caching
 // allocator. Built only where a CUDA build of torch exists (trainops._C_cuda).
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <vector>
 
 #include "../../common/replay_common.h"
@@ -115,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> replay_sample_cuda(
   a.is_replay = is_replay.data_ptr<bool>();
   const size_t bytes = trainops_replay_sample_workspace(&a);
   at::Tensor ws = workspace(bytes, storage[0]);
-  check_cuda(trainops_replay_sample(&a, ws.data_ptr(), bytes, at::cuda::getCurrentCUDAStream()), "replay_sample");
+  check_cuda(trainops_replay_sample(&a, ws.data_ptr(), bytes, c10::cuda::getCurrentCUDAStream().stream()), "replay_sample");
   return {indices, isw, is_replay};
 }
 
@@ -146,7 +147,7 @@ at::Tensor replay_insert_cuda(at::TensorList storage, at::TensorList batch, at::
     a.fields[f].elem_bytes = storage[f].element_size();
     a.fields[f].ragged = 0;
   }
-  for (const at::Tensor* t : {&generations, &stamps, &keys}) check_on(*t, dev, "state");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&generations, &stamps, &keys}) check_on(*t, dev, "state");
   TORCH_CHECK_VALUE(generations.scalar_type() == at::kLong && stamps.scalar_type() == at::kLong &&
                         keys.scalar_type() == at::kDouble && generations.numel() == capacity &&
                         stamps.numel() == capacity && keys.numel() == capacity,
@@ -166,7 +167,7 @@ at::Tensor replay_insert_cuda(at::TensorList storage, at::TensorList batch, at::
   a.slots = slots.data_ptr<int64_t>();
   const size_t bytes = trainops_replay_insert_workspace(&a);
   at::Tensor ws = workspace(bytes, generations);
-  check_cuda(trainops_replay_insert(&a, ws.data_ptr(), bytes, at::cuda::getCurrentCUDAStream()), "replay_insert");
+  check_cuda(trainops_replay_insert(&a, ws.data_ptr(), bytes, c10::cuda::getCurrentCUDAStream().stream()), "replay_insert");
   return slots;
 }
 
@@ -177,7 +178,8 @@ at::Tensor replay_update_priorities_cuda(at::Tensor priorities, at::Tensor weigh
   const at::Device dev = priorities.device();
   c10::cuda::CUDAGuard guard(dev);
   const int64_t capacity = priorities.numel();
-  for (const at::Tensor* t : {&weights, &block_stats, &winner, &generations, &indices, &values}) {
+  for (const at::Tensor* t :
+       std::initializer_list<const at::Tensor*>{&weights, &block_stats, &winner, &generations, &indices, &values}) {
     check_on(*t, dev, "replay_update_priorities argument");
   }
   TORCH_CHECK_VALUE(priorities.scalar_type() == at::kFloat && weights.scalar_type() == at::kFloat &&
@@ -213,7 +215,7 @@ at::Tensor replay_update_priorities_cuda(at::Tensor priorities, at::Tensor weigh
   a.alpha = alpha;
   a.eps = eps;
   a.applied = applied.data_ptr<bool>();
-  check_cuda(trainops_replay_update_priorities(&a, at::cuda::getCurrentCUDAStream()), "replay_update_priorities");
+  check_cuda(trainops_replay_update_priorities(&a, c10::cuda::getCurrentCUDAStream().stream()), "replay_update_priorities");
   return applied;
 }
 
