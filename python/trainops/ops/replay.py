@@ -76,7 +76,9 @@ def replay_sample(storage: Sequence[torch.Tensor], n_replay: int, *, size: int, 
     ``recency`` (1 / (now - slot_key_i + 1)), ``table`` (table[slot_key_i]). With replacement:
     stratified inverse-CDF draws t_j = (j + u_j) / R * sum(w); without: Gumbel-top-k. PER
     importance weights (N P(j))^-beta / max w with P(j) = w_j / sum(w), max over the buffer or,
-    with ``batch_max``, over the batch. Random numbers: Philox4x32-10(seed; j, offset).
+    with ``batch_max``, over the batch (without replacement the same single-draw P(j) is used).
+    All weights zero: uniform over the stored items, weights 1. Random numbers:
+    Philox4x32-10(key = seed; counter = j, offset, stream).
 
     Returns (out fields [F + R, ...], indices int64 [F + R] (-1 for fresh rows), importance
     weights fp32 [F + R] (1 for fresh rows), is_replay bool [F + R]).
