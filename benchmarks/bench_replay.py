@@ -8,8 +8,8 @@ Per case (capacity, batch, row type), in one process:
   sample/uniform      trainops fused op vs ``torch.randint`` + ``index_select``
   update              trainops generation-checked priority update (with block-sum refresh)
                       vs ``index_put_`` of p^alpha (no staleness check, no sums)
-TorchRL 0.14.1 (TensorDictReplayBuffer + LazyTensorStorage + PrioritizedSampler / uniform)
-is measured in a subprocess when a separate environment with it exists (its compiled segment
+TorchRL 0.14.1 (TensorDictReplayBuffer + LazyTensorStorage + PrioritizedSampler / RandomSampler)
+is measured in a subprocess (its own timing loop: median of 30 calls) when a separate environment with it exists (its compiled segment
 trees do not load against torch 2.13): set TRAINOPS_TORCHRL_PYTHON to that environment's
 python (default /work/venvs/torchrl/bin/python); otherwise the reason for the skip is printed.
 
@@ -47,11 +47,12 @@ TORCHRL_SCRIPT = textwrap.dedent("""
     rb = TensorDictReplayBuffer(storage=LazyTensorStorage(cap, device=device), sampler=s, batch_size=batch)
     for i in range(0, cap, 65536):
         rb.extend(data[i:i + 65536])
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     def run(fn, reps):
-        fn()
+        fn(); sync()
         times = []
         for _ in range(reps):
-            t = time.perf_counter(); fn(); times.append(time.perf_counter() - t)
+            t = time.perf_counter(); fn(); sync(); times.append(time.perf_counter() - t)
         times.sort()
         return times[len(times) // 2]
     out = {"sample": run(lambda: rb.sample(), 30)}
@@ -140,7 +141,11 @@ def run_case(table: Table, case, device, min_run_time, notes):
               measure(lambda: storage.index_select(0, torch.randint(0, cap, (batch,), device=device)), device,
                       min_run_time))
     t = measure(lambda: pbuf.sample(batch), device, min_run_time)
-    table.add(c, "trainops", t, baseline="randint+index_select", samples_per_s=round(batch / t.median_s))
+    urow = table.add(c, "trainops", t, baseline="randint+index_select", samples_per_s=round(batch / t.median_s))
+    trl_u, _ = torchrl_times(case, "uniform", device) if trl is not None else (None, None)
+    if trl_u is not None:
+        table.add(c, "torchrl 0.14.1 RandomSampler", Timing(trl_u["sample"], trl_u["sample"], trl_u["sample"]))
+        urow.extra["vs_torchrl"] = round(trl_u["sample"] / t.median_s, 2)
     pbuf.sampler = "prioritized"
 
     # priority update of one sampled batch
