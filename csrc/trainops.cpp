@@ -21,6 +21,23 @@ TORCH_LIBRARY(trainops, m) {
   m.def(
       "router_topk_backward(Tensor grad_weights, Tensor grad_prob_sum, Tensor grad_z_sum, Tensor logits,"
       " Tensor indices, Tensor? mask, str score, bool renormalize, bool with_z) -> Tensor");
+
+  // Fused replay (trainops.replay.ReplayBuffer, trainops.ops.replay). Rules shared by the CPU
+  // and CUDA kernels: csrc/common/replay_common.h. weight_mode: 0 uniform, 1 stored weights with
+  // maintained block_stats, 2 recency (slot_key = insertion step), 3 table[slot_key] (tasks).
+  // eviction: 0 FIFO ring, 1 reservoir.
+  m.def(
+      "replay_sample(Tensor[] storage, Tensor(a!)[] out, Tensor? lengths, bool[] ragged, Tensor? weights,"
+      " Tensor? block_stats, Tensor? slot_key, Tensor? table, int weight_mode, int size, int n_fresh, int n_replay,"
+      " int now, float beta, bool batch_max, bool replacement, int seed, int offset)"
+      " -> (Tensor indices, Tensor is_weights, Tensor is_replay)");
+  m.def(
+      "replay_insert(Tensor(a!)[] storage, Tensor[] batch, Tensor(b!) generations, Tensor(c!) stamps,"
+      " Tensor(d!) keys, int eviction, int size, int cursor, int step, int seed) -> Tensor slots");
+  m.def(
+      "replay_update_priorities(Tensor(a!) priorities, Tensor(b!) weights, Tensor(c!) block_stats,"
+      " Tensor(d!) winner, Tensor generations, Tensor indices, Tensor values, Tensor? expected_generations,"
+      " float alpha, float eps, int size) -> Tensor applied");
 }
 
 // `import trainops._C` loads this shared object, which registers the library above.

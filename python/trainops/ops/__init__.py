@@ -7,9 +7,10 @@ from trainops.ops.quantize import (
     quantize,
     quantize_error_feedback,
 )
+from trainops.ops.replay import replay_insert, replay_sample, replay_update_priorities
 from trainops.ops.router import router_topk
 
 __all__ = [
     "QuantizedTensor", "quantize", "dequantize", "dequantize_accumulate", "quantize_error_feedback",
-    "mora", "mora_routing", "router_topk",
+    "mora", "mora_routing", "router_topk", "replay_sample", "replay_insert", "replay_update_priorities",
 ]

@@ -1,0 +1,267 @@
+// CPU kernel of trainops::replay_sample: draw replay indices by the sampler's weights, gather
+// the rows of every storage field into the output batch after the fresh rows, and compute the
+// PER importance weights, in one call.
+//
+// With replacement: stratified inverse-CDF sampling over blocked fp64 prefix sums (rules in
+// csrc/common/replay_common.h). Without replacement: Gumbel-top-k / Efraimidis-Spirakis keys
+// log(u_i) / w_i, the R largest kept in descending key order (ties: lower slot first).
+// Random numbers: Philox4x32-10 keyed by the seed, counter (index, offset, stream), so the
+// CUDA kernel and the reference draw the same numbers.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "../common/replay_common.h"
+
+namespace trainops {
+namespace {
+
+using replay::kBlock;
+
+struct Field {
+  const uint8_t* src;
+  uint8_t* dst;
+  int64_t row_bytes;
+  int64_t elem_bytes;
+  bool ragged;
+};
+
+std::vector<Field> collect_fields(const std::vector<at::Tensor>& storage, const std::vector<at::Tensor>& out,
+                                  const std::vector<bool>& ragged, int64_t capacity, int64_t rows) {
+  TORCH_CHECK_VALUE(!storage.empty(), "trainops.replay_sample: 'storage' must hold at least one field");
+  TORCH_CHECK_VALUE(storage.size() == out.size() && storage.size() == ragged.size(),
+                    "trainops.replay_sample: 'storage', 'out' and 'ragged' must have the same length");
+  std::vector<Field> fields;
+  for (size_t f = 0; f < storage.size(); ++f) {
+    const at::Tensor& s = storage[f];
+    const at::Tensor& o = out[f];
+    TORCH_CHECK_VALUE(s.dim() >= 1 && s.size(0) == capacity && s.is_contiguous(), "trainops.replay_sample: storage[",
+                      f, "] must be contiguous with ", capacity, " rows");
+    TORCH_CHECK_VALUE(o.dim() == s.dim() && o.size(0) == rows && o.is_contiguous(), "trainops.replay_sample: out[", f,
+                      "] must be contiguous with ", rows, " rows and the row shape of storage[", f, "]");
+    TORCH_CHECK_TYPE(o.scalar_type() == s.scalar_type(), "trainops.replay_sample: out[", f, "] has dtype ",
+                     o.scalar_type(), " but storage[", f, "] has ", s.scalar_type());
+    for (int64_t d = 1; d < s.dim(); ++d) {
+      TORCH_CHECK_VALUE(o.size(d) == s.size(d), "trainops.replay_sample: out[", f, "] row shape differs from storage");
+    }
+    const int64_t row_elems = capacity > 0 ? s.numel() / capacity : 0;
+    TORCH_CHECK_VALUE(!ragged[f] || s.dim() == 2, "trainops.replay_sample: ragged field ", f, " must be [capacity, L]");
+    fields.push_back({static_cast<const uint8_t*>(s.const_data_ptr()), static_cast<uint8_t*>(o.data_ptr()),
+                      row_elems * static_cast<int64_t>(s.element_size()), static_cast<int64_t>(s.element_size()),
+                      static_cast<bool>(ragged[f])});
+  }
+  return fields;
+}
+
+// out[f][n_fresh + r] = storage[f][idx[r]]; ragged rows copy their first lengths[idx] elements
+// and zero the rest, so padding never carries stale tokens of a previous occupant.
+void gather_rows(const std::vector<Field>& fields, const int32_t* lengths, const int64_t* idx, int64_t n_fresh,
+                 int64_t n_replay) {
+  constexpr int64_t kAhead = 4;  // rows are scattered: start fetching a later row's first lines early
+  at::parallel_for(0, n_replay, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t slot = idx[n_fresh + r];
+      if (r + kAhead < r1) {
+        const int64_t next = idx[n_fresh + r + kAhead];
+        for (const Field& f : fields) {
+          __builtin_prefetch(f.src + next * f.row_bytes);
+          __builtin_prefetch(f.src + next * f.row_bytes + 64);
+        }
+      }
+      for (const Field& f : fields) {
+        uint8_t* dst = f.dst + (n_fresh + r) * f.row_bytes;
+        const uint8_t* src = f.src + slot * f.row_bytes;
+        if (f.ragged) {
+          const int64_t row_len = f.row_bytes / f.elem_bytes;
+          const int64_t n = std::min<int64_t>(std::max<int64_t>(lengths[slot], 0), row_len);
+          std::memcpy(dst, src, n * f.elem_bytes);
+          std::memset(dst + n * f.elem_bytes, 0, (row_len - n) * f.elem_bytes);
+        } else {
+          std::memcpy(dst, src, f.row_bytes);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> replay_sample_cpu(
+    at::TensorList storage_list, at::TensorList out_list, const std::optional<at::Tensor>& lengths,
+    const c10::List<bool>& ragged_list, const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& block_stats,
+    const std::optional<at::Tensor>& slot_key, const std::optional<at::Tensor>& table, int64_t mode, int64_t size,
+    int64_t n_fresh, int64_t n_replay, int64_t now, double beta, bool batch_max, bool replacement, int64_t seed,
+    int64_t offset) {
+  const std::vector<at::Tensor> storage(storage_list.begin(), storage_list.end());
+  const std::vector<at::Tensor> out(out_list.begin(), out_list.end());
+  std::vector<bool> ragged;
+  for (size_t f = 0; f < ragged_list.size(); ++f) ragged.push_back(ragged_list.get(f));
+  TORCH_CHECK_VALUE(!storage.empty(), "trainops.replay_sample: 'storage' must hold at least one field");
+  const int64_t capacity = storage[0].size(0);
+  const int64_t rows = n_fresh + n_replay;
+  TORCH_CHECK_VALUE(size > 0 && size <= capacity, "trainops.replay_sample: 'size' must be in [1, ", capacity,
+                    "], got ", size, " (empty buffer?)");
+  TORCH_CHECK_VALUE(n_fresh >= 0 && n_replay >= 0, "trainops.replay_sample: n_fresh and n_replay must be >= 0");
+  TORCH_CHECK_VALUE(replacement || n_replay <= size, "trainops.replay_sample: cannot draw ", n_replay,
+                    " rows without replacement from ", size, " stored items");
+  TORCH_CHECK_VALUE(mode >= replay::kUniform && mode <= replay::kTable, "trainops.replay_sample: unknown mode ", mode);
+  const std::vector<Field> fields = collect_fields(storage, out, ragged, capacity, rows);
+
+  replay::WeightSource src{mode, nullptr, nullptr, nullptr, 0, now};
+  if (mode == replay::kWeights) {
+    TORCH_CHECK_VALUE(weights.has_value() && block_stats.has_value(),
+                      "trainops.replay_sample: mode 1 needs 'weights' and 'block_stats'");
+    TORCH_CHECK_TYPE(weights->scalar_type() == at::kFloat && weights->is_contiguous() && weights->numel() == capacity,
+                     "trainops.replay_sample: 'weights' must be contiguous float32 [capacity]");
+    src.weights = weights->const_data_ptr<float>();
+  }
+  if (mode == replay::kRecency || mode == replay::kTable) {
+    TORCH_CHECK_VALUE(slot_key.has_value() && slot_key->scalar_type() == at::kLong && slot_key->is_contiguous() &&
+                          slot_key->numel() == capacity,
+                      "trainops.replay_sample: modes 2 and 3 need 'slot_key' as contiguous int64 [capacity]");
+    src.key = slot_key->const_data_ptr<int64_t>();
+  }
+  if (mode == replay::kTable) {
+    TORCH_CHECK_VALUE(table.has_value() && table->scalar_type() == at::kDouble && table->is_contiguous(),
+                      "trainops.replay_sample: mode 3 needs 'table' as contiguous float64");
+    src.table = table->const_data_ptr<double>();
+    src.table_size = table->numel();
+  }
+  const int32_t* len_ptr = nullptr;
+  if (std::find(ragged.begin(), ragged.end(), true) != ragged.end()) {
+    TORCH_CHECK_VALUE(lengths.has_value() && lengths->scalar_type() == at::kInt && lengths->is_contiguous() &&
+                          lengths->numel() == capacity,
+                      "trainops.replay_sample: ragged fields need 'lengths' as contiguous int32 [capacity]");
+    len_ptr = lengths->const_data_ptr<int32_t>();
+  }
+
+  auto opts = storage[0].options();
+  at::Tensor indices = at::empty({rows}, opts.dtype(at::kLong));
+  at::Tensor isw = at::empty({rows}, opts.dtype(at::kFloat));
+  at::Tensor is_replay = at::empty({rows}, opts.dtype(at::kBool));
+  int64_t* idx = indices.data_ptr<int64_t>();
+  float* w_out = isw.data_ptr<float>();
+  bool* rep = is_replay.data_ptr<bool>();
+  for (int64_t r = 0; r < n_fresh; ++r) {
+    idx[r] = -1;
+    w_out[r] = 1.0f;
+    rep[r] = false;
+  }
+  for (int64_t r = n_fresh; r < rows; ++r) rep[r] = true;
+  if (n_replay == 0) return {indices, isw, is_replay};
+
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  const uint64_t uoff = static_cast<uint64_t>(offset);
+
+  // Block sums and smallest positive weights: maintained (mode 1) or computed here.
+  const int64_t nb = (size + kBlock - 1) / kBlock;
+  std::vector<double> bsum(nb), bmin(nb);
+  if (mode == replay::kWeights) {
+    TORCH_CHECK_VALUE(block_stats->scalar_type() == at::kDouble && block_stats->is_contiguous() &&
+                          block_stats->dim() == 2 && block_stats->size(0) == 2 &&
+                          block_stats->size(1) == (capacity + kBlock - 1) / kBlock,
+                      "trainops.replay_sample: 'block_stats' must be contiguous float64 [2, ceil(capacity / 64)]");
+    const double* bs = block_stats->const_data_ptr<double>();
+    const int64_t stride = block_stats->size(1);
+    std::copy(bs, bs + nb, bsum.begin());
+    std::copy(bs + stride, bs + stride + nb, bmin.begin());
+  } else if (mode != replay::kUniform) {
+    replay::dispatch_mode(mode, [&](auto m) {
+      at::parallel_for(0, nb, 256, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) replay::block_stat<decltype(m)::value>(src, b, size, &bsum[b], &bmin[b]);
+      });
+    });
+  }
+  std::vector<double> prefix(nb);
+  double total = 0.0, wmin = std::numeric_limits<double>::infinity();
+  for (int64_t b = 0; b < nb; ++b) {
+    prefix[b] = total;
+    total += bsum[b];
+    wmin = std::min(wmin, bmin[b]);
+  }
+  // All weights zero (or a non-finite total): fall back to uniform over the stored items.
+  const bool uniform = mode == replay::kUniform || !(total > 0.0) || !std::isfinite(total);
+  if (uniform) src.mode = replay::kUniform;
+
+  std::vector<double> wsel(n_replay, 1.0);
+  if (replacement) {
+    replay::dispatch_mode(src.mode, [&](auto m) {
+      constexpr int64_t M = decltype(m)::value;
+      at::parallel_for(0, n_replay, 256, [&](int64_t j0, int64_t j1) {
+        if constexpr (M == replay::kUniform) {
+          for (int64_t j = j0; j < j1; ++j) {
+            const double u = philox::uniform01(philox::draw(useed, uoff, j, philox::kSample));
+            const double t = replay::stratified_target(j, n_replay, u, static_cast<double>(size));
+            idx[n_fresh + j] = std::min<int64_t>(static_cast<int64_t>(t), size - 1);
+          }
+        } else {
+          // Pass 1: targets and their blocks (targets grow with j, so each search gallops from
+          // the previous block over the cache-resident prefix array). Pass 2: the leaf scans,
+          // with the leaves of a block a few draws ahead prefetched, as they are scattered in memory.
+          std::vector<double> ts(j1 - j0);
+          std::vector<int64_t> bs(j1 - j0);
+          int64_t hint = 0;
+          for (int64_t j = j0; j < j1; ++j) {
+            const double u = philox::uniform01(philox::draw(useed, uoff, j, philox::kSample));
+            ts[j - j0] = replay::stratified_target(j, n_replay, u, total);
+            hint = replay::find_block(prefix.data(), nb, ts[j - j0], hint);
+            bs[j - j0] = hint;
+          }
+          constexpr int64_t kAhead = 8;
+          for (int64_t j = j0; j < j1; ++j) {
+            if (M == replay::kWeights && j + kAhead < j1) {
+              __builtin_prefetch(src.weights + bs[j + kAhead - j0] * kBlock);
+              __builtin_prefetch(src.weights + bs[j + kAhead - j0] * kBlock + 16);
+            }
+            const int64_t slot = replay::scan_block<M>(src, prefix.data(), bsum.data(), bs[j - j0], size, ts[j - j0]);
+            idx[n_fresh + j] = slot;
+            wsel[j] = replay::weight_at<M>(src, slot);
+          }
+        }
+      });
+    });
+  } else {
+    std::vector<double> keys(size);
+    at::parallel_for(0, size, 4096, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const double u = philox::uniform_open01(philox::draw(useed, uoff, i, philox::kGumbel));
+        keys[i] = replay::gumbel_key(replay::slot_weight(src, i), u);
+      }
+    });
+    std::vector<int64_t> order(size);
+    for (int64_t i = 0; i < size; ++i) order[i] = i;
+    auto by_key = [&](int64_t a, int64_t b) { return keys[a] > keys[b] || (keys[a] == keys[b] && a < b); };
+    std::nth_element(order.begin(), order.begin() + (n_replay - 1), order.end(), by_key);
+    std::sort(order.begin(), order.begin() + n_replay, by_key);
+    for (int64_t j = 0; j < n_replay; ++j) {
+      idx[n_fresh + j] = order[j];
+      wsel[j] = replay::slot_weight(src, order[j]);
+    }
+  }
+
+  if (uniform || beta == 0.0) {
+    for (int64_t j = 0; j < n_replay; ++j) w_out[n_fresh + j] = 1.0f;
+  } else {
+    double ref = wmin;
+    if (batch_max) {
+      ref = std::numeric_limits<double>::infinity();
+      for (int64_t j = 0; j < n_replay; ++j) {
+        if (wsel[j] > 0.0) ref = std::min(ref, wsel[j]);
+      }
+    }
+    for (int64_t j = 0; j < n_replay; ++j) {
+      w_out[n_fresh + j] = replay::importance_weight(wsel[j], ref, total, static_cast<double>(size), beta);
+    }
+  }
+  gather_rows(fields, len_ptr, idx, n_fresh, n_replay);
+  return {indices, isw, is_replay};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(trainops, CPU, m) { m.impl("replay_sample", &replay_sample_cpu); }
+
+}  // namespace trainops

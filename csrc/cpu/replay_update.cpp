@@ -1,0 +1,207 @@
+// CPU kernels of trainops::replay_insert (batched FIFO / reservoir insertion) and
+// trainops::replay_update_priorities (generation-checked, duplicate-safe priority scatter with
+// refresh of the touched blocks' sums and minima). Rules: csrc/common/replay_common.h and
+// trainops.reference.replay.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "../common/replay_common.h"
+
+namespace trainops {
+namespace {
+
+using replay::kBlock;
+
+constexpr int64_t kFifo = 0;
+constexpr int64_t kReservoir = 1;
+
+void check_state(const at::Tensor& t, at::ScalarType dtype, int64_t capacity, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "trainops: '", name, "' must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.is_contiguous() && t.numel() == capacity, "trainops: '", name,
+                    "' must be contiguous with capacity (", capacity, ") elements");
+}
+
+// Slot of every batch item (-1: not stored). FIFO: item i of the batch is the stream's item
+// cursor + i and goes to slot (cursor + i) mod capacity; when the batch is larger than the
+// buffer only its last `capacity` items are written (the last writer wins, deterministically).
+// Reservoir: free slots are filled in order; then the i-th largest remaining batch key replaces
+// the i-th smallest stored key while it is larger (this keeps the top-capacity keys of the union;
+// an item that filled a slot earlier in the same batch can be displaced again, and is then -1).
+std::vector<int64_t> assign_slots(int64_t mode, int64_t n, int64_t capacity, int64_t size, int64_t cursor,
+                                  uint64_t seed, double* keys, std::vector<double>& batch_keys) {
+  std::vector<int64_t> slots(n, -1);
+  if (mode == kFifo) {
+    for (int64_t i = std::max<int64_t>(0, n - capacity); i < n; ++i) slots[i] = (cursor + i) % capacity;
+    return slots;
+  }
+  batch_keys.resize(n);
+  for (int64_t i = 0; i < n; ++i) batch_keys[i] = replay::reservoir_key(seed, cursor + i);
+  const int64_t nfill = std::min(n, capacity - size);
+  for (int64_t i = 0; i < nfill; ++i) {
+    slots[i] = size + i;
+    keys[size + i] = batch_keys[i];
+  }
+  const int64_t rest = n - nfill;
+  if (rest <= 0) return slots;
+  const int64_t m = std::min(rest, capacity);
+  std::vector<int64_t> items(rest);
+  for (int64_t i = 0; i < rest; ++i) items[i] = nfill + i;
+  auto desc = [&](int64_t a, int64_t b) {
+    return batch_keys[a] > batch_keys[b] || (batch_keys[a] == batch_keys[b] && a < b);
+  };
+  std::sort(items.begin(), items.end(), desc);
+  std::vector<int64_t> stored(capacity);
+  for (int64_t s = 0; s < capacity; ++s) stored[s] = s;
+  auto asc = [&](int64_t a, int64_t b) { return keys[a] < keys[b] || (keys[a] == keys[b] && a < b); };
+  std::nth_element(stored.begin(), stored.begin() + (m - 1), stored.end(), asc);
+  std::sort(stored.begin(), stored.begin() + m, asc);
+  for (int64_t k = 0; k < m; ++k) {
+    if (!(batch_keys[items[k]] > keys[stored[k]])) break;
+    slots[items[k]] = stored[k];
+    // A slot filled earlier in this batch lost its item again: that item is not stored.
+    if (stored[k] >= size) slots[stored[k] - size] = -1;
+  }
+  return slots;
+}
+
+at::Tensor replay_insert_cpu(at::TensorList storage, at::TensorList batch, at::Tensor generations, at::Tensor stamps,
+                             at::Tensor keys, int64_t mode, int64_t size, int64_t cursor, int64_t step, int64_t seed) {
+  TORCH_CHECK_VALUE(!storage.empty() && storage.size() == batch.size(),
+                    "trainops.replay_insert: 'storage' and 'batch' must list the same, non-empty set of fields");
+  TORCH_CHECK_VALUE(mode == kFifo || mode == kReservoir, "trainops.replay_insert: unknown mode ", mode);
+  const int64_t capacity = storage[0].size(0);
+  const int64_t n = batch[0].size(0);
+  TORCH_CHECK_VALUE(size >= 0 && size <= capacity && cursor >= size, "trainops.replay_insert: bad size/cursor");
+  for (size_t f = 0; f < storage.size(); ++f) {
+    TORCH_CHECK_VALUE(storage[f].is_contiguous() && storage[f].size(0) == capacity && batch[f].is_contiguous() &&
+                          batch[f].size(0) == n && batch[f].dim() == storage[f].dim(),
+                      "trainops.replay_insert: field ", f, " must be contiguous [capacity, ...] / [n, ...]");
+    TORCH_CHECK_TYPE(batch[f].scalar_type() == storage[f].scalar_type(), "trainops.replay_insert: field ", f,
+                     " has dtype ", batch[f].scalar_type(), " but the buffer stores ", storage[f].scalar_type());
+    for (int64_t d = 1; d < storage[f].dim(); ++d) {
+      TORCH_CHECK_VALUE(batch[f].size(d) == storage[f].size(d), "trainops.replay_insert: field ", f,
+                        " row shape differs from the buffer's");
+    }
+  }
+  check_state(generations, at::kLong, capacity, "generations");
+  check_state(stamps, at::kLong, capacity, "stamps");
+  check_state(keys, at::kDouble, capacity, "keys");
+  int64_t* gen = generations.data_ptr<int64_t>();
+  int64_t* stamp = stamps.data_ptr<int64_t>();
+  double* key = keys.data_ptr<double>();
+  std::vector<double> batch_keys;
+  const std::vector<int64_t> slots =
+      assign_slots(mode, n, capacity, size, cursor, static_cast<uint64_t>(seed), key, batch_keys);
+
+  std::vector<int64_t> rows_bytes(storage.size());
+  for (size_t f = 0; f < storage.size(); ++f) {
+    rows_bytes[f] = (capacity > 0 ? storage[f].numel() / capacity : 0) * storage[f].element_size();
+  }
+  at::parallel_for(0, n, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t s = slots[i];
+      if (s < 0) continue;
+      for (size_t f = 0; f < storage.size(); ++f) {
+        std::memcpy(static_cast<uint8_t*>(storage[f].data_ptr()) + s * rows_bytes[f],
+                    static_cast<const uint8_t*>(batch[f].const_data_ptr()) + i * rows_bytes[f], rows_bytes[f]);
+      }
+      gen[s] = cursor + i;
+      stamp[s] = step;
+      if (mode == kReservoir) key[s] = batch_keys[i];
+    }
+  });
+  at::Tensor out = at::empty({n}, generations.options());
+  std::copy(slots.begin(), slots.end(), out.data_ptr<int64_t>());
+  return out;
+}
+
+// Entry j is valid when 0 <= indices[j] < size and (no expectation or the slot's generation
+// still equals expected_generations[j]: an overwritten slot ignores the stale update). Among
+// valid entries naming the same slot the last one wins. Returns which entries were applied.
+at::Tensor replay_update_priorities_cpu(at::Tensor priorities, at::Tensor weights, at::Tensor block_stats,
+                                        at::Tensor winner, const at::Tensor& generations, const at::Tensor& indices,
+                                        const at::Tensor& values, const std::optional<at::Tensor>& expected,
+                                        double alpha, double eps, int64_t size) {
+  const int64_t capacity = priorities.numel();
+  check_state(priorities, at::kFloat, capacity, "priorities");
+  check_state(weights, at::kFloat, capacity, "weights");
+  check_state(winner, at::kInt, capacity, "winner");
+  check_state(generations, at::kLong, capacity, "generations");
+  const int64_t nbc = (capacity + kBlock - 1) / kBlock;
+  TORCH_CHECK_VALUE(block_stats.scalar_type() == at::kDouble && block_stats.is_contiguous() &&
+                        block_stats.dim() == 2 && block_stats.size(0) == 2 && block_stats.size(1) == nbc,
+                    "trainops.replay_update_priorities: 'block_stats' must be contiguous float64 [2, ", nbc, "]");
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong && values.scalar_type() == at::kFloat,
+                   "trainops.replay_update_priorities: 'indices' must be int64 and 'values' float32");
+  TORCH_CHECK_VALUE(indices.dim() == 1 && values.dim() == 1 && indices.numel() == values.numel() &&
+                        indices.is_contiguous() && values.is_contiguous(),
+                    "trainops.replay_update_priorities: 'indices' and 'values' must be contiguous 1-D of one length");
+  const int64_t n = indices.numel();
+  const int64_t* exp = nullptr;
+  if (expected.has_value()) {
+    TORCH_CHECK_VALUE(expected->scalar_type() == at::kLong && expected->is_contiguous() && expected->numel() == n,
+                      "trainops.replay_update_priorities: 'expected_generations' must be int64 like 'indices'");
+    exp = expected->const_data_ptr<int64_t>();
+  }
+  const int64_t* idx = indices.const_data_ptr<int64_t>();
+  const float* val = values.const_data_ptr<float>();
+  const int64_t* gen = generations.const_data_ptr<int64_t>();
+  float* prio = priorities.data_ptr<float>();
+  float* w = weights.data_ptr<float>();
+  int32_t* win = winner.data_ptr<int32_t>();
+  at::Tensor applied = at::empty({n}, indices.options().dtype(at::kBool));
+  bool* app = applied.data_ptr<bool>();
+
+  // Checked before anything is written, so a bad call leaves the buffer unchanged. (Indices
+  // outside [0, size) are not errors here: like stale entries they are ignored.)
+  for (int64_t j = 0; j < n; ++j) {
+    TORCH_CHECK_VALUE(val[j] >= 0.0f && val[j] <= std::numeric_limits<float>::max(),
+                      "trainops.replay_update_priorities: priorities must be finite and >= 0, got ", val[j],
+                      " at position ", j, val[j] != val[j] ? " (NaN)" : "");
+  }
+  auto valid = [&](int64_t j) {
+    const int64_t s = idx[j];
+    return s >= 0 && s < size && (exp == nullptr || gen[s] == exp[j]);
+  };
+  for (int64_t j = 0; j < n; ++j) {
+    if (valid(j)) win[idx[j]] = static_cast<int32_t>(j);
+  }
+  std::vector<int64_t> blocks;
+  for (int64_t j = 0; j < n; ++j) {
+    app[j] = valid(j) && win[idx[j]] == j;
+    if (app[j]) {
+      prio[idx[j]] = val[j];
+      w[idx[j]] = replay::priority_weight(val[j], alpha, eps);
+      blocks.push_back(idx[j] / kBlock);
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    if (app[j]) win[idx[j]] = -1;
+  }
+  std::sort(blocks.begin(), blocks.end());
+  blocks.erase(std::unique(blocks.begin(), blocks.end()), blocks.end());
+  double* bs = block_stats.data_ptr<double>();
+  const replay::WeightSource src{replay::kWeights, w, nullptr, nullptr, 0, 0};
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 64, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t b = blocks[k];
+      replay::block_stat<replay::kWeights>(src, b, capacity, &bs[b], &bs[nbc + b]);
+    }
+  });
+  return applied;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(trainops, CPU, m) {
+  m.impl("replay_insert", &replay_insert_cpu);
+  m.impl("replay_update_priorities", &replay_update_priorities_cpu);
+}
+
+}  // namespace trainops
