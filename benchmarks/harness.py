@@ -58,7 +58,9 @@ def measure(fn, device: str = "cpu", min_run_time: float = 0.5) -> Timing:
     from torch.utils.benchmark import Timer
 
     fn()  # warm-up (allocations, first-call dispatch)
-    m = Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    # Timer runs with one thread unless told otherwise; measure with the threads torch uses.
+    m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_run_time)
     return _quantiles(m.times)  # seconds per call, one entry per measured block
 
 

@@ -5,7 +5,7 @@ PyTorch specs), ``distributed`` (quantized all-reduce, DDP hook, DiLoCo), ``nn``
 ``replay``, ``integrations``, ``runtime``.
 """
 from trainops import _extension, formats, ops, reference  # noqa: F401
-from trainops import distributed, nn  # noqa: F401  (public subpackages, importable as attributes)
+from trainops import distributed, nn, replay  # noqa: F401  (public subpackages, importable as attributes)
 
 __version__ = "0.1.0"
 
