@@ -13,6 +13,7 @@
 #include <cfloat>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../common/quant_format.h"
@@ -57,54 +58,77 @@ std::vector<float> decode_table(Format f) {
   return table;
 }
 
+template <Format F, bool Stochastic>
+inline uint8_t encode_at(const float* values, int64_t i, int64_t start, float scale, uint32_t key) {
+  const float u = Stochastic ? quant::uniform01(start + i, key) : 0.0f;
+  return static_cast<uint8_t>(quant::encode<F, Stochastic>(values[i], scale, u));
+}
+
 template <Format F, bool Stochastic, typename scalar_t>
 void quantize_kernel(const scalar_t* x, float* error, int64_t n, int64_t block_size, uint32_t key,
                      uint8_t* data, float* scales) {
   constexpr bool kFour = (F == Format::INT4 || F == Format::FP4_E3M0 || F == Format::FP4_E2M1);
+  // fp32 input without error feedback is encoded straight from x; otherwise the block's
+  // fp32 values (x converted, plus the residual) are staged in a small buffer.
+  constexpr bool kDirect = std::is_same_v<scalar_t, float>;
   const float max_code = quant::max_code_of(F);
   const std::vector<float> table = decode_table(F);
   at::parallel_for(0, num_blocks(n, block_size), grain_for(block_size), [&](int64_t b0, int64_t b1) {
-    std::vector<float> values(block_size);
-    std::vector<uint8_t> codes(block_size + 1);
+    std::vector<float> staged(block_size + 1);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * block_size;
       const int64_t len = std::min(block_size, n - start);
+      const bool direct = kDirect && error == nullptr;
+      const float* values = direct ? reinterpret_cast<const float*>(x) + start : staged.data();
       // absmax over the bit patterns of |v|: for non-negative floats integer order is float
       // order, and NaN/Inf patterns sort above every finite one, so one integer max
       // reduction (which vectorizes, unlike a NaN-aware float max) gives both.
       uint32_t absmax_bits = 0;
-      for (int64_t i = 0; i < len; ++i) {
-        float v = static_cast<float>(x[start + i]);
-        if (error != nullptr) v += error[start + i];
-        values[i] = v;
-        const uint32_t a = quant::float_bits(v) & 0x7FFFFFFFu;
-        absmax_bits = a > absmax_bits ? a : absmax_bits;
+      if (direct) {
+        for (int64_t i = 0; i < len; ++i) {
+          const uint32_t a = quant::float_bits(values[i]) & 0x7FFFFFFFu;
+          absmax_bits = a > absmax_bits ? a : absmax_bits;
+        }
+      } else {
+        for (int64_t i = 0; i < len; ++i) {
+          float v = static_cast<float>(x[start + i]);
+          if (error != nullptr) v += error[start + i];
+          staged[i] = v;
+          const uint32_t a = quant::float_bits(v) & 0x7FFFFFFFu;
+          absmax_bits = a > absmax_bits ? a : absmax_bits;
+        }
       }
       const bool finite = absmax_bits < 0x7F800000u;
       float scale = quant::bits_float(absmax_bits) / max_code;
-      if (!finite) {
-        // The whole block decodes to NaN; its error-feedback residual is left as it was
-        // so one bad step does not poison the buffer forever.
-        scale = std::numeric_limits<float>::quiet_NaN();
-        std::fill(codes.begin(), codes.begin() + len, 0);
-      } else if (scale == 0.0f) {
-        std::fill(codes.begin(), codes.begin() + len, 0);
-      } else {
-        for (int64_t i = 0; i < len; ++i) {
-          const float u = Stochastic ? quant::uniform01(start + i, key) : 0.0f;
-          codes[i] = static_cast<uint8_t>(quant::encode<F, Stochastic>(values[i], scale, u));
+      uint8_t* out = kFour ? data + start / 2 : data + start;
+      const int64_t out_len = kFour ? (len + 1) / 2 : len;
+      if (!finite || scale == 0.0f) {
+        // A non-finite block decodes to NaN (NaN scale, zero codes); its error-feedback
+        // residual is left as it was so one bad step does not poison the buffer forever.
+        if (!finite) scale = std::numeric_limits<float>::quiet_NaN();
+        std::fill(out, out + out_len, 0);
+        scales[b] = scale;
+        if (error != nullptr && finite) {
+          for (int64_t i = 0; i < len; ++i) error[start + i] = values[i];
         }
+        continue;
       }
       scales[b] = scale;
-      if (error != nullptr && finite) {
-        for (int64_t i = 0; i < len; ++i) error[start + i] = values[i] - table[codes[i]] * scale;
-      }
       if (kFour) {
-        codes[len] = 0;
-        uint8_t* out = data + start / 2;
-        for (int64_t j = 0; j < (len + 1) / 2; ++j) out[j] = codes[2 * j] | (codes[2 * j + 1] << 4);
+        const int64_t full_pairs = len / 2;
+        for (int64_t j = 0; j < full_pairs; ++j) {
+          out[j] = static_cast<uint8_t>(encode_at<F, Stochastic>(values, 2 * j, start, scale, key) |
+                                        (encode_at<F, Stochastic>(values, 2 * j + 1, start, scale, key) << 4));
+        }
+        if (len % 2) out[full_pairs] = encode_at<F, Stochastic>(values, len - 1, start, scale, key);
       } else {
-        std::copy(codes.begin(), codes.begin() + len, data + start);
+        for (int64_t i = 0; i < len; ++i) out[i] = encode_at<F, Stochastic>(values, i, start, scale, key);
+      }
+      if (error != nullptr) {
+        for (int64_t i = 0; i < len; ++i) {
+          const uint32_t code = kFour ? (out[i >> 1] >> ((i & 1) * 4)) & 0xF : out[i];
+          error[start + i] = values[i] - table[code] * scale;
+        }
       }
     }
   });
