@@ -85,9 +85,9 @@ def _check_args(tensor, op, group, fmt, block_size, error_feedback, min_numel, n
         raise ValueError("this rank is not a member of group")
 
 
-def _raise_non_finite(nbad: int) -> None:
+def _raise_non_finite(nbad: int, unit: str = "element") -> None:
     raise ValueError(
-        f"quantized_all_reduce: the reduced result holds NaN/Inf ({nbad} element(s)): some rank's input "
+        f"quantized_all_reduce: the reduced result holds NaN/Inf ({nbad} {unit}(s)): some rank's input "
         "(or error feedback) is not finite; pass nan_policy='propagate' to let NaN pass through"
     )
 
@@ -112,13 +112,24 @@ def _full_precision(tensor, op, group, error_feedback, nan_policy, stats):
 
 def _pack(q: QuantizedTensor, rows: int, code_bytes: int, nscales: int) -> torch.Tensor:
     """[rows, code_bytes + 4 * nscales] uint8: row r = codes then scales of chunk r (zero padded)."""
-    buf = torch.zeros(rows, code_bytes + 4 * nscales, dtype=torch.uint8, device=q.data.device)
-    codes = torch.zeros(rows * code_bytes, dtype=torch.uint8, device=q.data.device)
-    codes[: q.data.numel()] = q.data
-    scales = torch.zeros(rows * nscales, dtype=torch.float32, device=q.data.device)
-    scales[: q.scales.numel()] = q.scales
-    buf[:, :code_bytes] = codes.view(rows, code_bytes)
-    buf[:, code_bytes:] = scales.view(rows, nscales).view(torch.uint8)
+    buf = torch.empty(rows, code_bytes + 4 * nscales, dtype=torch.uint8, device=q.data.device)
+    codes = buf[:, :code_bytes]
+    scales = buf[:, code_bytes:]
+    # Only the padding past the real codes/scales is zeroed (allocation and zero-fill of
+    # whole buffers dominated large messages on CPU).
+    full_rows, tail = divmod(q.data.numel(), code_bytes)
+    codes[:full_rows] = q.data[: full_rows * code_bytes].view(full_rows, code_bytes)
+    if full_rows < rows:
+        codes[full_rows, :tail] = q.data[full_rows * code_bytes:]
+        codes[full_rows, tail:] = 0
+        codes[full_rows + 1:] = 0
+    scale_bytes = q.scales.view(torch.uint8)
+    full_rows, tail = divmod(scale_bytes.numel(), 4 * nscales)
+    scales[:full_rows] = scale_bytes[: full_rows * 4 * nscales].view(full_rows, 4 * nscales)
+    if full_rows < rows:
+        scales[full_rows, :tail] = scale_bytes[full_rows * 4 * nscales:]
+        scales[full_rows, tail:] = 0
+        scales[full_rows + 1:] = 0
     return buf
 
 
@@ -160,13 +171,24 @@ def _two_shot(tensor, op, group, fmt, block_size, error_feedback, stochastic, se
     _all_gather_single(gathered, mine.view(-1), group=group)
 
     data, scales = _unpack(gathered.view(world, -1), code_bytes)
-    full = QuantizedTensor(data.view(-1), scales.view(-1), fmt, block_size, torch.Size([world * chunk]),
-                           tensor.dtype)
-    out = dequantize(full)[:n]
+    # Chunks are whole blocks, so the first n elements of the concatenated chunks are
+    # encoded by a prefix of the codes and of the scales: decode exactly n elements.
+    nblocks = -(-n // block_size)
+    full = QuantizedTensor(data.view(-1)[: packed_bytes(fmt, n)], scales.view(-1)[:nblocks], fmt, block_size,
+                           tensor.shape, tensor.dtype)
     stats.record(2 * (world - 1) * mine.numel(), n, quantized=True)
-    if nan_policy == "raise" and not torch.isfinite(out).all():
-        _raise_non_finite(int((~torch.isfinite(out)).sum()))
-    tensor.copy_(out.view(tensor.shape))
+    # A decoded value is non-finite exactly when its block's scale is (codes are bounded
+    # and |code · scale| <= absmax), so checking the scales checks the whole result.
+    bad_blocks = ~torch.isfinite(full.scales)
+    if nan_policy == "raise" and bad_blocks.any():
+        _raise_non_finite(int(bad_blocks.sum()), unit="block")
+    if tensor.dtype == torch.float32 and tensor.is_contiguous():
+        # Decode straight into the caller's buffer (0 + v == v bit for bit): a fresh
+        # output the size of the message costs page faults and an extra copy.
+        tensor.zero_()
+        dequantize_accumulate(tensor.view(-1), full.data[None], full.scales[None], fmt, block_size)
+    else:
+        tensor.copy_(dequantize(full))
 
 
 def quantized_all_reduce(
