@@ -39,7 +39,7 @@ class TrainConfig:
     tasks: str = _f("arith,reverse,sort,grammar",
                     "comma-separated embedded domains learned in sequence (arith, reverse, sort, grammar) "
                     "or text files / globs, one domain per file: lines 'prompt<TAB>answer'")
-    seq_len: int = _f(16, "tokens per sequence (byte-level; prompt + answer + padding)")
+    seq_len: int = _f(12, "tokens per sequence (byte-level; prompt + answer + padding)")
     batch_size: int = _f(32, "sequences per micro-batch per worker")
     eval_size: int = _f(256, "held-out sequences per domain for accuracy and routing statistics")
     # --- model -------------------------------------------------------------------------
@@ -52,12 +52,12 @@ class TrainConfig:
     lbl_coeff: float = _f(0.02, "load-balancing loss weight (0 disables it)")
     lbl_scope: str = _f("global", "LBL scope: micro_batch | sequence | global (global-batch balance)")
     # --- pre-training ------------------------------------------------------------------
-    pretrain_steps: int = _f(120, "optimizer steps on the mixture of all task domains before the task sequence")
+    pretrain_steps: int = _f(300, "optimizer steps on the mixture of all task domains before the task sequence")
     grad_accum: int = _f(4, "micro-batches per optimizer step; each micro-batch holds one domain")
     lr: float = _f(3e-3, "pre-training AdamW learning rate")
     # --- continual tasks ---------------------------------------------------------------
-    task_steps: int = _f(120, "optimizer steps per task")
-    task_lr: float = _f(3e-3, "AdamW learning rate while learning tasks")
+    task_steps: int = _f(200, "optimizer steps per task")
+    task_lr: float = _f(5e-3, "AdamW learning rate while learning tasks")
     adapter: str = _f("mora", "mora (add_task per task) | lora (one LoRA adapter for all tasks) | none (full fine-tune)")
     adapter_rank: int = _f(4, "ranks added per task (mora) or lora rank per task x tasks (lora)")
     adapter_targets: str = _f("q|k|v|o|head", "regex over module leaf names that get adapters")
