@@ -1,0 +1,241 @@
+"""Configuration of ``trainops train``: one flat dataclass, every field documented.
+
+The ``--help`` text, the YAML keys and the ``--key value`` command-line overrides are all
+generated from :class:`TrainConfig`'s fields (``metadata["help"]``), so they cannot drift
+apart. :func:`load_config` merges defaults < YAML file < command line and validates.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+__all__ = ["TrainConfig", "ConfigError", "load_config", "config_from_dict", "DOMAIN_NAMES", "RESUME_KEYS"]
+
+DOMAIN_NAMES = ("arith", "reverse", "sort", "grammar")
+LBL_SCOPES = ("micro_batch", "sequence", "global")
+REPLAY_MODES = ("off", "power_law", "reservoir")
+ADAPTERS = ("mora", "lora", "none")
+
+
+class ConfigError(ValueError):
+    """A bad configuration: unknown key, invalid value, or a checkpoint from another config."""
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # --- run ---------------------------------------------------------------------------
+    out_dir: str = _f("runs/default", "output directory (metrics.jsonl, config.yaml, report.md, plots/, checkpoint/)")
+    seed: int = _f(0, "seed of model init, data and replay sampling")
+    workers: int = _f(2, "worker processes spawned on this machine (ignored under torchrun)")
+    device: str = _f("auto", "auto | cpu | cuda (auto: cuda with NCCL when available)")
+    threads: int = _f(1, "torch threads per worker")
+    timeout_s: float = _f(120.0, "seconds a collective waits before a dead worker is reported")
+    progress: bool = _f(True, "show a tqdm bar per phase on rank 0")
+    # --- data --------------------------------------------------------------------------
+    tasks: str = _f("arith,reverse,sort,grammar",
+                    "comma-separated embedded domains learned in sequence (arith, reverse, sort, grammar) "
+                    "or text files / globs, one domain per file: lines 'prompt<TAB>answer'")
+    seq_len: int = _f(12, "tokens per sequence (byte-level; prompt + answer + padding)")
+    batch_size: int = _f(32, "sequences per micro-batch per worker")
+    eval_size: int = _f(256, "held-out sequences per domain for accuracy and routing statistics")
+    # --- model -------------------------------------------------------------------------
+    d_model: int = _f(64, "transformer width")
+    n_layers: int = _f(2, "transformer blocks (attention + MoE)")
+    n_heads: int = _f(4, "attention heads")
+    num_experts: int = _f(4, "experts per MoE layer")
+    top_k: int = _f(2, "experts per token")
+    ffn_size: int = _f(96, "hidden size of each expert MLP")
+    lbl_coeff: float = _f(0.02, "load-balancing loss weight (0 disables it)")
+    lbl_scope: str = _f("global", "LBL scope: micro_batch | sequence | global (global-batch balance)")
+    # --- pre-training ------------------------------------------------------------------
+    pretrain_steps: int = _f(300, "optimizer steps on the mixture of all task domains before the task sequence")
+    grad_accum: int = _f(4, "micro-batches per optimizer step; each micro-batch holds one domain")
+    lr: float = _f(3e-3, "pre-training AdamW learning rate")
+    # --- continual tasks ---------------------------------------------------------------
+    task_steps: int = _f(200, "optimizer steps per task")
+    task_lr: float = _f(5e-3, "AdamW learning rate while learning tasks")
+    adapter: str = _f("mora", "mora (add_task per task) | lora (one LoRA adapter for all tasks) | none (full fine-tune)")
+    adapter_rank: int = _f(4, "ranks added per task (mora) or lora rank per task x tasks (lora)")
+    adapter_targets: str = _f("q|k|v|o|head", "regex over module leaf names that get adapters")
+    mora_top_k: int = _f(4, "MoRA ranks kept per token")
+    mora_temperature: float = _f(0.1, "MoRA gate softmax temperature")
+    replay: str = _f("power_law", "rehearsal: off | power_law (power-law recency per task) | reservoir")
+    replay_ratio: float = _f(0.25, "fraction of each task batch drawn from the replay buffer")
+    replay_capacity: int = _f(2048, "replay buffer rows per worker")
+    # --- distributed -------------------------------------------------------------------
+    exchange: str = _f("fp4_e3m0", "DiLoCo pseudo-gradient format: fp32 or a trainops.formats name (fp4_e3m0, ...)")
+    sync_every: int = _f(10, "DiLoCo H: inner steps between syncs of a fragment")
+    fragments: int = _f(1, "Streaming DiLoCo fragments")
+    outer_lr: float = _f(0.7, "DiLoCo outer SGD learning rate")
+    outer_momentum: float = _f(0.9, "DiLoCo outer Nesterov momentum")
+    error_feedback: bool = _f(True, "carry each fragment's quantization residual to the next sync")
+    block_size: int = _f(64, "quantization block size")
+    min_numel: int = _f(256, "fragments smaller than this are exchanged in fp32")
+    # --- checkpoints -------------------------------------------------------------------
+    checkpoint_every: int = _f(50, "save a checkpoint every N optimizer steps (0: only at the end / on signal)")
+    resume: bool = _f(False, "continue from out_dir/checkpoint (the config must match the saved one)")
+    stop_after: int = _f(0, "testing aid: checkpoint and stop after this many steps in total (0: off)")
+
+    def validate(self) -> "TrainConfig":
+        def need(cond, key, what):
+            if not cond:
+                raise ConfigError(f"{key}={getattr(self, key)!r}: {what}")
+        for key in ("workers", "threads", "seq_len", "batch_size", "eval_size", "d_model", "n_layers", "n_heads",
+                    "num_experts", "top_k", "ffn_size", "grad_accum", "task_steps", "adapter_rank", "mora_top_k",
+                    "replay_capacity", "sync_every", "fragments", "block_size"):
+            need(getattr(self, key) >= 1, key, "must be >= 1")
+        for key in ("pretrain_steps", "checkpoint_every", "stop_after", "min_numel", "lbl_coeff"):
+            need(getattr(self, key) >= 0, key, "must be >= 0")
+        for key in ("lr", "task_lr", "outer_lr", "mora_temperature", "timeout_s"):
+            need(getattr(self, key) > 0, key, "must be > 0")
+        need(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
+        need(self.d_model % self.n_heads == 0, "d_model", f"must be divisible by n_heads={self.n_heads}")
+        need(self.top_k <= self.num_experts, "top_k", f"must be <= num_experts={self.num_experts}")
+        need(self.lbl_scope in LBL_SCOPES, "lbl_scope", f"must be one of {', '.join(LBL_SCOPES)}")
+        need(self.replay in REPLAY_MODES, "replay", f"must be one of {', '.join(REPLAY_MODES)}")
+        need(self.adapter in ADAPTERS, "adapter", f"must be one of {', '.join(ADAPTERS)}")
+        need(0.0 <= self.replay_ratio < 1.0, "replay_ratio", "must be in [0, 1)")
+        need(0.0 <= self.outer_momentum < 1.0, "outer_momentum", "must be in [0, 1)")
+        need(self.sync_every % self.fragments == 0, "sync_every", f"must be divisible by fragments={self.fragments}")
+        need(self.task_steps % self.sync_every == 0 and self.pretrain_steps % self.sync_every == 0, "sync_every",
+             f"must divide pretrain_steps={self.pretrain_steps} and task_steps={self.task_steps} "
+             "(every phase ends on a sync)")
+        if self.exchange != "fp32":
+            from trainops.formats import check_block_size, get_format
+            try:
+                get_format(self.exchange)
+                check_block_size(self.block_size)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"exchange={self.exchange!r} / block_size={self.block_size}: {e}") from None
+        names = self.task_list()
+        need(len(names) >= 1, "tasks", "must name at least one domain")
+        need(len(set(names)) == len(names), "tasks", "names a domain twice")
+        for n in names:
+            if n not in DOMAIN_NAMES and not any(c in n for c in "/.*"):
+                raise ConfigError(f"tasks: unknown domain {n!r}; embedded domains are {', '.join(DOMAIN_NAMES)} "
+                                  "(or give a text file path / glob)")
+        return self
+
+    def task_list(self) -> list[str]:
+        return [t.strip() for t in self.tasks.split(",") if t.strip()]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Keys that may differ between a checkpoint and the run that resumes it.
+RESUME_KEYS = ("resume", "progress", "timeout_s", "stop_after", "checkpoint_every", "out_dir")
+
+
+def _coerce(f: dataclasses.Field, value, source: str):
+    typ = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "bool": bool}[f.type]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{source}: {f.name} must be {typ.__name__}, got {value!r}")
+
+
+def config_from_dict(values: dict, source: str = "config") -> TrainConfig:
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    kwargs = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            close = [n for n in fields if n.startswith(name[:4])]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"{source}: unknown key {key!r}{hint}; see `trainops train --help`")
+        kwargs[name] = _coerce(fields[name], value, source)
+    return TrainConfig(**kwargs).validate()
+
+
+def help_text() -> str:
+    lines = []
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        typ = f.type if isinstance(f.type, str) else f.type.__name__
+        lines.append(f"  {flag} {typ.upper():5s} {f.metadata['help']} (default: {f.default!r})")
+    return "\n".join(lines)
+
+
+def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:
+    """``[--config FILE] [--key value | --flag | --no-flag ...]`` -> (config path, overrides)."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    path, out, i = None, {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; options are --key value (see --help)")
+        key, eq, val = arg[2:].partition("=")
+        name = key.replace("-", "_")
+        if name == "config":
+            if not eq:
+                i += 1
+                if i >= len(argv):
+                    raise ConfigError("--config needs a file path")
+                val = argv[i]
+            path = val
+        elif not eq and name.startswith("no_") and name[3:] in fields and fields[name[3:]].type in (bool, "bool"):
+            out[name[3:]] = False
+        elif not eq and name in fields and fields[name].type in (bool, "bool") and (
+                i + 1 >= len(argv) or argv[i + 1].startswith("--")):
+            out[name] = True
+        else:
+            if name not in fields:
+                raise ConfigError(f"unknown option --{key}; see `trainops train --help`")
+            if not eq:
+                i += 1
+                if i >= len(argv):
+                    raise ConfigError(f"--{key} needs a value")
+                val = argv[i]
+            out[name] = val
+        i += 1
+    return path, out
+
+
+def load_config(argv: list[str]) -> TrainConfig:
+    """Defaults < ``--config`` YAML file < ``--key value`` overrides; validated."""
+    path, overrides = parse_overrides(argv)
+    values: dict = {}
+    if path is not None:
+        import yaml
+        try:
+            with open(path) as fh:
+                loaded = yaml.safe_load(fh) or {}
+        except OSError as e:
+            raise ConfigError(f"--config {path}: {e.strerror}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config {path}: must be a mapping of key: value")
+        values.update(loaded)
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        for k in loaded:
+            if str(k).replace("-", "_") not in fields:
+                raise ConfigError(f"{path}: unknown key {k!r}; see `trainops train --help`")
+    values.update(overrides)
+    return config_from_dict(values, source=path or "command line")

@@ -1,0 +1,298 @@
+"""The continual-learning loop one worker runs (``run_worker(rank, world, cfg_dict)``).
+
+Phases: ``pretrain`` (mixture of every domain, each micro-batch one domain, ``grad_accum``
+micro-batches per step) then one phase per task (its domain only, plus rehearsal rows
+from the :class:`~trainops.replay.ReplayBuffer` when ``replay`` is on). The workers
+are synchronized by Streaming DiLoCo in the ``exchange`` format; a new
+:class:`~trainops.distributed.DiLoCo` starts each phase because the trainable parameters
+change (adapters added). After each phase rank 0 evaluates the accuracy on every
+domain (the accuracy matrix) and after pre-training and at the end the expert-by-domain
+routing counts (specialization).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from trainops.distributed import DiLoCo
+from trainops.distributed.stats import CommStats, ring_all_reduce_bytes
+from trainops.nn import domain_expert_counts, reset_load_balancing, specialization_score
+from trainops.replay import ReplayBuffer
+from trainops.runtime.checkpoint import check_resume_config, load_checkpoint, save_checkpoint
+from trainops.runtime.config import ConfigError, TrainConfig, config_from_dict
+from trainops.runtime.domains import VOCAB, generator, make_domains
+from trainops.runtime.model import MoETransformer, apply_adapter, lbl_disabled, next_task_adapter
+
+__all__ = ["run_worker"]
+
+_STOP = {"flag": False}
+
+
+def _on_signal(signum, frame):
+    _STOP["flag"] = True
+
+
+def _phases(cfg: TrainConfig, domains) -> list[tuple[str, int, int | None]]:
+    """(name, steps, task index or None for pre-training)."""
+    out = [("pretrain", cfg.pretrain_steps, None)] if cfg.pretrain_steps > 0 else []
+    out += [(f"task{t}:{d.name}", cfg.task_steps, t) for t, d in enumerate(domains)]
+    return out
+
+
+def _setup_phase(model, cfg, task, n_tasks):
+    """Change the model's structure for entering ``task`` (deterministic: replayed on resume)."""
+    if task == 0:
+        apply_adapter(model, cfg, n_tasks)
+    elif task is not None and task > 0:
+        next_task_adapter(model, cfg)
+
+
+def _loss(model, tokens, mask):
+    logits, aux = model(tokens)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.roll(-1, 1).reshape(-1), reduction="none")
+    m = mask.reshape(-1).to(ce.dtype)
+    return (ce * m).sum() / m.sum().clamp_min(1), aux
+
+
+@torch.no_grad()
+def evaluate(model, eval_sets, num_experts):
+    """Per-domain exact-match accuracy of the answer (teacher-forced argmax), and the
+    [layer][domain, expert] routing counts over the non-pad tokens."""
+    was = model.training
+    model.eval()
+    accs, idx_by_layer, doms, valid = [], [[] for _ in model.moe_layers()], [], []
+    with lbl_disabled(model):
+        for d, (tokens, mask) in enumerate(eval_sets):
+            logits, _ = model(tokens)
+            pred = logits.argmax(-1)
+            target = tokens.roll(-1, 1)
+            ok = ((pred == target) | (mask == 0)).all(1)
+            accs.append(float(ok.float().mean()))
+            for i, layer in enumerate(model.moe_layers()):
+                idx_by_layer[i].append(layer.last_indices.cpu())
+            doms.append(torch.full((tokens.numel(),), d, dtype=torch.int64))
+            valid.append((tokens != 0).reshape(-1).cpu())
+    model.train(was)
+    D = len(eval_sets)
+    dom, keep = torch.cat(doms), torch.cat(valid)
+    counts, scores = [], []
+    for per in idx_by_layer:
+        ind = torch.cat(per)
+        counts.append(domain_expert_counts(ind, dom, num_experts, D, mask=keep).tolist())
+        scores.append(specialization_score(ind, dom, num_experts, D, mask=keep))
+    return accs, counts, sum(scores) / len(scores)
+
+
+def _device(cfg):
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _replay_buffer(cfg, rank, n_tasks, device):
+    if cfg.replay == "off":
+        return None
+    spec = {"tokens": ((cfg.seq_len,), torch.int64), "mask": ((cfg.seq_len,), torch.int64),
+            "task": ((), torch.int64)}
+    kw = dict(sampler="power_law", eviction="fifo") if cfg.replay == "power_law" else \
+        dict(sampler="uniform", eviction="reservoir")
+    return ReplayBuffer(cfg.replay_capacity, spec, device=device, seed=cfg.seed * 1009 + rank,
+                        max_tasks=max(n_tasks, 1), **kw)
+
+
+class _Metrics:
+    def __init__(self, path, enabled, resume_step):
+        self.path, self.enabled = path, enabled
+        if enabled and resume_step is not None and os.path.exists(path):
+            with open(path) as fh:  # drop what was logged after the checkpoint
+                rows = [(ln, json.loads(ln)) for ln in fh]
+            # an eval row at the checkpoint's step is logged again when the phase ends
+            keep = [ln for ln, r in rows if r["global_step"] < resume_step
+                    or (r["global_step"] == resume_step and "event" not in r)]
+            with open(path, "w") as fh:
+                fh.writelines(keep)
+        elif enabled and resume_step is None:
+            open(path, "w").close()
+
+    def log(self, **row):
+        if self.enabled:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+
+def run_worker(rank: int, world: int, cfg_dict: dict) -> dict:
+    cfg = config_from_dict(cfg_dict)
+    torch.set_num_threads(cfg.threads)
+    device = _device(cfg)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    out = cfg.out_dir
+    ckpt_root = os.path.join(out, "checkpoint")
+    if rank == 0:
+        os.makedirs(ckpt_root, exist_ok=True)
+
+    domains = make_domains(cfg.task_list(), cfg.seq_len)
+    n_tasks = len(domains)
+    phases = _phases(cfg, domains)
+    eval_sets = [tuple(t.to(device) for t in d.sample(generator(cfg.seed, 7777, i), cfg.eval_size))
+                 for i, d in enumerate(domains)]
+
+    saved = None
+    if cfg.resume:
+        saved = load_checkpoint(ckpt_root, rank, world)
+        check_resume_config(saved["config"], cfg.to_dict())
+    start_phase, start_step = (saved["phase"], saved["step"]) if saved else (0, 0)
+
+    torch.manual_seed(cfg.seed)
+    model = MoETransformer(cfg, VOCAB).to(device)
+    if saved:
+        if start_phase >= len(phases):
+            raise ConfigError(f"--resume: the run in {out} is already complete; use a new --out-dir")
+        for p in range(start_phase + 1):  # rebuild the adapters the checkpointed model has
+            _setup_phase(model, cfg, phases[p][2], n_tasks)
+    buffer = _replay_buffer(cfg, rank, n_tasks, device)
+    stats = CommStats()
+    state = {"acc_matrix": [], "acc_rows": [], "spec": {}, "routing": {}, "bytes_fp32": 0,
+             "global_step": 0, "phase_seconds": {}}
+    if saved:
+        model.load_state_dict(saved["model"])
+        if buffer is not None:
+            buffer.load_state_dict(saved["replay"])
+        state = saved["state"]
+        for k, v in saved["comm"].items():
+            if hasattr(stats, k) and k != "calls":
+                setattr(stats, k, v)
+    metrics = _Metrics(os.path.join(out, "metrics.jsonl"), rank == 0, state["global_step"] if saved else None)
+
+    def barrier():
+        dist.barrier()
+
+    def checkpoint(phase_idx, step, opt, diloco, final=False):
+        torch_state = {
+            "config": cfg.to_dict(), "world_size": world, "phase": phase_idx, "step": step,
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "diloco": diloco.state_dict(),
+            "replay": None if buffer is None else buffer.state_dict(), "rng": torch.get_rng_state(),
+            "state": state, "comm": stats.as_dict()}
+        save_checkpoint(ckpt_root, state["global_step"], rank, torch_state, barrier, final)
+
+    interrupted = False
+    for phase_idx in range(start_phase, len(phases)):
+        name, steps, task = phases[phase_idx]
+        resuming_here = saved is not None and phase_idx == start_phase
+        if not resuming_here:
+            _setup_phase(model, cfg, task, n_tasks)
+        params = [p for p in model.parameters() if p.requires_grad]
+        kinds: dict = {}
+        for mod in model.modules():
+            if type(mod).__name__ in ("MoRALinear", "LoRALinear"):
+                kinds[type(mod).__name__] = kinds.get(type(mod).__name__, 0) + 1
+        state.setdefault("phase_info", {})[name] = {
+            "trainable_params": sum(p.numel() for p in params), "adapter_modules": kinds,
+            "mora_ranks": [m.num_ranks for m in model.modules() if type(m).__name__ == "MoRALinear"][:1]}
+        opt = torch.optim.AdamW(params, lr=cfg.lr if task is None else cfg.task_lr, weight_decay=0.0)
+        diloco = DiLoCo(model, opt, sync_every=cfg.sync_every, num_fragments=cfg.fragments,
+                        outer_lr=cfg.outer_lr, outer_momentum=cfg.outer_momentum,
+                        fmt=None if cfg.exchange == "fp32" else cfg.exchange, block_size=cfg.block_size,
+                        error_feedback=cfg.error_feedback, min_numel=cfg.min_numel, stats=stats)
+        first = 1
+        if resuming_here:
+            opt.load_state_dict(saved["optimizer"])
+            diloco.load_state_dict(saved["diloco"])
+            torch.set_rng_state(saved["rng"])
+            first = start_step + 1
+        bar = None
+        if rank == 0 and cfg.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=steps, initial=first - 1, desc=name, dynamic_ncols=True, leave=True)
+        t0, tokens_done = time.perf_counter(), 0
+        for step in range(first, steps + 1):
+            state["global_step"] += 1
+            gs = state["global_step"]
+            replay_rows = 0
+            if task is None:  # pre-training: one domain per micro-batch, rotating over ranks
+                lbl_sum, ce_sum = 0.0, 0.0
+                for m in range(cfg.grad_accum):
+                    d = (step * cfg.grad_accum + m + rank) % n_tasks
+                    tokens, mask = domains[d].sample(generator(cfg.seed, rank, phase_idx, step, m), cfg.batch_size)
+                    ce, aux = _loss(model, tokens.to(device), mask.to(device))
+                    ((ce + aux) / cfg.grad_accum).backward()
+                    ce_sum, lbl_sum = ce_sum + ce.item(), lbl_sum + aux.item()
+                    tokens_done += tokens.numel()
+                ce_val, lbl_val = ce_sum / cfg.grad_accum, lbl_sum / cfg.grad_accum
+            else:
+                tokens, mask = domains[task].sample(generator(cfg.seed, rank, phase_idx, step), cfg.batch_size)
+                tokens, mask = tokens.to(device), mask.to(device)
+                if buffer is not None and len(buffer) > 0 and cfg.replay_ratio > 0:
+                    fresh = {"tokens": tokens, "mask": mask,
+                             "task": torch.full((tokens.shape[0],), task, dtype=torch.int64, device=device)}
+                    rb = buffer.sample(cfg.batch_size, fresh=fresh, replay_ratio=cfg.replay_ratio)
+                    tokens, mask = rb.batch["tokens"], rb.batch["mask"]
+                    replay_rows = int(rb.is_replay.sum())
+                ce, aux = _loss(model, tokens, mask)
+                (ce + aux).backward()
+                ce_val, lbl_val = ce.item(), aux.item()
+                tokens_done += tokens.numel()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            reset_load_balancing(model)
+            before = stats.elements
+            diloco.step()
+            if stats.elements > before:  # what the same sync would have cost in fp32 (ring all-reduce)
+                state["bytes_fp32"] += ring_all_reduce_bytes(4 * (stats.elements - before), world)
+            elapsed = time.perf_counter() - t0
+            tps = tokens_done * world / max(elapsed, 1e-9)
+            row = {"global_step": gs, "phase": name, "step": step, "loss": ce_val, "lbl": lbl_val,
+                   "lbl_scope": model.moe_layers()[0].router.lbl.scope if model.moe_layers()[0].router.lbl
+                   else None, "replay_rows": replay_rows, "tokens_per_s": tps, "bytes_sent": stats.bytes_sent,
+                   "bytes_fp32_equiv": state["bytes_fp32"], "exchange": cfg.exchange}
+            metrics.log(**row)
+            if bar is not None:
+                bar.set_postfix(loss=f"{ce_val:.3f}", lbl=f"{lbl_val:.4f}", tok_s=f"{tps:,.0f}",
+                                sent=f"{stats.bytes_sent / 1e6:.2f}MB", refresh=False)
+                bar.update(1)
+            # Every worker must stop at the same step: agree on the stop flag.
+            flag = torch.tensor([1 if _STOP["flag"] or (cfg.stop_after and gs == cfg.stop_after) else 0],
+                                device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+            if stop or (cfg.checkpoint_every and gs % cfg.checkpoint_every == 0):
+                checkpoint(phase_idx, step, opt, diloco)
+            if stop:
+                interrupted = True
+                break
+        if bar is not None:
+            bar.close()
+        if interrupted:
+            break
+        diloco.flush()
+        state["phase_seconds"][name] = state["phase_seconds"].get(name, 0.0) + time.perf_counter() - t0
+        if task is not None and buffer is not None:  # rehearsal rows of the finished task
+            n = max(1, cfg.replay_capacity // n_tasks)
+            tokens, mask = domains[task].sample(generator(cfg.seed, rank, 5555, task), n)
+            buffer.add({"tokens": tokens.to(device), "mask": mask.to(device),
+                        "task": torch.full((n,), task, dtype=torch.int64, device=device)})
+        if rank == 0:
+            accs, counts, spec = evaluate(model, eval_sets, cfg.num_experts)
+            state["acc_rows"].append(name)
+            state["acc_matrix"].append(accs)
+            state["spec"][name] = spec
+            state["routing"][name] = counts
+            metrics.log(global_step=state["global_step"], phase=name, event="eval", accuracy=accs,
+                        specialization=spec)
+            if bar is not None:
+                print(f"[{name}] accuracy " + " ".join(f"{d.name}={a:.3f}" for d, a in zip(domains, accs))
+                      + f" specialization={spec:.3f}", flush=True)
+    if not interrupted:  # the final checkpoint: phase index past the end marks a complete run
+        checkpoint(len(phases), 0, opt, diloco, final=True)
+    summary = {"interrupted": interrupted, "state": state, "domains": [d.name for d in domains],
+               "bytes_sent": stats.bytes_sent, "comm": stats.as_dict()}
+    if rank == 0 and not interrupted:
+        from trainops.runtime.report import write_report
+        write_report(cfg, world, summary)
+    return summary

@@ -1,0 +1,135 @@
+"""Final report of a run: ``report.md`` (settings, accuracy matrix, forgetting, specialization,
+bytes exchanged) and PNG plots under ``plots/`` (matplotlib, Agg backend)."""
+from __future__ import annotations
+
+import json
+import os
+
+__all__ = ["write_report", "forgetting"]
+
+
+def forgetting(matrix: list[list[float]], rows: list[str]) -> tuple[float, list[float]]:
+    """Average forgetting over the tasks before the last one: for task j,
+    max over the rows after task j was learned of acc[i][j], minus the final acc[-1][j]."""
+    task_rows = [i for i, r in enumerate(rows) if r.startswith("task")]
+    per = []
+    for j in range(len(task_rows) - 1):
+        after = [matrix[i][j] for i in task_rows[j:]]
+        per.append(max(after) - matrix[task_rows[-1]][j])
+    return (sum(per) / len(per) if per else 0.0), per
+
+
+def _plots(out: str, cfg, summary: dict) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pdir = os.path.join(out, "plots")
+    os.makedirs(pdir, exist_ok=True)
+    rows = [json.loads(ln) for ln in open(os.path.join(out, "metrics.jsonl"))]
+    steps = [r for r in rows if "event" not in r]
+    state, domains = summary["state"], summary["domains"]
+    files = []
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    gs = [r["global_step"] for r in steps]
+    ax[0].plot(gs, [r["loss"] for r in steps], lw=0.8)
+    ax[0].set(title="answer cross-entropy (rank 0)", xlabel="step", yscale="log")
+    ax[1].plot(gs, [r["lbl"] for r in steps], lw=0.8, color="C1")
+    ax[1].set(title=f"load-balancing loss ({cfg.lbl_scope})", xlabel="step")
+    bounds = {}
+    for r in steps:
+        bounds.setdefault(r["phase"], r["global_step"])
+    for a in ax:
+        for name, s in bounds.items():
+            a.axvline(s, color="grey", lw=0.5, ls=":")
+    fig.tight_layout()
+    files.append(os.path.join(pdir, "loss.png"))
+    fig.savefig(files[-1], dpi=100)
+    plt.close(fig)
+
+    m = state["acc_matrix"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(domains) + 2.5, 0.5 * len(m) + 1.8))
+    im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
+    for i, row in enumerate(m):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=8)
+    ax.set(xticks=range(len(domains)), xticklabels=domains, yticks=range(len(m)),
+           yticklabels=[f"after {r}" for r in state["acc_rows"]], title="accuracy on each task")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    files.append(os.path.join(pdir, "accuracy_matrix.png"))
+    fig.savefig(files[-1], dpi=100)
+    plt.close(fig)
+
+    routing = state["routing"]
+    key = "pretrain" if "pretrain" in routing else state["acc_rows"][-1]
+    layers = routing[key]
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers) + 1, 0.4 * len(domains) + 2), squeeze=False)
+    for li, counts in enumerate(layers):
+        freq = [[c / max(1e-9, sum(r)) for c in r] for r in counts]
+        a = axes[0][li]
+        a.imshow(freq, vmin=0, cmap="magma")
+        a.set(title=f"layer {li} routing ({key})", xlabel="expert", yticks=range(len(domains)), yticklabels=domains)
+    fig.tight_layout()
+    files.append(os.path.join(pdir, "expert_by_domain.png"))
+    fig.savefig(files[-1], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(gs, [r["bytes_fp32_equiv"] / 1e6 for r in steps], label="fp32 (same syncs)")
+    ax.plot(gs, [r["bytes_sent"] / 1e6 for r in steps], label=f"sent ({cfg.exchange})")
+    ax.set(xlabel="step", ylabel="MB sent per worker", title="DiLoCo bytes exchanged")
+    ax.legend()
+    fig.tight_layout()
+    files.append(os.path.join(pdir, "bytes_exchanged.png"))
+    fig.savefig(files[-1], dpi=100)
+    plt.close(fig)
+    return files
+
+
+def write_report(cfg, world: int, summary: dict) -> str:
+    out = cfg.out_dir
+    state, domains = summary["state"], summary["domains"]
+    rows, m = state["acc_rows"], state["acc_matrix"]
+    avg_forget, per_forget = forgetting(m, rows)
+    final_avg = sum(m[-1]) / len(m[-1]) if m else 0.0
+    sent, fp32 = summary["bytes_sent"], state["bytes_fp32"]
+    files = _plots(out, cfg, summary)
+    spec = state["spec"]
+    lines = [
+        "# trainops train report", "",
+        "## Settings", "",
+        f"workers {world}, exchange **{cfg.exchange}**, LBL scope **{cfg.lbl_scope}** (coeff {cfg.lbl_coeff}), "
+        f"replay **{cfg.replay}** (ratio {cfg.replay_ratio}), adapter **{cfg.adapter}** (rank {cfg.adapter_rank}), "
+        f"DiLoCo H={cfg.sync_every} fragments={cfg.fragments}, seed {cfg.seed}.", "",
+        f"Model: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.num_experts} experts top-{cfg.top_k}; "
+        f"pre-training {cfg.pretrain_steps} steps x {cfg.grad_accum} micro-batches, {cfg.task_steps} steps per task, "
+        f"batch {cfg.batch_size} x {cfg.seq_len} tokens per worker.", "",
+        "## Accuracy matrix", "",
+        "Exact-match answer accuracy on every task (columns) after each phase (rows).", "",
+        "| after | " + " | ".join(domains) + " |",
+        "|---|" + "---|" * len(domains),
+    ]
+    for r, row in zip(rows, m):
+        lines.append(f"| {r} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+    lines += [
+        "", f"Final average accuracy: **{final_avg:.3f}**. Average forgetting: **{avg_forget:.3f}** "
+        f"(per task: {', '.join(f'{v:.3f}' for v in per_forget) or 'n/a'}).", "",
+        "## Expert specialization", "",
+        "Normalized mutual information between domain and routed expert on held-out data "
+        "(trainops.nn.specialization_score, mean over MoE layers):", "",
+    ]
+    lines += [f"- after {k}: {v:.4f}" for k, v in spec.items()]
+    ratio = fp32 / sent if sent else float("nan")
+    lines += [
+        "", "## Bytes exchanged (per worker)", "",
+        f"{sent:,} bytes sent in {cfg.exchange}; the same syncs in fp32 would send {fp32:,} bytes "
+        f"({ratio:.2f}x).", "",
+        "## Plots", "",
+    ]
+    lines += [f"![{os.path.basename(f)}](plots/{os.path.basename(f)})" for f in files]
+    text = "\n".join(lines) + "\n"
+    from trainops.runtime.checkpoint import atomic_write_text
+    atomic_write_text(os.path.join(out, "report.md"), text)
+    return text

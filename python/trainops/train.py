@@ -1,0 +1,7 @@
+"""``python -m trainops.train [--config file.yaml] [--key value ...]``: same as ``trainops train``."""
+import sys
+
+from trainops.runtime.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
