@@ -9,4 +9,4 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 "$PY" -m pip install -q setuptools wheel ninja
 # --no-build-isolation: build against the torch installed above, not a fresh download.
-"$PY" -m pip install -q --no-build-isolation -e ".[test]"
+"$PY" -m pip install -q --no-build-isolation -e ".[test,runtime]"
