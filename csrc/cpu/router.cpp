@@ -21,7 +21,12 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #if defined(__GNUC__) && !defined(__clang__)
 // The float compares in the row loops may then be if-converted, so the loops vectorize.
@@ -87,6 +92,19 @@ ROUTER_INLINE float dot_row(const float* a, const float* b, int64_t n) {
 }
 
 ROUTER_INLINE float max_row(const float* v, int64_t n) {
+#if defined(__AVX2__)
+  // The same 8 lanes with vmaxps (max(a, b) = a > b ? a : b, as fmax2); GCC leaves the
+  // scalar loop below unvectorized.
+  if (n >= 8) {
+    __m256 a = _mm256_loadu_ps(v);
+    int64_t e = 8;
+    for (; e + 8 <= n; e += 8) a = _mm256_max_ps(a, _mm256_loadu_ps(v + e));
+    alignas(32) float acc[8];
+    _mm256_store_ps(acc, a);
+    for (int j = 0; e < n; ++e, ++j) acc[j] = fmax2(acc[j], v[e]);
+    return fmax2(fmax2(fmax2(acc[0], acc[1]), fmax2(acc[2], acc[3])), fmax2(fmax2(acc[4], acc[5]), fmax2(acc[6], acc[7])));
+  }
+#endif
   const float lo = -std::numeric_limits<float>::infinity();
   float acc[8] = {lo, lo, lo, lo, lo, lo, lo, lo};
   int64_t e = 0;
@@ -152,6 +170,41 @@ void backward_row(const float* x, int64_t E, int64_t k, bool softmax, bool renor
   } else {
     for (int64_t e = 0; e < E; ++e) dx[e] = ds[e] * s[e] * (1.0f - s[e]);
   }
+}
+
+// backward_row for softmax scores in fewer passes over the row: the softmax Jacobian
+// dx = s * (ds - <s, ds>) with ds = dL/dprob_sum + the gate-weight gradient, whose k
+// nonzero entries are added after the dense pass (<s, ds> is split the same way).
+// dx may alias nothing; s: scratch of E floats.
+ROUTER_CLONES
+void backward_row_softmax(const float* x, int64_t E, int64_t k, bool renormalize, bool valid, bool with_z,
+                          const float* gp, const float* gw, const int64_t* idx, float gz, float* s, float* dx) {
+  const float m = max_row(x, E);
+  for (int64_t e = 0; e < E; ++e) s[e] = exp_approx(x[e] - m);
+  const float sum = sum_row(s, E);
+  const float inv = 1.0f / sum;
+  for (int64_t e = 0; e < E; ++e) s[e] = s[e] * inv;
+  // Gate weights: dL/ds at the chosen experts.
+  float gsel[64];
+  float g = 0.0f;
+  for (int64_t j = 0; j < k; ++j) g += s[idx[j]];
+  if (renormalize) {
+    float gd = 0.0f;
+    for (int64_t j = 0; j < k; ++j) gd += gw[j] * (s[idx[j]] / g);
+    for (int64_t j = 0; j < k; ++j) gsel[j] = (gw[j] - gd) / g;
+  } else {
+    for (int64_t j = 0; j < k; ++j) gsel[j] = gw[j];
+  }
+  float dsel = 0.0f;
+  for (int64_t j = 0; j < k; ++j) dsel += s[idx[j]] * gsel[j];
+  if (valid) {
+    const float dot = dot_row(s, gp, E) + dsel;
+    const float zc = with_z ? 2.0f * gz * (m + std::log(sum)) : 0.0f;
+    for (int64_t e = 0; e < E; ++e) dx[e] = s[e] * (gp[e] - dot) + zc * s[e];
+  } else {
+    for (int64_t e = 0; e < E; ++e) dx[e] = s[e] * -dsel;
+  }
+  for (int64_t j = 0; j < k; ++j) dx[idx[j]] += s[idx[j]] * gsel[j];
 }
 
 // Indices of the k largest of v, descending; equal values keep ascending index order.
@@ -236,6 +289,112 @@ void topk_row(const float* v, int64_t E, int64_t k, float* tv, int64_t* ti, int6
   }
 }
 
+#if defined(__AVX2__)
+// Left-pack table: for each 8-bit mask, the positions of its set bits, in order.
+struct PackTable {
+  alignas(64) uint8_t idx[256][8];
+  PackTable() {
+    for (int m = 0; m < 256; ++m) {
+      int n = 0;
+      for (int j = 0; j < 8; ++j)
+        if (m & (1 << j)) idx[m][n++] = static_cast<uint8_t>(j);
+      for (; n < 8; ++n) idx[m][n] = 0;
+    }
+  }
+};
+const PackTable kPack;
+
+// topk_row for k <= 8 with AVX2; the same indices as topk_row. The bound is the k-th
+// largest of 16 lane maxima (16 distinct elements, so at most the k-th largest of the
+// row): about k + 4 candidates v >= bound for random rows instead of about 2k with 8
+// lanes. Candidates are left-packed 8 at a time (compare, movemask, table permute), and
+// each candidate's rank (greater ones, plus equal ones at a lower index) is counted 8
+// candidates per compare; ranks are distinct, so slot = rank needs no branch.
+// Falls back to topk_row for k > 8, short rows, NaN lane maxima, or many ties.
+void topk_row_avx2(const float* v, int64_t E, int64_t k, float* tv, int64_t* ti, int64_t* cand, float* cval) {
+  if (k > 8 || E < 16) return topk_row(v, E, k, tv, ti, cand, cval);
+  __m256 m0 = _mm256_loadu_ps(v), m1 = _mm256_loadu_ps(v + 8);
+  int64_t e = 16;
+  for (; e + 16 <= E; e += 16) {  // max(lm, v) = lm > v ? lm : v, as fmax2
+    m0 = _mm256_max_ps(m0, _mm256_loadu_ps(v + e));
+    m1 = _mm256_max_ps(m1, _mm256_loadu_ps(v + e + 8));
+  }
+  alignas(32) float l[16];
+  _mm256_store_ps(l, m0);
+  _mm256_store_ps(l + 8, m1);
+  for (int j = 0; e < E; ++e, ++j) l[j] = fmax2(l[j], v[e]);
+  m0 = _mm256_load_ps(l);
+  m1 = _mm256_load_ps(l + 8);
+  if (_mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(m0, m0, _CMP_UNORD_Q), _mm256_cmp_ps(m1, m1, _CMP_UNORD_Q))))
+    return topk_row(v, E, k, tv, ti, cand, cval);
+  // bound = the lane maximum of rank k-1 (ranks: greater ones, plus equal ones in a lower lane).
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i lane8 = _mm256_add_epi32(lane, _mm256_set1_epi32(8));
+  float bound = -std::numeric_limits<float>::infinity();
+  for (int i = 0; i < 16; ++i) {
+    const __m256 x = _mm256_set1_ps(l[i]);
+    const __m256i vi = _mm256_set1_epi32(i);
+    const __m256 b0 = _mm256_or_ps(_mm256_cmp_ps(m0, x, _CMP_GT_OQ),
+                                   _mm256_and_ps(_mm256_cmp_ps(m0, x, _CMP_EQ_OQ), _mm256_castsi256_ps(_mm256_cmpgt_epi32(vi, lane))));
+    const __m256 b1 = _mm256_or_ps(_mm256_cmp_ps(m1, x, _CMP_GT_OQ),
+                                   _mm256_and_ps(_mm256_cmp_ps(m1, x, _CMP_EQ_OQ), _mm256_castsi256_ps(_mm256_cmpgt_epi32(vi, lane8))));
+    const int r = __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(b0) | (_mm256_movemask_ps(b1) << 8)));
+    bound = r == k - 1 ? l[i] : bound;
+  }
+  // Left-pack the candidates (ascending index); cval and cand hold E + 8 entries.
+  int32_t* ci = reinterpret_cast<int32_t*>(cand);
+  const __m256 vb = _mm256_set1_ps(bound);
+  int64_t n = 0;
+  for (e = 0; e + 8 <= E; e += 8) {
+    const __m256 x = _mm256_loadu_ps(v + e);
+    const int m = _mm256_movemask_ps(_mm256_cmp_ps(x, vb, _CMP_GE_OQ));
+    const __m256i perm = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kPack.idx[m])));
+    _mm256_storeu_ps(cval + n, _mm256_permutevar8x32_ps(x, perm));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(ci + n),
+                        _mm256_add_epi32(perm, _mm256_set1_epi32(static_cast<int32_t>(e))));
+    n += __builtin_popcount(static_cast<unsigned>(m));
+  }
+  for (; e < E; ++e) {
+    cval[n] = v[e];
+    ci[n] = static_cast<int32_t>(e);
+    n += v[e] >= bound ? 1 : 0;
+  }
+  if (n < k || n > 64) return topk_row(v, E, k, tv, ti, cand, cval);  // many ties
+  // Rank of candidate c: candidates greater than it, plus equal ones before it (lower index).
+  alignas(32) float ov[64];
+  alignas(32) int64_t oi[64];
+  const __m256i vn = _mm256_set1_epi32(static_cast<int32_t>(n));
+  for (int64_t c = 0; c < n; ++c) {
+    const float xc = cval[c];
+    const __m256 vx = _mm256_set1_ps(xc);
+    const __m256i vc = _mm256_set1_epi32(static_cast<int32_t>(c));
+    int r = 0;
+    for (int64_t d = 0; d < n; d += 8) {
+      const __m256 y = _mm256_loadu_ps(cval + d);
+      const __m256i di = _mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int32_t>(d)));
+      const __m256 gt = _mm256_and_ps(_mm256_cmp_ps(y, vx, _CMP_GT_OQ), _mm256_castsi256_ps(_mm256_cmpgt_epi32(vn, di)));
+      const __m256 eq = _mm256_and_ps(_mm256_cmp_ps(y, vx, _CMP_EQ_OQ), _mm256_castsi256_ps(_mm256_cmpgt_epi32(vc, di)));
+      r += __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(_mm256_or_ps(gt, eq))));
+    }
+    ov[r] = xc;
+    oi[r] = ci[c];
+  }
+  // Store the first k slots with masked stores (no variable-length copy).
+  const __m256i kk = _mm256_set1_epi32(static_cast<int32_t>(k));
+  const __m256i mk32 = _mm256_cmpgt_epi32(kk, lane);
+  _mm256_maskstore_ps(tv, mk32, _mm256_load_ps(ov));
+  const __m256i kk64 = _mm256_set1_epi64x(k);
+  const __m256i mlo = _mm256_cmpgt_epi64(kk64, _mm256_setr_epi64x(0, 1, 2, 3));
+  const __m256i mhi = _mm256_cmpgt_epi64(kk64, _mm256_setr_epi64x(4, 5, 6, 7));
+  _mm256_maskstore_epi64(reinterpret_cast<long long*>(ti), mlo, _mm256_load_si256(reinterpret_cast<const __m256i*>(oi)));
+  _mm256_maskstore_epi64(reinterpret_cast<long long*>(ti + 4), mhi,
+                         _mm256_load_si256(reinterpret_cast<const __m256i*>(oi + 4)));
+}
+#define ROUTER_TOPK topk_row_avx2
+#else
+#define ROUTER_TOPK topk_row
+#endif
+
 template <typename scalar_t>
 void load_row(const scalar_t* src, int64_t E, float* dst) {
   for (int64_t e = 0; e < E; ++e) dst[e] = static_cast<float>(src[e]);
@@ -286,16 +445,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
     const scalar_t* X = logits.const_data_ptr<scalar_t>();
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       std::vector<float> x(E), s(E), tmp(E), sel(E), tv(k);
-      std::vector<int64_t> cand(E);
-      std::vector<float> cval(E);
+      std::vector<int64_t> cand(E + 8);
+      std::vector<float> cval(E + 8);
       for (int64_t c = c0; c < c1; ++c) {
         float* acc = part_p.data() + c * E;
         int64_t* cnt = part_c.data() + c * E;
         float z = 0.0f;
         for (int64_t t = c * kChunk; t < std::min(T, (c + 1) * kChunk); ++t) {
           const bool valid = mk == nullptr || mk[t];
-          load_row(X + t * E, E, x.data());
-          const float lse = scores_row(x.data(), E, softmax, with_z && valid, s.data(), tmp.data());
+          const float* xr = x.data();
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            xr = reinterpret_cast<const float*>(X + t * E);  // fp32 rows are read in place
+          } else {
+            load_row(X + t * E, E, x.data());
+          }
+          const float lse = scores_row(xr, E, softmax, with_z && valid, s.data(), tmp.data());
           const float* pick = s.data();
           if (b != nullptr) {
             for (int64_t e = 0; e < E; ++e) sel[e] = s[e] + b[e];
@@ -303,7 +467,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
           }
           int64_t* idx = i_out + t * k;
           float* w = w_out + t * k;
-          topk_row(pick, E, k, tv.data(), idx, cand.data(), cval.data());
+          ROUTER_TOPK(pick, E, k, tv.data(), idx, cand.data(), cval.data());
           float g = 0.0f;
           for (int64_t j = 0; j < k; ++j) {
             w[j] = s[idx[j]];
@@ -376,6 +540,22 @@ at::Tensor router_topk_backward_cpu(const at::Tensor& grad_weights_in, const at:
       std::vector<float> x(E), s(E), p(E), ds(E), dx(E);
       for (int64_t t = t0; t < t1; ++t) {
         const bool valid = mk == nullptr || mk[t];
+        if (softmax && k <= 64) {  // fp32 rows are read and written in place, no staging copy
+          const float* xr = x.data();
+          float* dr = dx.data();
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            xr = reinterpret_cast<const float*>(X + t * E);
+            dr = reinterpret_cast<float*>(G + t * E);
+          } else {
+            load_row(X + t * E, E, x.data());
+          }
+          backward_row_softmax(xr, E, k, renormalize, valid, with_z, GP, GW + t * k, IDX + t * k, gz, s.data(), dr);
+          if constexpr (!std::is_same_v<scalar_t, float>) {
+            scalar_t* out = G + t * E;
+            for (int64_t e = 0; e < E; ++e) out[e] = static_cast<scalar_t>(dx[e]);
+          }
+          continue;
+        }
         load_row(X + t * E, E, x.data());
         backward_row(x.data(), E, k, softmax, renormalize, valid, with_z, GP, GW + t * k, IDX + t * k, gz, s.data(),
                      p.data(), ds.data(), dx.data());
