@@ -28,20 +28,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from trainops._validation import check_int
 from trainops.distributed.all_reduce import DEFAULT_MIN_NUMEL, quantized_all_reduce
 from trainops.distributed.fragments import strided_fragments
 from trainops.distributed.stats import CommStats
 from trainops.formats import check_block_size, get_format
 
 __all__ = ["DiLoCo"]
-
-
-def _check_int(name, value, lo, hi=None):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < lo or (hi is not None and value > hi):
-        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(f"{name} must be {bound}, got {value}")
 
 
 def _check_float(name, value, lo, hi, hi_open=False, lo_open=False):
@@ -98,11 +91,11 @@ class DiLoCo:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(inner_optimizer, torch.optim.Optimizer):
             raise TypeError(f"inner_optimizer must be a torch.optim.Optimizer, got {type(inner_optimizer).__name__}")
-        _check_int("sync_every", sync_every, 1)
-        _check_int("num_fragments", num_fragments, 1)
+        check_int("sync_every", sync_every, 1)
+        check_int("num_fragments", num_fragments, 1)
         if sync_every % num_fragments:
             raise ValueError(f"sync_every ({sync_every}) must be divisible by num_fragments ({num_fragments})")
-        _check_int("overlap_steps", overlap_steps, 0, sync_every - 1)
+        check_int("overlap_steps", overlap_steps, 0, sync_every - 1)
         _check_float("outer_lr", outer_lr, 0.0, float("inf"), lo_open=True, hi_open=True)
         _check_float("outer_momentum", outer_momentum, 0.0, 1.0, hi_open=True)
         _check_float("fragment_alpha", fragment_alpha, 0.0, 1.0)
@@ -111,7 +104,7 @@ class DiLoCo:
         if fmt is not None:
             get_format(fmt)
             check_block_size(block_size)
-        _check_int("min_numel", min_numel, 0)
+        check_int("min_numel", min_numel, 0)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("model has no trainable parameters")

@@ -27,6 +27,7 @@ import math
 import torch
 
 from trainops._triton import HAS_TRITON
+from trainops._validation import resolve_seed
 from trainops.reference.mora import dropout_mask
 
 __all__ = ["mora", "mora_routing", "num_selected"]
@@ -225,17 +226,6 @@ def _check_number(v, name, *, positive=False, unit=False):
     return v
 
 
-def _resolve_seed(active: bool, seed) -> int:
-    if not active:
-        return 0
-    if seed is None:
-        # From torch's global generator, so torch.manual_seed makes it reproducible.
-        return int(torch.randint(0, 2**62, (1,)).item())
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-    return seed
-
-
 def _validate(x, A, B, frozen_A, frozen_B, top_k, temperature, threshold, scaling, dropout_p, check_nan):
     act = _ACT_DTYPES + ((torch.float64,) if isinstance(x, torch.Tensor) and x.device.type == "cpu" else ())
     _check_tensor(x, "x", act)
@@ -280,7 +270,7 @@ def mora_routing(x, A, B, *, top_k=8, temperature=0.03, threshold=0.2, training=
     temperature, threshold, scaling, dropout_p = _validate(
         x, A, B, frozen_A, frozen_B, top_k, temperature, threshold, scaling, dropout_p, check_nan)
     training = bool(training)
-    seed = _resolve_seed(training and dropout_p > 0.0, seed)
+    seed = resolve_seed(training and dropout_p > 0.0, seed)
     if frozen_A is None:
         frozen_A, frozen_B = A.new_empty(0, A.shape[1]), B.new_empty(B.shape[0], 0)
     x2 = x.reshape(-1, x.shape[-1])

@@ -13,6 +13,7 @@ import torch
 
 from trainops import _extension
 from trainops._triton import HAS_TRITON
+from trainops._validation import resolve_seed
 from trainops.formats import (
     FLOAT_DTYPES,
     bits_per_element,
@@ -63,19 +64,6 @@ def _check_float_tensor(t, name: str) -> None:
         raise ValueError(f"{name} must be on a CPU or CUDA device, got {t.device}")
 
 
-def _resolve_seed(stochastic: bool, seed: int | None) -> int:
-    if not stochastic:
-        return 0
-    if seed is None:
-        # Drawn from torch's global generator, so torch.manual_seed makes it reproducible.
-        return int(torch.randint(0, 2**62, (1,)).item())
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-    if not -(2**63) <= seed < 2**63:
-        raise ValueError(f"seed must fit in a signed 64-bit integer, got {seed}")
-    return seed
-
-
 def _raise_non_finite(scales: torch.Tensor, name: str) -> None:
     bad = (~torch.isfinite(scales)).nonzero().flatten()
     raise ValueError(
@@ -112,7 +100,7 @@ def quantize(
     """
     f = _check_quantize_args(x, fmt, block_size, nan_policy)
     _extension.require("quantize")
-    seed = _resolve_seed(stochastic, seed)
+    seed = resolve_seed(stochastic, seed)
     data, scales = torch.ops.trainops.quantize(x.reshape(-1).contiguous(), f.name, block_size, bool(stochastic), seed)
     if nan_policy == "raise" and not torch.isfinite(scales).all():
         _raise_non_finite(scales, "x")
@@ -148,7 +136,7 @@ def quantize_error_feedback(
     if nan_policy == "raise" and not torch.isfinite(x).all():
         # Checked before the kernel so a bad gradient leaves the residual untouched.
         raise ValueError("x contains NaN or Inf; pass nan_policy='propagate' to let such blocks decode to NaN")
-    seed = _resolve_seed(stochastic, seed)
+    seed = resolve_seed(stochastic, seed)
     data, scales = torch.ops.trainops.quantize_error_feedback(
         x.reshape(-1).contiguous(), error.view(-1), f.name, block_size, bool(stochastic), seed
     )

@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 
 from trainops import _extension
+from trainops._validation import check_int
 from trainops.reference.replay import BLOCK, MODES
 
 __all__ = ["replay_sample", "replay_insert", "replay_update_priorities", "num_blocks", "BLOCK", "MODES"]
@@ -21,14 +22,6 @@ __all__ = ["replay_sample", "replay_insert", "replay_update_priorities", "num_bl
 def num_blocks(capacity: int) -> int:
     """Number of BLOCK-slot blocks of the maintained block sums of a buffer of ``capacity`` slots."""
     return (capacity + BLOCK - 1) // BLOCK
-
-
-def _check_int(v, name: str, low: int | None = None) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if low is not None and v < low:
-        raise ValueError(f"{name} must be >= {low}, got {v}")
-    return v
 
 
 def _check_tensor(t, name: str, dtype=None, device=None, numel=None):
@@ -84,8 +77,8 @@ def replay_sample(storage: Sequence[torch.Tensor], n_replay: int, *, size: int, 
     weights fp32 [F + R] (1 for fresh rows), is_replay bool [F + R]).
     """
     cap, device = _check_storage(storage)
-    _check_int(n_replay, "n_replay", 0)
-    _check_int(size, "size")
+    check_int("n_replay", n_replay, 0)
+    check_int("size", size)
     if size <= 0:
         raise ValueError("size is 0: the buffer is empty, nothing to sample")
     if size > cap:
@@ -160,8 +153,8 @@ def replay_insert(storage: Sequence[torch.Tensor], batch: Sequence[torch.Tensor]
     _check_tensor(generations, "generations", torch.int64, device, cap)
     _check_tensor(stamps, "stamps", torch.int64, device, cap)
     _check_tensor(keys, "keys", torch.float64, device, cap)
-    _check_int(size, "size", 0)
-    _check_int(cursor, "cursor", size)
+    check_int("size", size, 0)
+    check_int("cursor", cursor, size)
     _require("replay_insert", device)
     return torch.ops.trainops.replay_insert(list(storage), [b.contiguous() for b in batch], generations, stamps,
                                             keys, 0 if eviction == "fifo" else 1, size, cursor, int(step), int(seed))
