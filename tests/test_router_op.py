@@ -10,6 +10,16 @@ from trainops.ops import router_topk
 
 pytestmark = pytest.mark.skipif(not trainops.has_extension(), reason="C++ extension not built")
 
+
+
+@pytest.fixture(autouse=True, params=["native", "portable"])
+def row_kernels(request, monkeypatch):
+    """Run every test with the build's row kernels (AVX2 + FMA on x86-64) and with the
+    portable ones that other CPUs run (selected per call by TRAINOPS_ROUTER_PORTABLE)."""
+    monkeypatch.setenv("TRAINOPS_ROUTER_PORTABLE", "1" if request.param == "portable" else "0")
+    return request.param
+
+
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
 
 
@@ -167,6 +177,12 @@ def test_non_finite_logits(value):
     # Out-of-range indices never appear, even when the check is off.
     idx = router_topk(logits, 2, check_finite=False)[1]
     assert int(idx.max()) < 12 and int(idx.min()) >= 0
+    # A padding row reaches only the weights (softmax: the whole row turns NaN); they are
+    # checked too.
+    mask = torch.ones(10, dtype=torch.bool)
+    mask[4] = False
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        router_topk(logits, 2, mask=mask)
 
 
 @pytest.mark.parametrize("E,k", [(16, 8), (64, 8), (64, 4), (256, 8), (17, 8), (40, 12)])
@@ -179,3 +195,25 @@ def test_topk_paths_with_many_ties(E, k):
             got = router_topk(logits, k, score=score)
             exp = ref.router_topk(logits, k, score=score)
             assert torch.equal(got[1], exp[1]) and torch.equal(got[2], exp[2])
+
+
+@pytest.mark.parametrize("E,k", [(64, 8), (70, 4), (16, 2)])
+def test_saturated_and_masked_experts(E, k):
+    # Large logits underflow most softmax scores (the kernels flush scores below the
+    # smallest normal float, ~1.2e-38, to 0, so those experts tie at 0 and the lower index
+    # wins), and -inf logits (experts switched off) must never be picked while enough
+    # finite experts remain.
+    g = torch.Generator().manual_seed(E)
+    big = torch.randn(200, E, generator=g) * 60
+    off = torch.randn(200, E, generator=g)
+    off[:, ::3] = float("-inf")
+    for logits in (big, off):
+        got = router_topk(logits, k)
+        exp = ref.router_topk(logits, k)
+        s = torch.softmax(logits, -1)
+        torch.testing.assert_close(s.gather(1, got[1]), s.gather(1, exp[1]), rtol=0, atol=1.2e-38)
+        torch.testing.assert_close(got[0], exp[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[3], exp[3], rtol=1e-5, atol=1e-4)
+    got = router_topk(off, k)
+    assert torch.equal(got[1], ref.router_topk(off, k)[1])
+    assert not bool((got[1] % 3 == 0).any())

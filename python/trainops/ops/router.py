@@ -93,10 +93,10 @@ def router_topk(logits: torch.Tensor, k: int, *, score: str = "softmax", renorma
             mask = mask != 0
     weights, indices, counts, prob_sum, z_sum = torch.ops.trainops.router_topk(
         logits, k, score, bool(renormalize), expert_bias, mask, bool(z_loss))
-    # One reduction instead of two isfinite passes: every weight lies in [0, 1] and every
-    # prob_sum entry in [0, T] when the logits are finite, so this sum is finite exactly
-    # when all of them are (NaN/Inf propagate through the sum).
-    if check_finite and not bool(torch.isfinite(weights.sum() + prob_sum.sum())):
+    # Every weight lies in [0, 1] and every prob_sum entry in [0, T] when the logits are
+    # finite, and NaN/Inf propagate through sums. Without a mask every row adds to prob_sum,
+    # so its E entries decide; padding rows only reach the weights.
+    if check_finite and not bool(torch.isfinite(prob_sum.sum() if mask is None else weights.sum() + prob_sum.sum())):
         raise ValueError("logits contains NaN or Inf (the router scores are not finite); "
                          "check the router input or pass check_finite=False")
     if not z_loss:
