@@ -56,6 +56,22 @@ def test_round_to_nearest_picks_the_nearest_grid_point(fmt, numel, block_log2):
     assert torch.all(torch.sign(ops.dequantize(q)) * torch.sign(x) >= 0)  # never flips the sign
 
 
+@pytest.mark.parametrize("fmt", ["fp4_e3m0", "fp4_e2m1", "int4"])
+def test_nibble_ties_and_signs_match_reference(fmt):
+    # Values exactly on the grid and on every mid-point (ties go to the even code), both
+    # signs and -0.0, over whole 16-value steps of the vector encoder and an odd tail.
+    grid = grid_magnitudes(fmt)
+    mids = (grid[1:] + grid[:-1]) / 2
+    top = grid.max()
+    pattern = torch.cat([grid, mids, -grid, -mids, torch.tensor([-0.0, 0.0])])
+    x = pattern.repeat(6)[:64 * 3 + 5]
+    x[::64] = top  # absmax = the largest code: scale 1, so y = |x| exactly
+    q = ops.quantize(x, fmt, 64)
+    data, scales = ref.quantize(x, fmt, 64)
+    assert torch.equal(q.scales, scales) and bool((scales == 1).all())
+    assert torch.equal(q.data, data)
+
+
 def test_shapes_non_contiguous_and_partial_blocks():
     base = torch.randn(37, 23)
     x = base.t()  # non-contiguous

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../common/quant_format.h"
+#include "quantize_fp4_avx2.h"
 
 namespace trainops {
 namespace {
@@ -118,9 +119,17 @@ void quantize_kernel(const scalar_t* x, float* error, int64_t n, int64_t block_s
       if (kFour) {
         // Encode into bytes first, then pack pairs: two simple loops vectorize better
         // than one loop over interleaved pairs.
-        for (int64_t i = 0; i < len; ++i) codes[i] = encode_at<F, Stochastic>(values, i, start, scale, key);
+        int64_t done = 0;  // elements already encoded and packed
+#if defined(TRAINOPS_QUANTIZE_FP4_AVX2)
+        if constexpr ((F == Format::FP4_E3M0 || F == Format::FP4_E2M1) && !Stochastic) {
+          done = len & ~int64_t{15};
+          quant_avx2::encode_fp4_nearest(values, done, scale, F == Format::FP4_E3M0 ? quant::kE3M0Mids : quant::kE2M1Mids,
+                                         out);
+        }
+#endif
+        for (int64_t i = done; i < len; ++i) codes[i] = encode_at<F, Stochastic>(values, i, start, scale, key);
         codes[len] = 0;
-        for (int64_t j = 0; j < out_len; ++j) out[j] = static_cast<uint8_t>(codes[2 * j] | (codes[2 * j + 1] << 4));
+        for (int64_t j = done / 2; j < out_len; ++j) out[j] = static_cast<uint8_t>(codes[2 * j] | (codes[2 * j + 1] << 4));
       } else {
         for (int64_t i = 0; i < len; ++i) out[i] = encode_at<F, Stochastic>(values, i, start, scale, key);
       }

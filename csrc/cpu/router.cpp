@@ -45,7 +45,9 @@ struct PortableRows {
   static constexpr auto scores_row = portable::scores_row;
   static constexpr auto sum_row = portable::sum_row;
   static constexpr auto topk_row = portable::topk_row;
+  static constexpr auto topk_rows2 = portable::topk_rows2;
   static constexpr auto backward_row_softmax = portable::backward_row_softmax;
+  static constexpr auto backward_rows2_softmax = portable::backward_rows2_softmax;
 };
 
 #if defined(TRAINOPS_ROUTER_AVX2)
@@ -54,7 +56,9 @@ struct Avx2Rows {
   static constexpr auto scores_row = avx2::scores_row;
   static constexpr auto sum_row = avx2::sum_row;
   static constexpr auto topk_row = avx2::topk_row;
+  static constexpr auto topk_rows2 = avx2::topk_rows2;
   static constexpr auto backward_row_softmax = avx2::backward_row_softmax;
+  static constexpr auto backward_rows2_softmax = avx2::backward_rows2_softmax;
 };
 #endif
 
@@ -117,48 +121,67 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "trainops_router_topk", [&] {
     const scalar_t* X = logits.const_data_ptr<scalar_t>();
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<float> x(E), s(E), tmp(E), sel(E), tv(k);
-      std::vector<int64_t> cand(E + 32);
-      std::vector<float> cval(E + 32);
+      // Scratch for two rows: the top-k of a pair of rows runs interleaved (topk_rows2).
+      const int64_t pad = E + 32;
+      std::vector<float> x(2 * E), s(2 * E), tmp(2 * E), sel(2 * E), tv(2 * k), cval(2 * pad);
+      std::vector<int64_t> cand(2 * pad);
       for (int64_t c = c0; c < c1; ++c) {
         float* acc = part_p.data() + c * E;
         int64_t* cnt = part_c.data() + c * E;
         float z = 0.0f;
-        for (int64_t t = c * kChunk; t < std::min(T, (c + 1) * kChunk); ++t) {
-          const bool valid = mk == nullptr || mk[t];
-          const float* xr = x.data();
-          if constexpr (std::is_same_v<scalar_t, float>) {
-            xr = reinterpret_cast<const float*>(X + t * E);  // fp32 rows are read in place
+        const int64_t row_end = std::min(T, (c + 1) * kChunk);
+        for (int64_t t = c * kChunk; t < row_end; t += 2) {
+          const int pair = t + 1 < row_end ? 2 : 1;
+          float scale[2] = {1.0f, 1.0f}, lse[2] = {0.0f, 0.0f};
+          const float* pick[2];
+          for (int r = 0; r < pair; ++r) {
+            const int64_t row = t + r;
+            const bool valid = mk == nullptr || mk[row];
+            float* sr = s.data() + r * E;
+            const float* xr = x.data() + r * E;
+            if constexpr (std::is_same_v<scalar_t, float>) {
+              xr = reinterpret_cast<const float*>(X + row * E);  // fp32 rows are read in place
+            } else {
+              load_row(X + row * E, E, x.data() + r * E);
+            }
+            // Softmax rows keep exp(x - max) in s and scale by 1/sum where needed: one pass
+            // fewer, and the top-k of exp(x - max) is the top-k of the softmax.
+            if (softmax) {
+              float sum;
+              const float m = rows.exp_row(xr, E, sr, &sum);
+              scale[r] = 1.0f / sum;
+              if (with_z && valid) lse[r] = m + std::log(sum);
+            } else {
+              lse[r] = rows.scores_row(xr, E, false, with_z && valid, sr, tmp.data() + r * E);
+            }
+            pick[r] = sr;
+            if (b != nullptr) {
+              float* selr = sel.data() + r * E;
+              for (int64_t e = 0; e < E; ++e) selr[e] = sr[e] * scale[r] + b[e];
+              pick[r] = selr;
+            }
+          }
+          float* tvp[2] = {tv.data(), tv.data() + k};
+          int64_t* idx[2] = {i_out + t * k, i_out + (t + 1) * k};
+          int64_t* candp[2] = {cand.data(), cand.data() + pad};
+          float* cvalp[2] = {cval.data(), cval.data() + pad};
+          if (pair == 2) {
+            rows.topk_rows2(pick, E, k, tvp, idx, candp, cvalp);
           } else {
-            load_row(X + t * E, E, x.data());
+            rows.topk_row(pick[0], E, k, tvp[0], idx[0], candp[0], cvalp[0]);
           }
-          // Softmax rows keep exp(x - max) in s and scale by 1/sum where needed: one pass
-          // fewer, and the top-k of exp(x - max) is the top-k of the softmax.
-          float scale = 1.0f, lse = 0.0f;
-          if (softmax) {
-            float sum;
-            const float m = rows.exp_row(xr, E, s.data(), &sum);
-            scale = 1.0f / sum;
-            if (with_z && valid) lse = m + std::log(sum);
-          } else {
-            lse = rows.scores_row(xr, E, false, with_z && valid, s.data(), tmp.data());
+          for (int r = 0; r < pair; ++r) {
+            const int64_t row = t + r;
+            const float* sr = s.data() + r * E;
+            // Scalar: idx was just written by scalar stores, which a vector load could not
+            // take from the store buffer.
+            portable::gate_weights(sr, idx[r], k, scale[r], renormalize, w_out + row * k);
+            if (mk != nullptr && !mk[row]) continue;
+            for (int64_t j = 0; j < k; ++j) cnt[idx[r][j]] += 1;
+            const float p_scale = softmax ? scale[r] : 1.0f / rows.sum_row(sr, E);
+            for (int64_t e = 0; e < E; ++e) acc[e] += sr[e] * p_scale;
+            if (with_z) z += lse[r] * lse[r];
           }
-          const float* pick = s.data();
-          if (b != nullptr) {
-            for (int64_t e = 0; e < E; ++e) sel[e] = s[e] * scale + b[e];
-            pick = sel.data();
-          }
-          int64_t* idx = i_out + t * k;
-          float* w = w_out + t * k;
-          rows.topk_row(pick, E, k, tv.data(), idx, cand.data(), cval.data());
-          // Scalar: idx was just written by scalar stores, which a vector load could not
-          // take from the store buffer.
-          portable::gate_weights(s.data(), idx, k, scale, renormalize, w);
-          if (!valid) continue;
-          for (int64_t j = 0; j < k; ++j) cnt[idx[j]] += 1;
-          const float p_scale = softmax ? scale : 1.0f / rows.sum_row(s.data(), E);
-          for (int64_t e = 0; e < E; ++e) acc[e] += s[e] * p_scale;
-          if (with_z) z += lse * lse;
         }
         part_z[c] = z;
       }
@@ -213,23 +236,40 @@ at::Tensor router_topk_backward_cpu(const at::Tensor& grad_weights_in, const at:
     const scalar_t* X = logits.const_data_ptr<scalar_t>();
     scalar_t* G = grad.data_ptr<scalar_t>();
     at::parallel_for(0, T, kChunk, [&](int64_t t0, int64_t t1) {
-      std::vector<float> x(E), s(E), p(E), ds(E), dx(E);
+      std::vector<float> x(2 * E), s(2 * E), p(E), ds(E), dx(2 * E);
       for (int64_t t = t0; t < t1; ++t) {
         const bool valid = mk == nullptr || mk[t];
-        if (softmax && k <= 64) {  // fp32 rows are read and written in place, no staging copy
-          const float* xr = x.data();
-          float* dr = dx.data();
-          if constexpr (std::is_same_v<scalar_t, float>) {
-            xr = reinterpret_cast<const float*>(X + t * E);
-            dr = reinterpret_cast<float*>(G + t * E);
+        if (softmax && k <= 64) {  // two rows at a time, interleaved; fp32 rows in place
+          const int pair = t + 1 < t1 ? 2 : 1;
+          const float* xr[2];
+          float* dr[2];
+          bool ok[2];
+          const float* gwr[2] = {GW + t * k, GW + (t + 1) * k};
+          const int64_t* idr[2] = {IDX + t * k, IDX + (t + 1) * k};
+          float* sr[2] = {s.data(), s.data() + E};
+          for (int r = 0; r < pair; ++r) {
+            ok[r] = mk == nullptr || mk[t + r];
+            xr[r] = x.data() + r * E;
+            dr[r] = dx.data() + r * E;
+            if constexpr (std::is_same_v<scalar_t, float>) {
+              xr[r] = reinterpret_cast<const float*>(X + (t + r) * E);
+              dr[r] = reinterpret_cast<float*>(G + (t + r) * E);
+            } else {
+              load_row(X + (t + r) * E, E, x.data() + r * E);
+            }
+          }
+          if (pair == 2) {
+            rows.backward_rows2_softmax(xr, E, k, renormalize, ok, with_z, GP, gwr, idr, gz, sr, dr);
           } else {
-            load_row(X + t * E, E, x.data());
+            rows.backward_row_softmax(xr[0], E, k, renormalize, ok[0], with_z, GP, gwr[0], idr[0], gz, sr[0], dr[0]);
           }
-          rows.backward_row_softmax(xr, E, k, renormalize, valid, with_z, GP, GW + t * k, IDX + t * k, gz, s.data(), dr);
           if constexpr (!std::is_same_v<scalar_t, float>) {
-            scalar_t* out = G + t * E;
-            for (int64_t e = 0; e < E; ++e) out[e] = static_cast<scalar_t>(dx[e]);
+            for (int r = 0; r < pair; ++r) {
+              scalar_t* out = G + (t + r) * E;
+              for (int64_t e = 0; e < E; ++e) out[e] = static_cast<scalar_t>(dr[r][e]);
+            }
           }
+          t += pair - 1;
           continue;
         }
         load_row(X + t * E, E, x.data());

@@ -295,6 +295,20 @@ void topk_row(const float* v, int64_t E, int64_t k, float* tv, int64_t* ti, int6
 }
 
 
+// topk_row of two rows (the AVX2 build interleaves them).
+ROUTER_INLINE void topk_rows2(const float* const* v, int64_t E, int64_t k, float* const* tv, int64_t* const* ti,
+                              int64_t* const* cand, float* const* cval) {
+  for (int j = 0; j < 2; ++j) topk_row(v[j], E, k, tv[j], ti[j], cand[j], cval[j]);
+}
+
+// backward_row_softmax of two rows (arrays of 2; the AVX2 build interleaves them).
+ROUTER_INLINE void backward_rows2_softmax(const float* const* x, int64_t E, int64_t k, bool renormalize,
+                                          const bool* valid, bool with_z, const float* gp, const float* const* gw,
+                                          const int64_t* const* idx, float gz, float* const* s, float* const* dx) {
+  for (int j = 0; j < 2; ++j)
+    backward_row_softmax(x[j], E, k, renormalize, valid[j], with_z, gp, gw[j], idx[j], gz, s[j], dx[j]);
+}
+
 }  // namespace portable
 }  // namespace
 }  // namespace trainops

@@ -213,9 +213,23 @@ inline bool rank_candidates(const float* cval, const int32_t* ci, int64_t n, int
 //   3. Rank of each candidate = number of candidates greater than it, counted for 8
 //      candidates per compare (rank_candidates). Distinct values give distinct
 //      ranks, so slot = rank; equal candidates take the exact fallback.
-inline void topk_row(const float* v, int64_t E, int64_t k, float* tv, int64_t* ti, int64_t* cand, float* cval) {
-  if (k > 8 || E < 16) return portable::topk_row(v, E, k, tv, ti, cand, cval);
+// The steps are short dependency chains; topk_rows2 runs each step for two rows back to
+// back so the core overlaps them.
+struct TopkRow {
+  const float* v;
+  float* tv;
+  int64_t* ti;
+  int64_t* cand;
+  float* cval;
+  __m256 bound;
+  int64_t n = 0;
+  bool ok = true;
+};
+
+// Step 1: the bound (ok = false for NaN lane maxima).
+inline void topk_bound(TopkRow& r, int64_t E, int64_t k) {
   const float ninf = -std::numeric_limits<float>::infinity();
+  const float* v = r.v;
   __m256 m0 = _mm256_loadu_ps(v), m1 = _mm256_loadu_ps(v + 8);
   int64_t e = 16;
   for (; e + 16 <= E; e += 16) {
@@ -227,8 +241,7 @@ inline void topk_row(const float* v, int64_t E, int64_t k, float* tv, int64_t* t
     m0 = _mm256_max_ps(m0, load_tail(v + e, t0, ninf));
     m1 = _mm256_max_ps(m1, load_tail(v + e + 8, t1, ninf));
   }
-  if (_mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(m0, m0, _CMP_UNORD_Q), _mm256_cmp_ps(m1, m1, _CMP_UNORD_Q))))
-    return portable::topk_row(v, E, k, tv, ti, cand, cval);
+  r.ok = !_mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(m0, m0, _CMP_UNORD_Q), _mm256_cmp_ps(m1, m1, _CMP_UNORD_Q)));
   alignas(32) float l[16];
   _mm256_store_ps(l, m0);
   _mm256_store_ps(l + 8, m1);
@@ -242,28 +255,67 @@ inline void topk_row(const float* v, int64_t E, int64_t k, float* tv, int64_t* t
   const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
   const __m256 top0 = _mm256_blendv_ps(inf, m0, _mm256_castsi256_ps(_mm256_cmpgt_epi32(g0, nk)));
   const __m256 top1 = _mm256_blendv_ps(inf, m1, _mm256_castsi256_ps(_mm256_cmpgt_epi32(g1, nk)));
-  const __m256 vb = _mm256_set1_ps(hmin(_mm256_min_ps(top0, top1)));
-  // 2. Left-pack the candidates; cval and cand hold E + 32 entries.
-  int32_t* ci = reinterpret_cast<int32_t*>(cand);
+  r.bound = _mm256_set1_ps(hmin(_mm256_min_ps(top0, top1)));
+}
+
+// Step 2: left-pack the candidates v >= bound; cval and cand hold E + 32 entries.
+inline void topk_candidates(TopkRow& r, int64_t E) {
+  int32_t* ci = reinterpret_cast<int32_t*>(r.cand);
   int64_t n = 0;
-  for_blocks(v, E, ninf, [&](__m256 x, int64_t e0, __m256i lanes, auto) {
-    const int m = _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(x, vb, _CMP_GE_OQ), _mm256_castsi256_ps(lanes)));
+  for_blocks(r.v, E, -std::numeric_limits<float>::infinity(), [&](__m256 x, int64_t e0, __m256i lanes, auto) {
+    const int m = _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(x, r.bound, _CMP_GE_OQ), _mm256_castsi256_ps(lanes)));
     const __m256i perm = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kPack.idx[m])));
-    _mm256_storeu_ps(cval + n, _mm256_permutevar8x32_ps(x, perm));
+    _mm256_storeu_ps(r.cval + n, _mm256_permutevar8x32_ps(x, perm));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(ci + n), _mm256_add_epi32(perm, _mm256_set1_epi32(static_cast<int32_t>(e0))));
     n += __builtin_popcount(static_cast<unsigned>(m));
   });
-  if (n < k || n > 64) return portable::topk_row(v, E, k, tv, ti, cand, cval);
-  if (!rank_candidates(cval, ci, n, k, tv, ti)) portable::topk_row(v, E, k, tv, ti, cand, cval);  // equal candidates
+  r.n = n;
+}
+
+// Step 3 and the fallback.
+inline void topk_finish(TopkRow& r, int64_t E, int64_t k) {
+  if (r.ok && r.n >= k && r.n <= 64 &&
+      rank_candidates(r.cval, reinterpret_cast<const int32_t*>(r.cand), r.n, k, r.tv, r.ti))
+    return;
+  portable::topk_row(r.v, E, k, r.tv, r.ti, r.cand, r.cval);  // NaN, many ties, equal candidates
+}
+
+inline void topk_row(const float* v, int64_t E, int64_t k, float* tv, int64_t* ti, int64_t* cand, float* cval) {
+  if (k > 8 || E < 16) return portable::topk_row(v, E, k, tv, ti, cand, cval);
+  TopkRow r{v, tv, ti, cand, cval, _mm256_setzero_ps()};
+  topk_bound(r, E, k);
+  topk_candidates(r, E);
+  topk_finish(r, E, k);
+}
+
+// topk_row of two rows, step by step.
+inline void topk_rows2(const float* const* v, int64_t E, int64_t k, float* const* tv, int64_t* const* ti,
+                       int64_t* const* cand, float* const* cval) {
+  if (k > 8 || E < 16) {
+    for (int j = 0; j < 2; ++j) portable::topk_row(v[j], E, k, tv[j], ti[j], cand[j], cval[j]);
+    return;
+  }
+  TopkRow a{v[0], tv[0], ti[0], cand[0], cval[0], _mm256_setzero_ps()};
+  TopkRow b{v[1], tv[1], ti[1], cand[1], cval[1], _mm256_setzero_ps()};
+  topk_bound(a, E, k);
+  topk_bound(b, E, k);
+  topk_candidates(a, E);
+  topk_candidates(b, E);
+  topk_finish(a, E, k);
+  topk_finish(b, E, k);
 }
 
 // backward_row_softmax of router_rows.h: dx = s * (ds - <s, ds>) + zc * s with
 // ds = dL/dprob_sum (valid rows) + the gate-weight gradient at the k chosen experts.
 // Passes: max, exp (stored unnormalized; its sum and <ex, gp> on the way), output;
-// s = ex / sum on the fly.
-inline void backward_row_softmax(const float* x, int64_t E, int64_t k, bool renormalize, bool valid, bool with_z,
-                                 const float* gp, const float* gw, const int64_t* idx, float gz, float* ex, float* dx) {
-  if (k > 8) return portable::backward_row_softmax(x, E, k, renormalize, valid, with_z, gp, gw, idx, gz, ex, dx);
+// s = ex / sum on the fly. Two steps (backward_exp, backward_out), so that
+// backward_rows2_softmax can interleave two rows.
+struct SoftmaxGradRow {
+  float m, sum, dot_gp;
+};
+
+// Step 1: ex = exp(x - max), its sum and <ex, gp>.
+inline SoftmaxGradRow backward_exp(const float* x, int64_t E, const float* gp, float* ex) {
   const float m = max_row(x, E);
   const __m256 vm = _mm256_set1_ps(m);
   __m256 acc = _mm256_setzero_ps(), dacc = _mm256_setzero_ps();
@@ -273,9 +325,14 @@ inline void backward_row_softmax(const float* x, int64_t E, int64_t k, bool reno
     dacc = _mm256_fmadd_ps(t, load(gp + e, mask, 0.0f, whole), dacc);  // <exp, gp>, for valid rows
     store(ex + e, t, mask, whole);
   });
-  const float sum = hsum(acc);
-  const float inv = 1.0f / sum;
-  // The k chosen experts, 8 lanes (k <= 8): ssel = s at the chosen experts, gsel = dL/ds there.
+  return {m, hsum(acc), hsum(dacc)};
+}
+
+// Step 2: the k chosen experts (k <= 8 lanes) and the output pass.
+inline void backward_out(const SoftmaxGradRow& r, int64_t E, int64_t k, bool renormalize, bool valid, bool with_z,
+                         const float* gp, const float* gw, const int64_t* idx, float gz, const float* ex, float* dx) {
+  const float inv = 1.0f / r.sum;
+  // ssel = s at the chosen experts, gsel = dL/ds there.
   const __m256i km = tail_mask(k);
   const __m256 ssel = gather_selected(ex, idx, k, inv);
   const __m256 gwv = _mm256_maskload_ps(gw, km);
@@ -289,8 +346,8 @@ inline void backward_row_softmax(const float* x, int64_t E, int64_t k, bool reno
   const float dsel = hsum(sg);
   const __m256 vinv = _mm256_set1_ps(inv);
   if (valid) {
-    const float dot = hsum(dacc) * inv + dsel;
-    const float zc = with_z ? 2.0f * gz * (m + std::log(sum)) : 0.0f;
+    const float dot = r.dot_gp * inv + dsel;
+    const float zc = with_z ? 2.0f * gz * (r.m + std::log(r.sum)) : 0.0f;
     const __m256 vdot = _mm256_set1_ps(dot), vzc = _mm256_set1_ps(zc);
     for_blocks(ex, E, 0.0f, [&](__m256 t, int64_t e, __m256i mask, auto whole) {
       const __m256 s = _mm256_mul_ps(t, vinv);
@@ -306,6 +363,27 @@ inline void backward_row_softmax(const float* x, int64_t E, int64_t k, bool reno
   alignas(32) float add[8];
   _mm256_store_ps(add, sg);
   for (int64_t j = 0; j < k; ++j) dx[idx[j]] += add[j];
+}
+
+inline void backward_row_softmax(const float* x, int64_t E, int64_t k, bool renormalize, bool valid, bool with_z,
+                                 const float* gp, const float* gw, const int64_t* idx, float gz, float* ex, float* dx) {
+  if (k > 8) return portable::backward_row_softmax(x, E, k, renormalize, valid, with_z, gp, gw, idx, gz, ex, dx);
+  backward_out(backward_exp(x, E, gp, ex), E, k, renormalize, valid, with_z, gp, gw, idx, gz, ex, dx);
+}
+
+// backward_row_softmax of two rows (arrays of 2), step by step so the core overlaps them.
+inline void backward_rows2_softmax(const float* const* x, int64_t E, int64_t k, bool renormalize, const bool* valid,
+                                   bool with_z, const float* gp, const float* const* gw, const int64_t* const* idx,
+                                   float gz, float* const* ex, float* const* dx) {
+  if (k > 8) {
+    for (int j = 0; j < 2; ++j)
+      portable::backward_row_softmax(x[j], E, k, renormalize, valid[j], with_z, gp, gw[j], idx[j], gz, ex[j], dx[j]);
+    return;
+  }
+  const SoftmaxGradRow r0 = backward_exp(x[0], E, gp, ex[0]);
+  const SoftmaxGradRow r1 = backward_exp(x[1], E, gp, ex[1]);
+  backward_out(r0, E, k, renormalize, valid[0], with_z, gp, gw[0], idx[0], gz, ex[0], dx[0]);
+  backward_out(r1, E, k, renormalize, valid[1], with_z, gp, gw[1], idx[1], gz, ex[1], dx[1]);
 }
 
 }  // namespace avx2
