@@ -58,7 +58,17 @@ def test_two_worker_run_writes_report_plots_checkpoint(base_run):
     rows = _rows(base_run)
     evals = [r for r in rows if r.get("event") == "eval"]
     assert [r["phase"] for r in evals] == ["pretrain", "task0:arith", "task1:reverse"]
-    assert all(0.0 <= a <= 1.0 for r in evals for a in r["accuracy"])
+    assert all(0.0 <= a <= 1.0 for r in evals for k in ("accuracy", "byte_accuracy") for a in r[k])
+    assert "greedily" in report and "Teacher-forced accuracy per answer byte" in report
+
+
+def _assert_workers_agree_each_phase(out_dir):
+    models = _final_models(out_dir)
+    digests = [m["state"]["weights_sha1"] for m in models]
+    assert list(digests[0]) == ["pretrain", "task0:arith", "task1:reverse"]
+    assert digests[0] == digests[1]
+    for k, v in models[0]["model"].items():
+        assert torch.equal(v, models[1]["model"][k]), k
 
 
 def test_default_switches_do_what_they_say(base_run):
@@ -85,7 +95,8 @@ def _run_configs(rank, world, cfgs):
 def ablations(tmp_path_factory, base_run):
     a = {**TINY, "out_dir": str(tmp_path_factory.mktemp("abl_a")), "lbl_scope": "micro_batch", "replay": "off",
          "exchange": "fp32", "adapter": "lora"}
-    b = {**TINY, "out_dir": str(tmp_path_factory.mktemp("abl_b")), "adapter": "none", "replay": "reservoir"}
+    b = {**TINY, "out_dir": str(tmp_path_factory.mktemp("abl_b")), "adapter": "none", "replay": "reservoir",
+         "fragments": 2}
     cfgs = [config_from_dict(c).to_dict() for c in (a, b)]
     spawn(_run_configs, 2, cfgs, timeout_s=120)
     return a["out_dir"], b["out_dir"]
@@ -111,6 +122,13 @@ def test_ablation_switches(ablations, base_run):
     assert all(r["replay_rows"] == 4 for r in rows_b if r["phase"] == "task1:reverse")
     for d in (a, b):
         assert os.path.exists(os.path.join(d, "report.md"))
+
+
+def test_streaming_diloco_workers_identical_at_each_phase_end(ablations):
+    # fragments=2: one fragment is sent after odd steps, so without the full sync at the
+    # end of each phase the workers would differ in it after 4 steps
+    _assert_workers_agree_each_phase(ablations[1])
+    assert "fragments=2" in open(os.path.join(ablations[1], "report.md")).read()
 
 
 def test_resume_equals_uninterrupted(base_run, tmp_path):

@@ -61,7 +61,7 @@ class TrainConfig:
     adapter: str = _f("mora", "mora (add_task per task) | lora (one LoRA adapter for all tasks) | none (full fine-tune)")
     adapter_rank: int = _f(4, "ranks added per task (mora) or lora rank per task x tasks (lora)")
     adapter_targets: str = _f("q|k|v|o|head", "regex over module leaf names that get adapters")
-    mora_top_k: int = _f(4, "MoRA ranks kept per token")
+    mora_top_k: int = _f(16, "MoRA ranks kept per token (16: every rank of the 4 default tasks)")
     mora_temperature: float = _f(0.1, "MoRA gate softmax temperature")
     replay: str = _f("power_law", "rehearsal: off | power_law (power-law recency per task) | reservoir")
     replay_ratio: float = _f(0.25, "fraction of each task batch drawn from the replay buffer")
