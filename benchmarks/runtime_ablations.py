@@ -104,7 +104,8 @@ def table(results: dict, seeds: list[int], extra: list[str], seconds: dict) -> s
         f"(2 gloo workers, default config otherwise); seeds {', '.join(map(str, seeds))}. "
         "Cells: mean ± sample standard deviation over the seeds. Accuracy is the greedy-decoding "
         "exact match (the report's headline); forgetting is computed on it. Specialization: normalized "
-        "mutual information between domain and routed expert (mean over MoE layers).", "",
+        "mutual information between domain and routed expert (mean over MoE layers). Wall time: the whole "
+        "command, start-up included, run with `nice -n 19` on a machine shared with other jobs.", "",
         "| run | " + " | ".join(label for _, label in METRICS) + " | mean wall time (s) |",
         "|---|" + "---|" * (len(METRICS) + 1),
     ]
@@ -153,6 +154,11 @@ def main(argv=None) -> int:
                 start = time.perf_counter()
                 subprocess.run(cmd, check=True)
                 seconds[(name, seed)] = time.perf_counter() - start
+                with open(os.path.join(out, "wall_seconds.json"), "w") as fh:
+                    json.dump(seconds[(name, seed)], fh)
+            elif os.path.exists(os.path.join(out, "wall_seconds.json")):
+                with open(os.path.join(out, "wall_seconds.json")) as fh:
+                    seconds[(name, seed)] = json.load(fh)
             results[name][seed] = numbers(out)
             r = results[name][seed]
             print(f"{name} seed {seed}: accuracy {r['final_avg_accuracy']:.3f} forgetting {r['forgetting']:.3f} "
