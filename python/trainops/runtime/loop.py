@@ -5,9 +5,11 @@ micro-batches per step) then one phase per task (its domain only, plus rehearsal
 from the :class:`~trainops.replay.ReplayBuffer` when ``replay`` is on). The workers
 are synchronized by Streaming DiLoCo in the ``exchange`` format; a new
 :class:`~trainops.distributed.DiLoCo` starts each phase because the trainable parameters
-change (adapters added). After each phase rank 0 evaluates the accuracy on every
-domain (the accuracy matrix) and after pre-training and at the end the expert-by-domain
-routing counts (specialization).
+change (adapters added). Each phase ends with a sync of every fragment, so all workers
+hold the same weights (recorded as a digest per phase). After each phase rank 0
+evaluates every domain (the accuracy matrix: greedy-decoding exact match, and
+teacher-forced accuracy per answer byte) and the expert-by-domain routing counts
+(specialization).
 """
 from __future__ import annotations
 
@@ -192,6 +194,8 @@ def run_worker(rank: int, world: int, cfg_dict: dict) -> dict:
         if buffer is not None:
             buffer.load_state_dict(saved["replay"])
         state = saved["state"]
+        state.setdefault("byte_acc_matrix", [])
+        state.setdefault("weights_sha1", {})
         for k, v in saved["comm"].items():
             if hasattr(stats, k) and k != "calls":
                 setattr(stats, k, v)
