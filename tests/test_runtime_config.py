@@ -62,12 +62,15 @@ def test_domains_deterministic_and_answerable():
         assert t1.shape == (64, 12) and int(t1.max()) < 128
         assert bool((m1.sum(1) > 0).all())
     arith, rev, srt, gram = (d.sample(generator(5), 32)[0] for d in doms)
-    s = bytes(arith[0, :7].tolist()).decode()
-    assert s[6] == str((int(s[0]) + int(s[2]) + int(s[4])) % 10)
-    r = bytes(rev[0, :11].tolist()).decode()
-    assert r[6:] == r[:5][::-1]
-    o = bytes(srt[0, :11].tolist()).decode()
-    assert o[6:] == "".join(sorted(o[:5]))
+    for row in arith:
+        s = bytes(row[:5].tolist()).decode()
+        assert s[1] == "+" and s[3] == "=" and s[4] == str((int(s[0]) + int(s[2])) % 10)
+    for row in rev:
+        r = bytes(row[:9].tolist()).decode()
+        assert r[4] == "<" and r[5:] == r[:4][::-1] and int(row[9]) == 0
+    for row in srt:
+        o = bytes(row[:11].tolist()).decode()
+        assert o[5] == ">" and o[6:] == "".join(sorted(o[:5]))
     answers = [chr(int(row[9])) for row in gram]
     assert set(answers) == {"Y", "N"}
     for row in gram:
@@ -86,3 +89,19 @@ def test_text_file_domain(tmp_path):
     row = bytes(tokens[0][tokens[0] > 0].tolist()).decode()
     assert row in ("frParis", "deBerlin")
     assert int(mask[0].sum()) == len(row) - 2
+
+
+class _NextByte(torch.nn.Module):
+    """A stand-in model whose prediction at each position is the byte there plus one."""
+
+    def forward(self, tokens):
+        return torch.nn.functional.one_hot((tokens + 1) % 128, 128).float(), None
+
+
+def test_greedy_answers_feed_back_own_predictions():
+    from trainops.runtime.loop import greedy_answers
+    tokens = torch.tensor([[65, 66, 90, 90, 90, 0], [70, 90, 90, 0, 0, 0]])
+    mask = torch.tensor([[0, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]])  # answers: tokens 2-4 and 1-2
+    gen = greedy_answers(_NextByte(), tokens, mask)
+    # free generation continues from its own output (67, 68, 69); teacher forcing would give 67, 91, 91
+    assert gen.tolist() == [[65, 66, 67, 68, 69, 0], [70, 71, 72, 0, 0, 0]]

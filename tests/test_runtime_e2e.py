@@ -53,12 +53,21 @@ def test_two_worker_run_writes_report_plots_checkpoint(base_run):
     models = _final_models(base_run)
     assert models[0]["world_size"] == 2 and models[0]["phase"] == 3
     # DiLoCo: every phase ends on a sync, so the two workers hold the same model.
-    for k, v in models[0]["model"].items():
-        assert torch.equal(v, models[1]["model"][k]), k
+    _assert_workers_agree_each_phase(base_run)
     rows = _rows(base_run)
     evals = [r for r in rows if r.get("event") == "eval"]
     assert [r["phase"] for r in evals] == ["pretrain", "task0:arith", "task1:reverse"]
-    assert all(0.0 <= a <= 1.0 for r in evals for a in r["accuracy"])
+    assert all(0.0 <= a <= 1.0 for r in evals for k in ("accuracy", "byte_accuracy") for a in r[k])
+    assert "greedily" in report and "Teacher-forced accuracy per answer byte" in report
+
+
+def _assert_workers_agree_each_phase(out_dir):
+    models = _final_models(out_dir)
+    digests = [m["state"]["weights_sha1"] for m in models]
+    assert list(digests[0]) == ["pretrain", "task0:arith", "task1:reverse"]
+    assert digests[0] == digests[1]
+    for k, v in models[0]["model"].items():
+        assert torch.equal(v, models[1]["model"][k]), k
 
 
 def test_default_switches_do_what_they_say(base_run):
@@ -83,16 +92,23 @@ def _run_configs(rank, world, cfgs):
 
 @pytest.fixture(scope="module")
 def ablations(tmp_path_factory, base_run):
+    """Two ablation runs, then a run stopped at global step 6 and its --resume, one after
+    another in one pair of worker processes (each process start costs seconds)."""
     a = {**TINY, "out_dir": str(tmp_path_factory.mktemp("abl_a")), "lbl_scope": "micro_batch", "replay": "off",
          "exchange": "fp32", "adapter": "lora"}
-    b = {**TINY, "out_dir": str(tmp_path_factory.mktemp("abl_b")), "adapter": "none", "replay": "reservoir"}
-    cfgs = [config_from_dict(c).to_dict() for c in (a, b)]
-    spawn(_run_configs, 2, cfgs, timeout_s=120)
-    return a["out_dir"], b["out_dir"]
+    b = {**TINY, "out_dir": str(tmp_path_factory.mktemp("abl_b")), "adapter": "none", "replay": "reservoir",
+         "fragments": 2}
+    resumed = str(tmp_path_factory.mktemp("resumed"))
+    # stop inside task 0 (global step 6 of 12), not on a checkpoint_every boundary
+    stop = {**TINY, "out_dir": resumed, "stop_after": 6}
+    resume = {**TINY, "out_dir": resumed, "resume": True}
+    cfgs = [config_from_dict(c).to_dict() for c in (a, b, stop, resume)]
+    summaries = spawn(_run_configs, 2, cfgs, timeout_s=120)
+    return a["out_dir"], b["out_dir"], resumed, summaries[0]
 
 
 def test_ablation_switches(ablations, base_run):
-    a, b = ablations
+    a, b = ablations[:2]
     rows_a = [r for r in _rows(a) if "event" not in r]
     base = [r for r in _rows(base_run) if "event" not in r]
     # --lbl-scope micro_batch: the router's loss module uses that scope, and the value differs
@@ -113,17 +129,24 @@ def test_ablation_switches(ablations, base_run):
         assert os.path.exists(os.path.join(d, "report.md"))
 
 
-def test_resume_equals_uninterrupted(base_run, tmp_path):
-    out = str(tmp_path / "resumed")
-    # stop inside task 0 (global step 6 of 12), not on a checkpoint_every boundary
-    assert main(["train", *_argv({**TINY, "workers": 2, "out_dir": out, "stop_after": 6})]) == 130
-    assert json.load(open(os.path.join(out, "checkpoint", "latest.json")))["step"] == 6
-    assert main(["train", *_argv({**TINY, "workers": 2, "out_dir": out, "resume": "true"})]) == 0
+def test_streaming_diloco_workers_identical_at_each_phase_end(ablations):
+    # fragments=2: one fragment is sent after odd steps, so without the full sync at the
+    # end of each phase the workers would differ in it after 4 steps
+    _assert_workers_agree_each_phase(ablations[1])
+    _assert_workers_agree_each_phase(ablations[0])
+    assert "fragments=2" in open(os.path.join(ablations[1], "report.md")).read()
+
+
+def test_resume_equals_uninterrupted(base_run, ablations):
+    out, (stopped, finished) = ablations[2], ablations[3][2:]
+    assert stopped["interrupted"] and stopped["state"]["global_step"] == 6
+    assert not finished["interrupted"] and finished["state"]["global_step"] == 12
     ref, got = _final_models(base_run), _final_models(out)
     for r in range(2):
         for k, v in ref[r]["model"].items():
             assert torch.equal(v, got[r]["model"][k]), (r, k)
         assert ref[r]["state"]["acc_matrix"] == got[r]["state"]["acc_matrix"]
+        assert ref[r]["state"]["weights_sha1"] == got[r]["state"]["weights_sha1"]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]  # noqa: E731
     assert strip(_rows(out)) == strip(_rows(base_run))
 

@@ -175,6 +175,20 @@ class DiLoCo:
         for frag in sorted(self._in_flight):
             self._merge(frag, self._in_flight.pop(frag).result())
 
+    def sync_all(self) -> None:
+        """Sync every fragment now, e.g. at the end of a training phase (a collective).
+
+        In-flight exchanges are applied first; then each fragment not already sent at
+        the current inner step is exchanged and its outer step applied at once. With
+        ``fragment_alpha == 0`` every worker then holds θ_global for all the parameters,
+        bit for bit. The schedule of later :meth:`step` calls is unchanged."""
+        self.flush()
+        t = self._step
+        for frag in range(self.num_fragments):
+            if t == 0 or t % self.sync_every != self.send_offset(frag):
+                self._send(frag, t)
+        self.flush()
+
     # --- one fragment ------------------------------------------------------------------------
 
     def _send(self, frag: int, t: int) -> None:

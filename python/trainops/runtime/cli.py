@@ -48,7 +48,11 @@ def train(cfg) -> dict:
         rank, world = init_from_env(timeout_s=cfg.timeout_s)
         if rank == 0:
             atomic_write_text(os.path.join(cfg.out_dir, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        return run_worker(rank, world, cfg.to_dict())
+        import torch.distributed as dist
+        try:
+            return {**run_worker(rank, world, cfg.to_dict()), "rank": rank}
+        finally:
+            dist.destroy_process_group()
     atomic_write_text(os.path.join(cfg.out_dir, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     import multiprocessing as mp
 
@@ -97,6 +101,8 @@ def main(argv=None) -> int:
               f"can be resumed with --resume.\n{msg}", file=sys.stderr)
         return 1
     took = time.perf_counter() - start
+    if summary.get("rank", 0) != 0:  # under torchrun: rank 0 speaks for the job
+        return 130 if summary.get("interrupted") else 0
     if summary.get("interrupted"):
         print(f"trainops train: stopped; checkpoint saved in {cfg.out_dir}/checkpoint "
               f"(continue with --resume) after {took:.1f}s", file=sys.stderr)

@@ -3,8 +3,8 @@
 Every example is ``prompt + answer`` as ASCII bytes, right-padded with 0 to ``seq_len``;
 the model is trained (and scored) on predicting the answer bytes only. Domains:
 
-  arith    modular arithmetic over digits: ``"3+8+5="`` -> ``"6"`` ((a+b+c) mod 10)
-  reverse  five letters a-f reversed: ``"cafeb<"`` -> ``"befac"``
+  arith    modular arithmetic over digits: ``"3+8="`` -> ``"1"`` ((a+b) mod 10)
+  reverse  four letters a-f reversed: ``"cafe<"`` -> ``"efac"``
   sort     five letters a-f sorted: ``"cafeb>"`` -> ``"abcef"``
   grammar  Dyck-1 membership of 8 parentheses (half of them balanced): ``"(()())()?"`` -> ``"Y"``
 
@@ -36,6 +36,8 @@ class Domain:
     position ``i`` are scored.
     """
 
+    chance: float | None = None  # exact-match accuracy of a uniform guess per answer byte
+
     def __init__(self, name: str, seq_len: int):
         self.name, self.seq_len = name, seq_len
 
@@ -55,26 +57,31 @@ class Domain:
 
 
 class Arith(Domain):
+    chance = 0.1
+
     def raw(self, gen, n):
-        d = torch.randint(0, 10, (n, 3), generator=gen)
-        ops = torch.tensor([ord("+"), ord("+"), ord("=")]).expand(n, 3)
-        prompt = torch.stack([d[:, 0] + 48, ops[:, 0], d[:, 1] + 48, ops[:, 1], d[:, 2] + 48, ops[:, 2]], 1)
+        d = torch.randint(0, 10, (n, 2), generator=gen)
+        prompt = torch.stack([d[:, 0] + 48, torch.full((n,), ord("+")), d[:, 1] + 48, torch.full((n,), ord("="))], 1)
         return prompt, (d.sum(1, keepdim=True) % 10) + 48
 
 
 class Reverse(Domain):
-    sep, fn = "<", staticmethod(lambda x: x.flip(1))
+    sep, fn, length, letters = "<", staticmethod(lambda x: x.flip(1)), 4, 6
+    chance = letters ** -length
 
     def raw(self, gen, n):
-        x = torch.randint(0, 6, (n, 5), generator=gen) + ord("a")
+        x = torch.randint(0, self.letters, (n, self.length), generator=gen) + ord("a")
         return torch.cat([x, torch.full((n, 1), ord(self.sep))], 1), self.fn(x)
 
 
 class Sort(Reverse):
-    sep, fn = ">", staticmethod(lambda x: x.sort(1).values)
+    sep, fn, length = ">", staticmethod(lambda x: x.sort(1).values), 5
+    chance = Reverse.letters ** -length
 
 
 class Grammar(Domain):
+    chance = 0.5
+
     def raw(self, gen, n):
         m = 8 * n + 8
         # Random arrangements of four "(" and four ")": 14 of the 70 are balanced.

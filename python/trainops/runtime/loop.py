@@ -5,12 +5,15 @@ micro-batches per step) then one phase per task (its domain only, plus rehearsal
 from the :class:`~trainops.replay.ReplayBuffer` when ``replay`` is on). The workers
 are synchronized by Streaming DiLoCo in the ``exchange`` format; a new
 :class:`~trainops.distributed.DiLoCo` starts each phase because the trainable parameters
-change (adapters added). After each phase rank 0 evaluates the accuracy on every
-domain (the accuracy matrix) and after pre-training and at the end the expert-by-domain
-routing counts (specialization).
+change (adapters added). Each phase ends with a sync of every fragment, so all workers
+hold the same weights (recorded as a digest per phase). After each phase rank 0
+evaluates every domain (the accuracy matrix: greedy-decoding exact match, and
+teacher-forced accuracy per answer byte) and the expert-by-domain routing counts
+(specialization).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -61,21 +64,38 @@ def _loss(model, tokens, mask):
 
 
 @torch.no_grad()
+def greedy_answers(model, tokens, mask):
+    """Free generation: the answer bytes of ``tokens`` replaced by the model's own greedy
+    (argmax) continuation of the prompt, one position at a time. Rows may have answers
+    of different lengths and positions (``mask`` marks the logits that predict them)."""
+    gen = torch.where(mask.roll(1, 1).bool(), torch.zeros_like(tokens), tokens)
+    for i in mask.any(0).nonzero().flatten().tolist():
+        pred = model(gen[:, :i + 1])[0][:, i].argmax(-1)
+        gen[:, i + 1] = torch.where(mask[:, i].bool(), pred, gen[:, i + 1])
+    return gen
+
+
+@torch.no_grad()
 def evaluate(model, eval_sets, num_experts):
-    """Per-domain exact-match accuracy of the answer (teacher-forced argmax), and the
-    [layer][domain, expert] routing counts over the non-pad tokens."""
+    """Per-domain accuracy and routing on the held-out sets.
+
+    Returns ``(exact, byte, counts, spec)``: ``exact[d]`` is the free-generation exact-match
+    accuracy (the whole answer greedily decoded from the prompt equals the target; the
+    headline number), ``byte[d]`` the teacher-forced accuracy per answer byte (argmax at
+    each answer position given the true prefix), ``counts`` the [layer][domain, expert]
+    routing counts over the non-pad tokens of the teacher-forced pass, ``spec`` the mean
+    specialization score over the MoE layers."""
     was = model.training
     model.eval()
-    accs, idx_by_layer, doms, valid = [], [[] for _ in model.moe_layers()], [], []
+    exact, byte, idx_by_layer, doms, valid = [], [], [[] for _ in model.moe_layers()], [], []
     with lbl_disabled(model):
         for d, (tokens, mask) in enumerate(eval_sets):
             logits, _ = model(tokens)
-            pred = logits.argmax(-1)
-            target = tokens.roll(-1, 1)
-            ok = ((pred == target) | (mask == 0)).all(1)
-            accs.append(float(ok.float().mean()))
             for i, layer in enumerate(model.moe_layers()):
                 idx_by_layer[i].append(layer.last_indices.cpu())
+            hit = (logits.argmax(-1) == tokens.roll(-1, 1)) & mask.bool()
+            byte.append(float(hit.sum() / mask.sum().clamp_min(1)))
+            exact.append(float((greedy_answers(model, tokens, mask) == tokens).all(1).float().mean()))
             doms.append(torch.full((tokens.numel(),), d, dtype=torch.int64))
             valid.append((tokens != 0).reshape(-1).cpu())
     model.train(was)
@@ -86,7 +106,16 @@ def evaluate(model, eval_sets, num_experts):
         ind = torch.cat(per)
         counts.append(domain_expert_counts(ind, dom, num_experts, D, mask=keep).tolist())
         scores.append(specialization_score(ind, dom, num_experts, D, mask=keep))
-    return accs, counts, sum(scores) / len(scores)
+    return exact, byte, counts, sum(scores) / len(scores)
+
+
+def _weights_sha1(model) -> str:
+    """A digest of every parameter and buffer, to check that the workers agree."""
+    h = hashlib.sha1()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _device(cfg):
@@ -158,13 +187,15 @@ def run_worker(rank: int, world: int, cfg_dict: dict) -> dict:
             _setup_phase(model, cfg, phases[p][2], n_tasks)
     buffer = _replay_buffer(cfg, rank, n_tasks, device)
     stats = CommStats()
-    state = {"acc_matrix": [], "acc_rows": [], "spec": {}, "routing": {}, "bytes_fp32": 0,
+    state = {"acc_matrix": [], "byte_acc_matrix": [], "weights_sha1": {}, "acc_rows": [], "spec": {}, "routing": {}, "bytes_fp32": 0,
              "global_step": 0, "phase_seconds": {}}
     if saved:
         model.load_state_dict(saved["model"])
         if buffer is not None:
             buffer.load_state_dict(saved["replay"])
         state = saved["state"]
+        state.setdefault("byte_acc_matrix", [])
+        state.setdefault("weights_sha1", {})
         for k, v in saved["comm"].items():
             if hasattr(stats, k) and k != "calls":
                 setattr(stats, k, v)
@@ -197,7 +228,7 @@ def run_worker(rank: int, world: int, cfg_dict: dict) -> dict:
             "mora_ranks": [m.num_ranks for m in model.modules() if type(m).__name__ == "MoRALinear"][:1]}
         opt = torch.optim.AdamW(params, lr=cfg.lr if task is None else cfg.task_lr, weight_decay=0.0)
         diloco = DiLoCo(model, opt, sync_every=cfg.sync_every, num_fragments=cfg.fragments,
-                        outer_lr=cfg.outer_lr, outer_momentum=cfg.outer_momentum,
+                        outer_lr=cfg.outer_lr, outer_momentum=cfg.outer_momentum, nesterov=cfg.outer_momentum > 0,
                         fmt=None if cfg.exchange == "fp32" else cfg.exchange, block_size=cfg.block_size,
                         error_feedback=cfg.error_feedback, min_numel=cfg.min_numel, stats=stats)
         first = 1
@@ -270,7 +301,13 @@ def run_worker(rank: int, world: int, cfg_dict: dict) -> dict:
             bar.close()
         if interrupted:
             break
-        diloco.flush()
+        # Streaming DiLoCo leaves the fragments not sent at the last step slightly apart on
+        # each worker: sync them all, so every worker holds the same weights for evaluation,
+        # the next phase and the final checkpoint.
+        before = stats.elements
+        diloco.sync_all()
+        state["bytes_fp32"] += ring_all_reduce_bytes(4 * (stats.elements - before), world)
+        state["weights_sha1"][name] = _weights_sha1(model)
         state["phase_seconds"][name] = state["phase_seconds"].get(name, 0.0) + time.perf_counter() - t0
         if task is not None and buffer is not None:  # rehearsal rows of the finished task
             n = max(1, cfg.replay_capacity // n_tasks)
@@ -278,19 +315,21 @@ def run_worker(rank: int, world: int, cfg_dict: dict) -> dict:
             buffer.add({"tokens": tokens.to(device), "mask": mask.to(device),
                         "task": torch.full((n,), task, dtype=torch.int64, device=device)})
         if rank == 0:
-            accs, counts, spec = evaluate(model, eval_sets, cfg.num_experts)
+            accs, byte_accs, counts, spec = evaluate(model, eval_sets, cfg.num_experts)
             state["acc_rows"].append(name)
             state["acc_matrix"].append(accs)
+            state["byte_acc_matrix"].append(byte_accs)
             state["spec"][name] = spec
             state["routing"][name] = counts
             metrics.log(global_step=state["global_step"], phase=name, event="eval", accuracy=accs,
-                        specialization=spec)
+                        byte_accuracy=byte_accs, specialization=spec, weights_sha1=state["weights_sha1"][name])
             if bar is not None:
-                print(f"[{name}] accuracy " + " ".join(f"{d.name}={a:.3f}" for d, a in zip(domains, accs))
+                print(f"[{name}] exact-match (greedy) " + " ".join(f"{d.name}={a:.3f}" for d, a in zip(domains, accs))
                       + f" specialization={spec:.3f}", flush=True)
     if not interrupted:  # the final checkpoint: phase index past the end marks a complete run
         checkpoint(len(phases), 0, opt, diloco, final=True)
     summary = {"interrupted": interrupted, "state": state, "domains": [d.name for d in domains],
+               "chance": [d.chance for d in domains],
                "bytes_sent": stats.bytes_sent, "comm": stats.as_dict()}
     if rank == 0 and not interrupted:
         from trainops.runtime.report import write_report
