@@ -105,7 +105,7 @@ def table(results: dict, seeds: list[int], extra: list[str], seconds: dict) -> s
         "Cells: mean ± sample standard deviation over the seeds. Accuracy is the greedy-decoding "
         "exact match (the report's headline); forgetting is computed on it. Specialization: normalized "
         "mutual information between domain and routed expert (mean over MoE layers). Wall time: the whole "
-        "command, start-up included, run with `nice -n 19` on a machine shared with other jobs.", "",
+        "command, start-up included (one run at a time; the machine may be shared with other jobs).", "",
         "| run | " + " | ".join(label for _, label in METRICS) + " | mean wall time (s) |",
         "|---|" + "---|" * (len(METRICS) + 1),
     ]
