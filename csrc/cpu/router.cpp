@@ -66,7 +66,7 @@ template <typename F>
 void with_row_kernels(F f) {
 #if defined(TRAINOPS_ROUTER_AVX2)
   const char* env = std::getenv("TRAINOPS_ROUTER_PORTABLE");
-  if (env == nullptr || std::string(env) != "1") return f(Avx2Rows{});
+  if (env == nullptr || std::strcmp(env, "1") != 0) return f(Avx2Rows{});
 #endif
   f(PortableRows{});
 }

@@ -55,7 +55,8 @@ ROUTER_INLINE float exp_approx(float x) {
 ROUTER_INLINE float fmax2(float a, float b) { return a > b ? a : b; }
 
 // Reductions over a row in 8 interleaved lanes combined in a fixed order: vectorizable
-// without reassociation flags, and the same result for the AVX2 and default builds.
+// without reassociation flags, and the same result for both clones of the portable kernels
+// (the AVX2 + FMA kernels of router_rows_avx2.h may differ from them in the last bits).
 ROUTER_INLINE float sum_row(const float* v, int64_t n) {
   float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
   int64_t e = 0;
