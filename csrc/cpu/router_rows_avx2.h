@@ -53,14 +53,19 @@ inline float hmin(__m256 v) {
   return _mm_cvtss_f32(m);
 }
 
-// exp(x) as exp_approx (Cephes: x = n ln2 + r, degree-6 polynomial in r), with FMA;
-// 0 below -87.3 (so exp(-inf) = 0), NaN for NaN, about 1 ulp elsewhere up to 88.
-inline __m256 exp(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.3f);
-  // NaN is the second operand of max/min, so it propagates (callers detect it downstream).
-  const __m256 xc = _mm256_min_ps(_mm256_set1_ps(88.3f), _mm256_max_ps(lo, x));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+// exp(x), x = n ln2 + r with n = round(x log2e) taken from the bits of x log2e + 1.5*2^23
+// (+127, the exponent bias), so 2^n is those bits shifted into the exponent field; exp(r)
+// by the Cephes degree-6 polynomial with FMA; about 1 ulp. x is clamped below at -88,
+// where n + 127 = 0 makes the scale 0: exp(x) = 0 below about -87.7 (exp(-inf) = 0, no
+// subnormals). kClampHigh clamps at 88.3 (exp(88.3) < FLT_MAX); softmax arguments x - max
+// are <= 0 and skip that. NaN stays NaN: it is the second operand of max/min.
+template <bool kClampHigh>
+inline __m256 exp_clamped(__m256 x) {
+  __m256 xc = _mm256_max_ps(_mm256_set1_ps(-88.0f), x);
+  if constexpr (kClampHigh) xc = _mm256_min_ps(_mm256_set1_ps(88.3f), xc);
+  const __m256 magic = _mm256_set1_ps(12583039.0f);  // 1.5 * 2^23 + 127
+  const __m256 t = _mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), magic);
+  const __m256 n = _mm256_sub_ps(t, magic);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
   __m256 p = _mm256_set1_ps(1.9875691500e-4f);
@@ -70,10 +75,13 @@ inline __m256 exp(__m256 x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
   const __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  const __m256 below = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);  // false for NaN
-  return _mm256_andnot_ps(below, _mm256_mul_ps(y, _mm256_castsi256_ps(bits)));
+  const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
+  return _mm256_mul_ps(y, scale);
 }
+
+inline __m256 exp(__m256 x) { return exp_clamped<true>(x); }
+// exp(x) for x <= 0 (or NaN): softmax terms exp(x - max).
+inline __m256 exp_nonpositive(__m256 x) { return exp_clamped<false>(x); }
 
 // Loads and stores of one block of 8: whole (std::true_type) or the row's tail (lanes in mask).
 inline __m256 load(const float* p, __m256i, float, std::true_type) { return _mm256_loadu_ps(p); }
@@ -130,7 +138,7 @@ inline float exp_row(const float* x, int64_t E, float* ex, float* sum) {
   const __m256 vm = _mm256_set1_ps(m);
   __m256 acc = _mm256_setzero_ps();
   for_blocks(x, E, -std::numeric_limits<float>::infinity(), [&](__m256 v, int64_t e, __m256i mask, auto whole) {
-    const __m256 t = avx2::exp(_mm256_sub_ps(v, vm));
+    const __m256 t = exp_nonpositive(_mm256_sub_ps(v, vm));
     acc = _mm256_add_ps(acc, t);
     store(ex + e, t, mask, whole);
   });
@@ -320,7 +328,7 @@ inline SoftmaxGradRow backward_exp(const float* x, int64_t E, const float* gp, f
   const __m256 vm = _mm256_set1_ps(m);
   __m256 acc = _mm256_setzero_ps(), dacc = _mm256_setzero_ps();
   for_blocks(x, E, -std::numeric_limits<float>::infinity(), [&](__m256 v, int64_t e, __m256i mask, auto whole) {
-    const __m256 t = avx2::exp(_mm256_sub_ps(v, vm));
+    const __m256 t = exp_nonpositive(_mm256_sub_ps(v, vm));
     acc = _mm256_add_ps(acc, t);
     dacc = _mm256_fmadd_ps(t, load(gp + e, mask, 0.0f, whole), dacc);  // <exp, gp>, for valid rows
     store(ex + e, t, mask, whole);
