@@ -123,8 +123,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       // Scratch for two rows: the top-k of a pair of rows runs interleaved (topk_rows2).
       const int64_t pad = E + 32;
-      std::vector<float> x(2 * E), s(2 * E), tmp(2 * E), sel(2 * E), tv(2 * k), cval(2 * pad);
-      std::vector<int64_t> cand(2 * pad);
+      std::vector<float> x(2 * E), s(2 * E), tmp(2 * E), sel(2 * E), tv(2 * (k + 1)), cval(2 * pad);
+      std::vector<int64_t> cand(2 * pad), ti(2 * (k + 1));  // k + 1: the top-k's spare slot
       for (int64_t c = c0; c < c1; ++c) {
         float* acc = part_p.data() + c * E;
         int64_t* cnt = part_c.data() + c * E;
@@ -161,23 +161,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
               pick[r] = selr;
             }
           }
-          float* tvp[2] = {tv.data(), tv.data() + k};
-          int64_t* idx[2] = {i_out + t * k, i_out + (t + 1) * k};
+          float* tvp[2] = {tv.data(), tv.data() + k + 1};
+          int64_t* tip[2] = {ti.data(), ti.data() + k + 1};
           int64_t* candp[2] = {cand.data(), cand.data() + pad};
           float* cvalp[2] = {cval.data(), cval.data() + pad};
           if (pair == 2) {
-            rows.topk_rows2(pick, E, k, tvp, idx, candp, cvalp);
+            rows.topk_rows2(pick, E, k, tvp, tip, candp, cvalp);
           } else {
-            rows.topk_row(pick[0], E, k, tvp[0], idx[0], candp[0], cvalp[0]);
+            rows.topk_row(pick[0], E, k, tvp[0], tip[0], candp[0], cvalp[0]);
           }
           for (int r = 0; r < pair; ++r) {
             const int64_t row = t + r;
             const float* sr = s.data() + r * E;
-            // Scalar: idx was just written by scalar stores, which a vector load could not
-            // take from the store buffer.
-            portable::gate_weights(sr, idx[r], k, scale[r], renormalize, w_out + row * k);
-            if (mk != nullptr && !mk[row]) continue;
-            for (int64_t j = 0; j < k; ++j) cnt[idx[r][j]] += 1;
+            const bool valid = mk == nullptr || mk[row];
+            portable::emit_selection(sr, tvp[r], b == nullptr, tip[r], k, scale[r], renormalize, valid,
+                                     w_out + row * k, i_out + row * k, cnt);
+            if (!valid) continue;
             const float p_scale = softmax ? scale[r] : 1.0f / rows.sum_row(sr, E);
             for (int64_t e = 0; e < E; ++e) acc[e] += sr[e] * p_scale;
             if (with_z) z += lse[r] * lse[r];

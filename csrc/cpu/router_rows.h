@@ -120,6 +120,26 @@ ROUTER_INLINE void gate_weights(const float* s, const int64_t* idx, int64_t k, f
   }
 }
 
+// One token's outputs from its top-k (ti, values tv): indices to idx_out, gate weights
+// w_j = s[i_j] * scale (as gate_weights) and, for a valid token, counts[i_j] += 1. When the
+// top-k ran on s itself (no expert bias), tv[j] is s[i_j] and nothing is gathered.
+ROUTER_INLINE void emit_selection(const float* s, const float* tv, bool tv_is_s, const int64_t* ti, int64_t k,
+                                  float scale, bool renormalize, bool valid, float* w, int64_t* idx_out,
+                                  int64_t* counts) {
+  float g = 0.0f;
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t e = ti[j];
+    idx_out[j] = e;
+    w[j] = (tv_is_s ? tv[j] : s[e]) * scale;
+    g += w[j];
+    counts[e] += valid ? 1 : 0;
+  }
+  if (renormalize) {
+    const float inv_g = 1.0f / g;
+    for (int64_t j = 0; j < k; ++j) w[j] = w[j] * inv_g;
+  }
+}
+
 // s <- scores of x; returns logsumexp(x) when softmax or need_lse (else 0).
 // tmp: scratch of E floats; holds softmax(x) afterwards for sigmoid with need_lse.
 ROUTER_CLONES
@@ -219,7 +239,7 @@ void backward_row_softmax(const float* x, int64_t E, int64_t k, bool renormalize
 // 2k of them for random rows), gathered branch-free. Each candidate's rank is then
 // counted against the others (earlier equal values rank ahead) and it is written to slot
 // min(rank, k): no data-dependent branches. Other cases use an insertion into a sorted
-// list of k. cand, cval: E scratch each.
+// list of k. tv, ti: k + 1 entries (slot k is spare); cand, cval: E scratch each.
 ROUTER_CLONES
 void topk_row(const float* v, int64_t E, int64_t k, float* tv, int64_t* ti, int64_t* cand, float* cval) {
   int64_t n = 0;
@@ -251,20 +271,14 @@ void topk_row(const float* v, int64_t E, int64_t k, float* tv, int64_t* ti, int6
     }
     for (int64_t c = 0; c < n; ++c) cval[c] = v[cand[c]];
     if (n >= k && n <= 64) {
-      float ov[9];
-      int64_t oi[9];
       for (int64_t c = 0; c < n; ++c) {
         const float x = cval[c];
         int64_t r = 0;
         for (int64_t d = 0; d < c; ++d) r += cval[d] >= x ? 1 : 0;
         for (int64_t d = c + 1; d < n; ++d) r += cval[d] > x ? 1 : 0;
-        r = r < k ? r : k;
-        ov[r] = x;
-        oi[r] = cand[c];
-      }
-      for (int64_t j = 0; j < k; ++j) {
-        tv[j] = ov[j];
-        ti[j] = oi[j];
+        r = r < k ? r : k;  // ranks past the top-k share the spare slot k
+        tv[r] = x;
+        ti[r] = cand[c];
       }
       return;
     }

@@ -195,20 +195,17 @@ inline bool rank_candidates(const float* cval, const int32_t* ci, int64_t n, int
       g = _mm256_sub_epi32(g, _mm256_castps_si256(_mm256_cmp_ps(_mm256_broadcast_ss(cval + d), x, _CMP_GT_OQ)));
     _mm256_store_si256(reinterpret_cast<__m256i*>(rank + c), g);
   }
-  float ov[64];
-  int64_t oi[64];
+  // Slot = rank; ranks >= k land in slot k, which callers provide as a spare (no branch,
+  // and no copy through a 64-entry buffer).
   uint64_t seen = 0;
   for (int64_t c = 0; c < n; ++c) {
     const int32_t r = rank[c];
     seen |= uint64_t{1} << r;
-    ov[r] = cval[c];
-    oi[r] = ci[c];
+    const int64_t slot = r < k ? r : k;
+    tv[slot] = cval[c];
+    ti[slot] = ci[c];
   }
   if (seen != (n == 64 ? ~uint64_t{0} : (uint64_t{1} << n) - 1)) return false;
-  for (int64_t j = 0; j < k; ++j) {
-    tv[j] = ov[j];
-    ti[j] = oi[j];
-  }
   return true;
 }
 
