@@ -6,11 +6,13 @@ Rows per case (T tokens, E experts, top-k):
   hf_router_lbl HF router (softmax fp32, topk, renormalize) + load_balancing_loss_func
   reference     trainops.reference.router_topk + lbl_from_stats (router + loss)
   ref_compiled  the same under torch.compile
-  fused         trainops.ops.router_topk + lbl_from_stats (router + loss), one kernel each way
+  fused         trainops.ops.router_topk + trainops.nn.LoadBalancingLoss (micro_batch scope),
+                one kernel each way
 Every workload except hf_lbl runs the backward from the LBL and from a fixed upstream
 gradient g of the gate weights (torch.autograd.backward([weights, lbl], [g, 1]), what a
-MoE layer hands the router), so the backward covers the gate weights and the LBL term. ``speedup`` is hf_lbl / row (the issue's
-baseline); the vs_* columns compare fused with the other rows.
+MoE layer hands the router), so the backward covers the gate weights and the LBL term.
+``speedup`` is hf_lbl / row (the issue's baseline); the vs_* columns compare fused with the
+other rows. The rows of a case are timed round-robin (harness.measure_interleaved).
 
 Usage: python benchmarks/bench_router.py [--tokens 16384] [--no-compile] [--quick] [--threads N]
 Sizes are the issue's (T=16384, E in {64,128,256}, k in {4,8}); nothing is reduced.
@@ -24,8 +26,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.harness import Table, default_device, measure, results_suffix  # noqa: E402
+from benchmarks.harness import Table, default_device, measure_interleaved, results_suffix  # noqa: E402
 from trainops import reference as ref  # noqa: E402
+from trainops.nn import LoadBalancingLoss  # noqa: E402
 from trainops.ops import router_topk  # noqa: E402
 
 
@@ -59,10 +62,9 @@ def reference_router_lbl(logits, k, gw):
     return [w, loss], [gw, torch.ones_like(loss)]
 
 
-def fused_router_lbl(logits, k, gw):
+def fused_router_lbl(lbl, logits, k, gw):
     w, _, counts, psum = router_topk(logits, k)
-    T = logits.shape[0]
-    loss = ref.lbl_from_stats(counts, psum, T, T, k)
+    loss = lbl(counts, psum, logits.shape[0])
     return [w, loss], [gw, torch.ones_like(loss)]
 
 
@@ -94,15 +96,16 @@ def main():
         logits = torch.randn(args.tokens, E, device=device, requires_grad=True)
         gw = torch.randn(args.tokens, k, device=device)
         case = {"T": args.tokens, "E": E, "k": k}
-        rows = {}
+        workloads = {}
         if hf is not None:
-            rows["hf_lbl"] = measure(fwd_bwd(lambda x: hf_lbl_only(hf, x, k), logits), device, args.min_run_time)
-            rows["hf_router_lbl"] = measure(fwd_bwd(lambda x: hf_router_lbl(hf, x, k, gw), logits), device,
-                                            args.min_run_time)
-        rows["reference"] = measure(fwd_bwd(reference_router_lbl, logits, k, gw), device, args.min_run_time)
+            workloads["hf_lbl"] = fwd_bwd(lambda x: hf_lbl_only(hf, x, k), logits)
+            workloads["hf_router_lbl"] = fwd_bwd(lambda x: hf_router_lbl(hf, x, k, gw), logits)
+        workloads["reference"] = fwd_bwd(reference_router_lbl, logits, k, gw)
         if compiled is not None:
-            rows["ref_compiled"] = measure(fwd_bwd(compiled, logits, k, gw), device, args.min_run_time)
-        rows["fused"] = measure(fwd_bwd(fused_router_lbl, logits, k, gw), device, args.min_run_time)
+            workloads["ref_compiled"] = fwd_bwd(compiled, logits, k, gw)
+        lbl = LoadBalancingLoss(E, k, 1.0, scope="micro_batch")
+        workloads["fused"] = fwd_bwd(lambda x: fused_router_lbl(lbl, x, k, gw), logits)
+        rows = measure_interleaved(workloads, device, args.min_run_time)
         base = "hf_lbl" if "hf_lbl" in rows else "reference"
         f = rows["fused"].median_s
         for name, t in rows.items():

@@ -1,7 +1,8 @@
 """Shared benchmark harness: timing, side-by-side tables with speedup ratios, CSV output.
 
 Timing: ``torch.utils.benchmark`` on CPU; ``triton.testing.do_bench`` (CUDA events,
-cache flushed) on GPU. Every case reports the median and the 20th/80th percentiles.
+cache flushed) on GPU; ``measure_interleaved`` times the rows of one case round-robin on
+CPU, so that the ratios do not depend on when each row ran on a shared machine. Every case reports the median and the 20th/80th percentiles.
 Each row names its baseline and prints ``speedup = baseline median / row median``,
 measured in the same process. CSV files go to benchmarks/results/ with the device,
 torch version and date on every row.
@@ -62,6 +63,37 @@ def measure(fn, device: str = "cpu", min_run_time: float = 0.5) -> Timing:
     m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
         min_run_time=min_run_time)
     return _quantiles(m.times)  # seconds per call, one entry per measured block
+
+
+def measure_interleaved(fns: dict, device: str = "cpu", min_run_time: float = 0.5,
+                        block_time: float = 0.02) -> dict:
+    """Time several workloads that are compared with each other, round-robin: each round
+    times one block of calls of every workload in turn, so a slow phase of a shared
+    machine falls on all of them instead of on whichever ran then. Returns name -> Timing
+    (median and 20/80 percentiles over the blocks, seconds per call). On CUDA each
+    workload is timed by ``measure`` (events on an otherwise idle device)."""
+    if device.startswith("cuda"):
+        return {name: measure(fn, device, min_run_time) for name, fn in fns.items()}
+    import time
+
+    calls = {}
+    for name, fn in fns.items():
+        fn()  # warm-up (allocations, first-call dispatch, compilation)
+        t0 = time.perf_counter()
+        fn()
+        calls[name] = max(1, int(block_time / max(time.perf_counter() - t0, 1e-9)))
+    times = {name: [] for name in fns}
+    spent = dict.fromkeys(fns, 0.0)
+    while min(spent.values()) < min_run_time or min(len(t) for t in times.values()) < 7:
+        for name, fn in fns.items():
+            n = calls[name]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            dt = time.perf_counter() - t0
+            times[name].append(dt / n)
+            spent[name] += dt
+    return {name: _quantiles(t) for name, t in times.items()}
 
 
 @dataclass

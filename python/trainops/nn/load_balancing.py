@@ -151,23 +151,39 @@ class LoadBalancingLoss(nn.Module):
                              f"{tuple(prob_sum.shape)}")
         if num_tokens is None:
             num_tokens = counts.sum() // K
-        num_tokens = torch.as_tensor(num_tokens, device=counts.device)
-        p = prob_sum.float() / num_tokens.clamp_min(1).to(torch.float32)
-        total = prob_sum.new_zeros((), dtype=torch.float32)
+        # The f-scopes are linear in P = prob_sum / n: their sum is <c, prob_sum> with the
+        # per-expert constant c = coeff · Σ_scope weight · N_E · f_scope / n (no gradient):
+        # one autograd node instead of a chain of small ones.
+        if isinstance(num_tokens, torch.Tensor):
+            num_tokens = num_tokens.to(counts.device)
+            n = num_tokens.clamp_min(1).to(torch.float32)
+            n_dev = n.to(prob_sum.device)
+        else:  # a Python number: the scale stays on the host
+            n = n_dev = float(max(num_tokens, 1))
+        coef = None
+        seq_total = None
         # The all-reduce of the global counts overlaps the other scopes' work.
-        pending = self._start_global(counts, num_tokens) if "global" in self.scopes else None
+        pending = self._start_global(counts, torch.as_tensor(num_tokens, device=counts.device)) \
+            if "global" in self.scopes else None
         for name in sorted(self.scopes, key=lambda n: n == "global"):  # global last: its wait last
             weight = self.scopes[name]
+            if name == "sequence":
+                term = (self.coeff * weight) * self._sequence_term(logits, indices, mask, seq_len, score)
+                seq_total = term if seq_total is None else seq_total + term
+                continue
             if name == "micro_batch":
-                f = counts.float() / (K * num_tokens.clamp_min(1).to(torch.float32))
-                total = total + weight * E * (f * p).sum()
-            elif name == "global":
-                acc_counts, acc_tokens = self._finish_global(pending)
-                f = acc_counts.to(p.device, torch.float32) / (K * acc_tokens.clamp_min(1).to(p.device, torch.float32))
-                total = total + weight * E * (f * p).sum()
+                term = counts.to(torch.float32) * (self.coeff * weight * E / K) / (n * n)
             else:
-                total = total + weight * self._sequence_term(logits, indices, mask, seq_len, score)
-        return self.coeff * total
+                acc_counts, acc_tokens = self._finish_global(pending)
+                acc_n = acc_tokens.clamp_min(1).to(prob_sum.device, torch.float32)
+                term = acc_counts.to(prob_sum.device, torch.float32) * (self.coeff * weight * E / K) / (acc_n * n_dev)
+            coef = term if coef is None else coef + term
+        total = seq_total
+        if coef is not None:
+            total = torch.dot(coef.to(prob_sum.device), prob_sum.to(torch.float32))
+            if seq_total is not None:
+                total = total + seq_total
+        return total
 
     def _sequence_term(self, logits, indices, mask, seq_len, score) -> torch.Tensor:
         # Composed PyTorch: per-sequence statistics are a segmented reduction the fused op
