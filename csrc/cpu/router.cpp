@@ -23,6 +23,7 @@
 #include "router_rows_avx2.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -35,6 +36,34 @@ namespace trainops {
 namespace {
 
 constexpr int64_t kChunk = 64;
+
+// Pieces of [0, n), handed out in order from a shared counter.
+class PieceQueue {
+ public:
+  PieceQueue(int64_t n, int64_t grain) : n_(n), grain_(grain) {}
+  bool pop(int64_t& begin, int64_t& end) {
+    const int64_t p = next_.fetch_add(1, std::memory_order_relaxed);
+    begin = p * grain_;
+    end = std::min(n_, begin + grain_);
+    return begin < n_;
+  }
+
+ private:
+  std::atomic<int64_t> next_{0};
+  const int64_t n_, grain_;
+};
+
+// worker(queue) on each of the threads; each worker pops pieces until none are left. Not a
+// fixed split: a thread that the machine slows or deschedules leaves its pieces to the
+// others instead of holding up the whole call. The kernels write per piece (rows, chunk
+// partial sums), so results do not depend on which thread ran a piece.
+template <typename F>
+void parallel_pieces(int64_t n, int64_t grain, const F& worker) {
+  PieceQueue queue(n, grain);
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / grain);
+  if (workers <= 1 || at::in_parallel_region()) return worker(queue);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(queue); });
+}
 
 // The row kernels, as types whose members are constant function pointers (calls through
 // them are direct and inline). with_row_kernels(f) calls f with the AVX2 + FMA kernels
@@ -120,11 +149,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
   with_row_kernels([&](auto rows) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "trainops_router_topk", [&] {
     const scalar_t* X = logits.const_data_ptr<scalar_t>();
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    parallel_pieces(chunks, 4, [&](PieceQueue& queue) {
       // Scratch for two rows: the top-k of a pair of rows runs interleaved (topk_rows2).
       const int64_t pad = E + 32;
       std::vector<float> x(2 * E), s(2 * E), tmp(2 * E), sel(2 * E), tv(2 * (k + 1)), cval(2 * pad);
       std::vector<int64_t> cand(2 * pad), ti(2 * (k + 1));  // k + 1: the top-k's spare slot
+      int64_t c0, c1;
+      while (queue.pop(c0, c1))
       for (int64_t c = c0; c < c1; ++c) {
         float* acc = part_p.data() + c * E;
         int64_t* cnt = part_c.data() + c * E;
@@ -234,8 +265,10 @@ at::Tensor router_topk_backward_cpu(const at::Tensor& grad_weights_in, const at:
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "trainops_router_topk_backward", [&] {
     const scalar_t* X = logits.const_data_ptr<scalar_t>();
     scalar_t* G = grad.data_ptr<scalar_t>();
-    at::parallel_for(0, T, kChunk, [&](int64_t t0, int64_t t1) {
+    parallel_pieces(T, 4 * kChunk, [&](PieceQueue& queue) {
       std::vector<float> x(2 * E), s(2 * E), p(E), ds(E), dx(2 * E);
+      int64_t t0, t1;
+      while (queue.pop(t0, t1))
       for (int64_t t = t0; t < t1; ++t) {
         const bool valid = mk == nullptr || mk[t];
         if (softmax && k <= 64) {  // two rows at a time, interleaved; fp32 rows in place
