@@ -155,65 +155,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
       std::vector<float> x(2 * E), s(2 * E), tmp(2 * E), sel(2 * E), tv(2 * (k + 1)), cval(2 * pad);
       std::vector<int64_t> cand(2 * pad), ti(2 * (k + 1));  // k + 1: the top-k's spare slot
       int64_t c0, c1;
-      while (queue.pop(c0, c1))
-      for (int64_t c = c0; c < c1; ++c) {
-        float* acc = part_p.data() + c * E;
-        int64_t* cnt = part_c.data() + c * E;
-        float z = 0.0f;
-        const int64_t row_end = std::min(T, (c + 1) * kChunk);
-        for (int64_t t = c * kChunk; t < row_end; t += 2) {
-          const int pair = t + 1 < row_end ? 2 : 1;
-          float scale[2] = {1.0f, 1.0f}, lse[2] = {0.0f, 0.0f};
-          const float* pick[2];
-          for (int r = 0; r < pair; ++r) {
-            const int64_t row = t + r;
-            const bool valid = mk == nullptr || mk[row];
-            float* sr = s.data() + r * E;
-            const float* xr = x.data() + r * E;
-            if constexpr (std::is_same_v<scalar_t, float>) {
-              xr = reinterpret_cast<const float*>(X + row * E);  // fp32 rows are read in place
+      while (queue.pop(c0, c1)) {
+        for (int64_t c = c0; c < c1; ++c) {
+          float* acc = part_p.data() + c * E;
+          int64_t* cnt = part_c.data() + c * E;
+          float z = 0.0f;
+          const int64_t row_end = std::min(T, (c + 1) * kChunk);
+          for (int64_t t = c * kChunk; t < row_end; t += 2) {
+            const int pair = t + 1 < row_end ? 2 : 1;
+            float scale[2] = {1.0f, 1.0f}, lse[2] = {0.0f, 0.0f};
+            const float* pick[2];
+            for (int r = 0; r < pair; ++r) {
+              const int64_t row = t + r;
+              const bool valid = mk == nullptr || mk[row];
+              float* sr = s.data() + r * E;
+              const float* xr = x.data() + r * E;
+              if constexpr (std::is_same_v<scalar_t, float>) {
+                xr = reinterpret_cast<const float*>(X + row * E);  // fp32 rows are read in place
+              } else {
+                load_row(X + row * E, E, x.data() + r * E);
+              }
+              // Softmax rows keep exp(x - max) in s and scale by 1/sum where needed: one pass
+              // fewer, and the top-k of exp(x - max) is the top-k of the softmax.
+              if (softmax) {
+                float sum;
+                const float m = rows.exp_row(xr, E, sr, &sum);
+                scale[r] = 1.0f / sum;
+                if (with_z && valid) lse[r] = m + std::log(sum);
+              } else {
+                lse[r] = rows.scores_row(xr, E, false, with_z && valid, sr, tmp.data() + r * E);
+              }
+              pick[r] = sr;
+              if (b != nullptr) {
+                float* selr = sel.data() + r * E;
+                for (int64_t e = 0; e < E; ++e) selr[e] = sr[e] * scale[r] + b[e];
+                pick[r] = selr;
+              }
+            }
+            float* tvp[2] = {tv.data(), tv.data() + k + 1};
+            int64_t* tip[2] = {ti.data(), ti.data() + k + 1};
+            int64_t* candp[2] = {cand.data(), cand.data() + pad};
+            float* cvalp[2] = {cval.data(), cval.data() + pad};
+            if (pair == 2) {
+              rows.topk_rows2(pick, E, k, tvp, tip, candp, cvalp);
             } else {
-              load_row(X + row * E, E, x.data() + r * E);
+              rows.topk_row(pick[0], E, k, tvp[0], tip[0], candp[0], cvalp[0]);
             }
-            // Softmax rows keep exp(x - max) in s and scale by 1/sum where needed: one pass
-            // fewer, and the top-k of exp(x - max) is the top-k of the softmax.
-            if (softmax) {
-              float sum;
-              const float m = rows.exp_row(xr, E, sr, &sum);
-              scale[r] = 1.0f / sum;
-              if (with_z && valid) lse[r] = m + std::log(sum);
-            } else {
-              lse[r] = rows.scores_row(xr, E, false, with_z && valid, sr, tmp.data() + r * E);
-            }
-            pick[r] = sr;
-            if (b != nullptr) {
-              float* selr = sel.data() + r * E;
-              for (int64_t e = 0; e < E; ++e) selr[e] = sr[e] * scale[r] + b[e];
-              pick[r] = selr;
+            for (int r = 0; r < pair; ++r) {
+              const int64_t row = t + r;
+              const float* sr = s.data() + r * E;
+              const bool valid = mk == nullptr || mk[row];
+              portable::emit_selection(sr, tvp[r], b == nullptr, tip[r], k, scale[r], renormalize, valid,
+                                       w_out + row * k, i_out + row * k, cnt);
+              if (!valid) continue;
+              const float p_scale = softmax ? scale[r] : 1.0f / rows.sum_row(sr, E);
+              for (int64_t e = 0; e < E; ++e) acc[e] += sr[e] * p_scale;
+              if (with_z) z += lse[r] * lse[r];
             }
           }
-          float* tvp[2] = {tv.data(), tv.data() + k + 1};
-          int64_t* tip[2] = {ti.data(), ti.data() + k + 1};
-          int64_t* candp[2] = {cand.data(), cand.data() + pad};
-          float* cvalp[2] = {cval.data(), cval.data() + pad};
-          if (pair == 2) {
-            rows.topk_rows2(pick, E, k, tvp, tip, candp, cvalp);
-          } else {
-            rows.topk_row(pick[0], E, k, tvp[0], tip[0], candp[0], cvalp[0]);
-          }
-          for (int r = 0; r < pair; ++r) {
-            const int64_t row = t + r;
-            const float* sr = s.data() + r * E;
-            const bool valid = mk == nullptr || mk[row];
-            portable::emit_selection(sr, tvp[r], b == nullptr, tip[r], k, scale[r], renormalize, valid,
-                                     w_out + row * k, i_out + row * k, cnt);
-            if (!valid) continue;
-            const float p_scale = softmax ? scale[r] : 1.0f / rows.sum_row(sr, E);
-            for (int64_t e = 0; e < E; ++e) acc[e] += sr[e] * p_scale;
-            if (with_z) z += lse[r] * lse[r];
-          }
+          part_z[c] = z;
         }
-        part_z[c] = z;
       }
     });
   });
@@ -268,47 +269,48 @@ at::Tensor router_topk_backward_cpu(const at::Tensor& grad_weights_in, const at:
     parallel_pieces(T, 4 * kChunk, [&](PieceQueue& queue) {
       std::vector<float> x(2 * E), s(2 * E), p(E), ds(E), dx(2 * E);
       int64_t t0, t1;
-      while (queue.pop(t0, t1))
-      for (int64_t t = t0; t < t1; ++t) {
-        const bool valid = mk == nullptr || mk[t];
-        if (softmax && k <= 64) {  // two rows at a time, interleaved; fp32 rows in place
-          const int pair = t + 1 < t1 ? 2 : 1;
-          const float* xr[2];
-          float* dr[2];
-          bool ok[2];
-          const float* gwr[2] = {GW + t * k, GW + (t + 1) * k};
-          const int64_t* idr[2] = {IDX + t * k, IDX + (t + 1) * k};
-          float* sr[2] = {s.data(), s.data() + E};
-          for (int r = 0; r < pair; ++r) {
-            ok[r] = mk == nullptr || mk[t + r];
-            xr[r] = x.data() + r * E;
-            dr[r] = dx.data() + r * E;
-            if constexpr (std::is_same_v<scalar_t, float>) {
-              xr[r] = reinterpret_cast<const float*>(X + (t + r) * E);
-              dr[r] = reinterpret_cast<float*>(G + (t + r) * E);
-            } else {
-              load_row(X + (t + r) * E, E, x.data() + r * E);
-            }
-          }
-          if (pair == 2) {
-            rows.backward_rows2_softmax(xr, E, k, renormalize, ok, with_z, GP, gwr, idr, gz, sr, dr);
-          } else {
-            rows.backward_row_softmax(xr[0], E, k, renormalize, ok[0], with_z, GP, gwr[0], idr[0], gz, sr[0], dr[0]);
-          }
-          if constexpr (!std::is_same_v<scalar_t, float>) {
+      while (queue.pop(t0, t1)) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const bool valid = mk == nullptr || mk[t];
+          if (softmax && k <= 64) {  // two rows at a time, interleaved; fp32 rows in place
+            const int pair = t + 1 < t1 ? 2 : 1;
+            const float* xr[2];
+            float* dr[2];
+            bool ok[2];
+            const float* gwr[2] = {GW + t * k, GW + (t + 1) * k};
+            const int64_t* idr[2] = {IDX + t * k, IDX + (t + 1) * k};
+            float* sr[2] = {s.data(), s.data() + E};
             for (int r = 0; r < pair; ++r) {
-              scalar_t* out = G + (t + r) * E;
-              for (int64_t e = 0; e < E; ++e) out[e] = static_cast<scalar_t>(dr[r][e]);
+              ok[r] = mk == nullptr || mk[t + r];
+              xr[r] = x.data() + r * E;
+              dr[r] = dx.data() + r * E;
+              if constexpr (std::is_same_v<scalar_t, float>) {
+                xr[r] = reinterpret_cast<const float*>(X + (t + r) * E);
+                dr[r] = reinterpret_cast<float*>(G + (t + r) * E);
+              } else {
+                load_row(X + (t + r) * E, E, x.data() + r * E);
+              }
             }
+            if (pair == 2) {
+              rows.backward_rows2_softmax(xr, E, k, renormalize, ok, with_z, GP, gwr, idr, gz, sr, dr);
+            } else {
+              rows.backward_row_softmax(xr[0], E, k, renormalize, ok[0], with_z, GP, gwr[0], idr[0], gz, sr[0], dr[0]);
+            }
+            if constexpr (!std::is_same_v<scalar_t, float>) {
+              for (int r = 0; r < pair; ++r) {
+                scalar_t* out = G + (t + r) * E;
+                for (int64_t e = 0; e < E; ++e) out[e] = static_cast<scalar_t>(dr[r][e]);
+              }
+            }
+            t += pair - 1;
+            continue;
           }
-          t += pair - 1;
-          continue;
+          load_row(X + t * E, E, x.data());
+          portable::backward_row(x.data(), E, k, softmax, renormalize, valid, with_z, GP, GW + t * k, IDX + t * k, gz, s.data(),
+                       p.data(), ds.data(), dx.data());
+          scalar_t* out = G + t * E;
+          for (int64_t e = 0; e < E; ++e) out[e] = static_cast<scalar_t>(dx[e]);
         }
-        load_row(X + t * E, E, x.data());
-        portable::backward_row(x.data(), E, k, softmax, renormalize, valid, with_z, GP, GW + t * k, IDX + t * k, gz, s.data(),
-                     p.data(), ds.data(), dx.data());
-        scalar_t* out = G + t * E;
-        for (int64_t e = 0; e < E; ++e) out[e] = static_cast<scalar_t>(dx[e]);
       }
     });
   });

@@ -267,8 +267,11 @@ inline void topk_bound(TopkRow& r, int64_t E, int64_t k) {
 inline void topk_candidates(TopkRow& r, int64_t E) {
   int32_t* ci = reinterpret_cast<int32_t*>(r.cand);
   int64_t n = 0;
-  for_blocks(r.v, E, -std::numeric_limits<float>::infinity(), [&](__m256 x, int64_t e0, __m256i lanes, auto) {
-    const int m = _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(x, r.bound, _CMP_GE_OQ), _mm256_castsi256_ps(lanes)));
+  // The tail's fill (-inf) is below any bound but -inf itself, hence the lane mask there.
+  for_blocks(r.v, E, -std::numeric_limits<float>::infinity(), [&](__m256 x, int64_t e0, __m256i lanes, auto whole) {
+    __m256 ge = _mm256_cmp_ps(x, r.bound, _CMP_GE_OQ);
+    if constexpr (!decltype(whole)::value) ge = _mm256_and_ps(ge, _mm256_castsi256_ps(lanes));
+    const int m = _mm256_movemask_ps(ge);
     const __m256i perm = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kPack.idx[m])));
     _mm256_storeu_ps(r.cval + n, _mm256_permutevar8x32_ps(x, perm));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(ci + n), _mm256_add_epi32(perm, _mm256_set1_epi32(static_cast<int32_t>(e0))));
