@@ -113,16 +113,29 @@ def test_padding_excluded():
 
 
 def test_deterministic_and_thread_invariant():
+    # Threads take pieces of rows from a shared counter, so which thread runs a piece
+    # changes between calls: outputs and gradients must not.
     logits, mask, _ = _inputs(2000, 64, torch.float32, 5, masked=True)
-    a = router_topk(logits, 8, mask=mask, z_loss=True)
+    g = torch.randn(2000, 8, generator=torch.Generator().manual_seed(1))
+
+    def run():
+        x = logits.clone().requires_grad_()
+        out = router_topk(x, 8, mask=mask, z_loss=True)
+        torch.autograd.backward([out[0], out[3], out[4]], [g, torch.linspace(-1, 1, 64), torch.tensor(0.5)])
+        return [t.detach() for t in out] + [x.grad]
+
+    a = run()
     threads = torch.get_num_threads()
     try:
+        torch.set_num_threads(max(threads, 2))
+        runs = [run() for _ in range(3)]
         torch.set_num_threads(1)
-        b = router_topk(logits, 8, mask=mask, z_loss=True)
+        runs.append(run())
     finally:
         torch.set_num_threads(threads)
-    for x, y in zip(a, b):
-        assert torch.equal(x, y)
+    for b in runs:
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
 
 
 def test_balanced_statistics():
