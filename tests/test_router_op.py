@@ -112,6 +112,31 @@ def test_padding_excluded():
     assert torch.equal(router_topk(logits, 4, mask=mask.long())[2], part[2])
 
 
+def test_bias_skips_the_row_max():
+    # A bias that keeps the largest logits from being picked: the chosen experts lie up to
+    # 100 below the row max, and the last row has two banned experts whose probabilities
+    # must not be confused (a shift by anything but the row max would overflow there).
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(8, 16, generator=g)
+    logits[:, 3] = torch.tensor([0.0, 5.0, 40.0, 70.0, 85.0, 95.0, 100.0, 100.0])
+    logits[7, 4] = 95.0
+    bias = torch.zeros(16)
+    bias[3] = bias[4] = -1000.0
+    x1, x2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    got = router_topk(x1, 2, expert_bias=bias, renormalize=False, z_loss=True)
+    exp = ref.router_topk(x2, 2, expert_bias=bias, renormalize=False, z_loss=True)
+    assert not ((got[1] == 3) | (got[1] == 4)).any()
+    # Past a gap of ~87 the chosen experts' scores underflow to 0 here (ties), to
+    # subnormals in the reference: their picks may differ, their weights are ~0 in both.
+    assert torch.equal(got[1][:5], exp[1][:5])
+    torch.testing.assert_close(got[0], exp[0], rtol=1e-5, atol=1e-6)
+    gw, gp = torch.randn(8, 2, generator=g), torch.randn(16, generator=g)
+    torch.autograd.backward([got[0], got[3], got[4]], [gw, gp, torch.tensor(0.3)])
+    torch.autograd.backward([exp[0], exp[3], exp[4] / 8], [gw, gp, torch.tensor(0.3)])
+    assert torch.isfinite(x1.grad).all()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_deterministic_and_thread_invariant():
     # Threads take pieces of rows from a shared counter, so which thread runs a piece
     # changes between calls: outputs and gradients must not.
