@@ -220,11 +220,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
   });
   });
 
-  at::Tensor counts = at::zeros({E}, logits.options().dtype(at::kLong));
-  at::Tensor prob_sum = at::zeros({E}, f32);
-  at::Tensor z_sum = at::zeros({}, f32);
+  // Filled here rather than by at::zeros / fill_: each of those is a dispatched op, and at
+  // E = 64 their overhead is a visible share of the call.
+  at::Tensor counts = at::empty({E}, logits.options().dtype(at::kLong));
+  at::Tensor prob_sum = at::empty({E}, f32);
+  at::Tensor z_sum = at::empty({}, f32);
   int64_t* cp = counts.data_ptr<int64_t>();
   float* pp = prob_sum.data_ptr<float>();
+  std::fill_n(cp, E, int64_t{0});
+  std::fill_n(pp, E, 0.0f);
   float zs = 0.0f;
   for (int64_t c = 0; c < chunks; ++c) {  // chunk order: the same sum for any thread count
     for (int64_t e = 0; e < E; ++e) {
@@ -233,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
     }
     zs += part_z[c];
   }
-  z_sum.fill_(zs);
+  *z_sum.data_ptr<float>() = zs;
   return {weights, indices, counts, prob_sum, z_sum};
 }
 

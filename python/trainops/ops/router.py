@@ -11,6 +11,8 @@ Kernels: C++ on CPU (csrc/cpu/router.cpp), Triton on CUDA (kernels/router.py); s
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from trainops import _extension
@@ -96,7 +98,8 @@ def router_topk(logits: torch.Tensor, k: int, *, score: str = "softmax", renorma
     # Every weight lies in [0, 1] and every prob_sum entry in [0, T] when the logits are
     # finite, and NaN/Inf propagate through sums. Without a mask every row adds to prob_sum,
     # so its E entries decide; padding rows only reach the weights.
-    if check_finite and not bool(torch.isfinite(prob_sum.sum() if mask is None else weights.sum() + prob_sum.sum())):
+    # (A Python float check: torch.isfinite is several dispatched ops, ~80 us on CPU.)
+    if check_finite and not math.isfinite((prob_sum.sum() if mask is None else weights.sum() + prob_sum.sum()).item()):
         raise ValueError("logits contains NaN or Inf (the router scores are not finite); "
                          "check the router input or pass check_finite=False")
     if not z_loss:
