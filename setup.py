@@ -26,7 +26,8 @@ def _rel(paths):
 
 
 def cpu_extension():
-    sources = _rel([os.path.join(ROOT, "csrc", "trainops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    sources = _rel([os.path.join(ROOT, "csrc", "trainops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
+                   + glob.glob(os.path.join(ROOT, "csrc", "autograd", "*.cpp")))
     return CppExtension(
         "trainops._C",
         sources,

@@ -108,7 +108,7 @@ def router_topk(logits: torch.Tensor, k: int, *, score: str = "softmax", renorma
     return weights, indices, counts, prob_sum, z_sum / n_valid
 
 
-# --- registration: fake tensors, autograd, Triton on CUDA -----------------------------------------
+# --- registration: fake tensors, Triton on CUDA (autograd: csrc/autograd/router.cpp) --------------
 
 def _register() -> None:
     @torch.library.register_fake("trainops::router_topk")
@@ -121,25 +121,6 @@ def _register() -> None:
     @torch.library.register_fake("trainops::router_topk_backward")
     def _(grad_weights, grad_prob_sum, grad_z_sum, logits, indices, mask, score, renormalize, with_z):
         return torch.empty_like(logits)
-
-    def setup_context(ctx, inputs, output):
-        logits, k, score, renormalize, expert_bias, mask, with_z = inputs
-        ctx.save_for_backward(logits, output[1], mask)
-        ctx.score, ctx.renormalize, ctx.with_z = score, renormalize, with_z
-
-    def backward(ctx, gw, gi, gc, gp, gz):
-        logits, indices, mask = ctx.saved_tensors
-        if gw is None:
-            gw = logits.new_zeros(indices.shape, dtype=torch.float32)
-        if gp is None:
-            gp = logits.new_zeros(logits.shape[1], dtype=torch.float32)
-        if gz is None:
-            gz = logits.new_zeros((), dtype=torch.float32)
-        grad = torch.ops.trainops.router_topk_backward(gw, gp, gz, logits, indices, mask, ctx.score,
-                                                       ctx.renormalize, ctx.with_z)
-        return grad, None, None, None, None, None, None
-
-    torch.library.register_autograd("trainops::router_topk", backward, setup_context=setup_context)
 
     if HAS_TRITON:
         from trainops.kernels import router as triton_router
