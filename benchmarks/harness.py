@@ -2,7 +2,8 @@
 
 Timing: ``torch.utils.benchmark`` on CPU; ``triton.testing.do_bench`` (CUDA events,
 cache flushed) on GPU; ``measure_interleaved`` times the rows of one case round-robin on
-CPU, so that the ratios do not depend on when each row ran on a shared machine. Every case reports the median and the 20th/80th percentiles.
+CPU, so that the ratios do not depend on when each row ran on a shared machine. Every
+case reports the median and the 20th/80th percentiles.
 Each row names its baseline and prints ``speedup = baseline median / row median``,
 measured in the same process. CSV files go to benchmarks/results/ with the device,
 torch version and date on every row.

@@ -107,21 +107,8 @@ float exp_row(const float* x, int64_t E, float* ex, float* sum) {
   return m;
 }
 
-// Gate weights of one row: w_j = s[idx_j] * scale, divided by their sum when renormalize.
-ROUTER_INLINE void gate_weights(const float* s, const int64_t* idx, int64_t k, float scale, bool renormalize, float* w) {
-  float g = 0.0f;
-  for (int64_t j = 0; j < k; ++j) {
-    w[j] = s[idx[j]] * scale;
-    g += w[j];
-  }
-  if (renormalize) {
-    const float inv_g = 1.0f / g;
-    for (int64_t j = 0; j < k; ++j) w[j] = w[j] * inv_g;
-  }
-}
-
 // One token's outputs from its top-k (ti, values tv): indices to idx_out, gate weights
-// w_j = s[i_j] * scale (as gate_weights) and, for a valid token, counts[i_j] += 1. When the
+// w_j = s[i_j] * scale (renormalized over j if asked) and, for a valid token, counts[i_j] += 1. When the
 // top-k ran on s itself (no expert bias), tv[j] is s[i_j] and nothing is gathered.
 ROUTER_INLINE void emit_selection(const float* s, const float* tv, bool tv_is_s, const int64_t* ti, int64_t k,
                                   float scale, bool renormalize, bool valid, float* w, int64_t* idx_out,
