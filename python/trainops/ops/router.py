@@ -122,6 +122,18 @@ def _register() -> None:
     def _(grad_weights, grad_prob_sum, grad_z_sum, logits, indices, mask, score, renormalize, with_z):
         return torch.empty_like(logits)
 
+    @torch.library.register_fake("trainops::router_topk_saving_scores")
+    def _(logits, k, renormalize, expert_bias, mask, with_z):
+        T, E = logits.shape
+        return (logits.new_empty(T, k, dtype=torch.float32), logits.new_empty(T, k, dtype=torch.int64),
+                logits.new_empty(E, dtype=torch.int64), logits.new_empty(E, dtype=torch.float32),
+                logits.new_empty((), dtype=torch.float32), logits.new_empty(T, E, dtype=torch.float32),
+                logits.new_empty(T, 2, dtype=torch.float32))
+
+    @torch.library.register_fake("trainops::router_topk_backward_saved")
+    def _(grad_weights, grad_prob_sum, grad_z_sum, scores, row_stats, indices, mask, renormalize, with_z, dtype):
+        return scores.new_empty(scores.shape, dtype=dtype)
+
     if HAS_TRITON:
         from trainops.kernels import router as triton_router
 

@@ -1,0 +1,109 @@
+// See buffer_pool.h.
+#include "buffer_pool.h"
+
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <deque>
+#include <mutex>
+#include <string>
+#include <utility>
+
+namespace trainops {
+namespace {
+
+constexpr int64_t kMinBytes = 1 << 20;
+constexpr size_t kAlignment = 64;  // as c10's CPU allocator
+
+int64_t pool_limit_bytes() {
+  const char* env = std::getenv("TRAINOPS_CPU_POOL_MB");
+  const int64_t mb = env != nullptr ? std::atoll(env) : 256;
+  return mb > 0 ? mb << 20 : 0;
+}
+
+class BufferPool {
+ public:
+  void* take(int64_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (auto it = free_.begin(); it != free_.end(); ++it) {
+        if (it->first == bytes) {
+          void* p = it->second;
+          free_.erase(it);
+          cached_ -= bytes;
+          return p;
+        }
+      }
+    }
+    void* p = std::aligned_alloc(kAlignment, static_cast<size_t>((bytes + kAlignment - 1) / kAlignment * kAlignment));
+    TORCH_CHECK(p != nullptr, "trainops: out of memory allocating ", bytes, " bytes");
+    return p;
+  }
+
+  // Keeps p unless it is larger than the limit, evicting the oldest blocks to stay within
+  // it (a lowered limit takes effect here).
+  void give_back(void* p, int64_t bytes) { trim(pool_limit_bytes(), p, bytes); }
+
+  void empty() { trim(0, nullptr, 0); }
+
+  int64_t cached() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return cached_;
+  }
+
+ private:
+  void trim(int64_t limit, void* p, int64_t bytes) {
+    std::deque<std::pair<int64_t, void*>> evicted;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      const bool keep = p != nullptr && bytes <= limit;
+      if (p != nullptr && !keep) evicted.emplace_back(bytes, p);
+      while (!free_.empty() && cached_ + (keep ? bytes : 0) > limit) {  // oldest first
+        evicted.push_back(free_.front());
+        cached_ -= free_.front().first;
+        free_.pop_front();
+      }
+      if (keep) {
+        free_.emplace_back(bytes, p);
+        cached_ += bytes;
+      }
+    }
+    for (auto& block : evicted) std::free(block.second);  // outside the lock
+  }
+
+  std::mutex mutex_;
+  std::deque<std::pair<int64_t, void*>> free_;  // (bytes, block), oldest first
+  int64_t cached_ = 0;
+};
+
+// Never destroyed: tensors may be freed during interpreter shutdown, after static
+// destructors would have run.
+BufferPool& pool() {
+  static BufferPool* instance = new BufferPool();
+  return *instance;
+}
+
+}  // namespace
+
+at::Tensor pooled_empty(at::IntArrayRef sizes, at::ScalarType dtype) {
+  const auto options = at::TensorOptions().dtype(dtype).device(at::kCPU);
+  int64_t numel = 1;
+  for (const int64_t s : sizes) numel *= s;
+  const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(dtype));
+  if (bytes < kMinBytes || pool_limit_bytes() == 0) return at::empty(sizes, options);
+  void* p = pool().take(bytes);
+  return at::from_blob(p, sizes, [bytes](void* q) { pool().give_back(q, bytes); }, options);
+}
+
+int64_t pool_cached_bytes() { return pool().cached(); }
+
+void pool_empty() { pool().empty(); }
+
+TORCH_LIBRARY_FRAGMENT(trainops, m) {
+  // The CPU buffer pool (csrc/cpu/buffer_pool.h): bytes of free blocks it holds; give
+  // them all back to the system (as torch.cuda.empty_cache).
+  m.def("cpu_pool_cached_bytes() -> int", &pool_cached_bytes);
+  m.def("cpu_pool_empty() -> ()", &pool_empty);
+}
+
+}  // namespace trainops

@@ -1,0 +1,30 @@
+// Reuse of large CPU buffers between calls, for the kernels' big per-step outputs (the
+// router's saved scores and its logits gradient, T x E floats each).
+//
+// Why: glibc returns freed blocks of a few MB to the kernel (mmap, or trimming the heap
+// top), so the next step's buffer of the same size page-faults again: 4 KiB at a time,
+// each zeroed by the kernel. At T = 16384, E = 64..256 that is 4-16 MB per buffer and
+// measured at ~17% of a training step's time on 2 cores. Training repeats its shapes, so a
+// small pool of freed blocks, matched by exact byte size, removes nearly all of it (the
+// CUDA caching allocator does the same for cudaMalloc).
+//
+// Blocks smaller than kMinBytes go through at::empty. The pool keeps at most
+// TRAINOPS_CPU_POOL_MB (default 256) of free blocks, evicting the oldest first;
+// TRAINOPS_CPU_POOL_MB=0 turns it off (read at each allocation and free).
+// torch.ops.trainops.cpu_pool_empty() frees the blocks it holds. Tensors from the pool are
+// ordinary CPU tensors (not resizable in place: their storage has no allocator).
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace trainops {
+
+// An uninitialized contiguous CPU tensor of the given sizes and dtype, from the pool
+// when it is at least kMinBytes.
+at::Tensor pooled_empty(at::IntArrayRef sizes, at::ScalarType dtype);
+
+// Bytes of free blocks the pool holds now; pool_empty frees them all.
+int64_t pool_cached_bytes();
+void pool_empty();
+
+}  // namespace trainops

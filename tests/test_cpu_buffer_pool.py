@@ -1,0 +1,62 @@
+"""The CPU buffer pool (csrc/cpu/buffer_pool.h) behind the router's large outputs."""
+import pytest
+import torch
+
+import trainops
+
+pytestmark = pytest.mark.skipif(not trainops.has_extension(), reason="C++ extension not built")
+
+
+@pytest.fixture(autouse=True)
+def empty_pool():
+    torch.ops.trainops.cpu_pool_empty()
+    yield
+    torch.ops.trainops.cpu_pool_empty()
+    assert torch.ops.trainops.cpu_pool_cached_bytes() == 0
+
+
+def _step(x, k):
+    x.grad = None
+    w, _, counts, prob_sum = trainops.ops.router_topk(x, k)
+    ((w * w).sum() + prob_sum.sum()).backward()
+    return x.grad
+
+
+def test_buffers_are_reused_and_results_unchanged(monkeypatch):
+    monkeypatch.setenv("TRAINOPS_CPU_POOL_MB", "256")
+    x = torch.randn(8192, 64, requires_grad=True)  # 2 MiB scores and gradient: pooled
+    first = _step(x, 4).clone()
+    cached_before = torch.ops.trainops.cpu_pool_cached_bytes()
+    assert cached_before >= 8192 * 64 * 4  # the saved scores went back after the backward
+    x.grad = None
+    assert torch.ops.trainops.cpu_pool_cached_bytes() >= 2 * 8192 * 64 * 4  # and the gradient
+    ptrs = set()
+    for _ in range(3):
+        g = _step(x, 4)
+        ptrs.add(g.data_ptr())
+        torch.testing.assert_close(g, first, rtol=0, atol=0)  # reused memory, same bits
+    assert len(ptrs) <= 2  # the same blocks come back
+
+
+def test_pool_limit_and_off(monkeypatch):
+    monkeypatch.setenv("TRAINOPS_CPU_POOL_MB", "0")
+    x = torch.randn(8192, 64, requires_grad=True)
+    reference = _step(x, 4).clone()
+    x.grad = None
+    assert torch.ops.trainops.cpu_pool_cached_bytes() == 0  # freeing with the pool off empties it
+    monkeypatch.setenv("TRAINOPS_CPU_POOL_MB", "3")  # room for one 2 MiB block only
+    g = _step(x, 4)
+    torch.testing.assert_close(g, reference, rtol=0, atol=0)
+    x.grad = None
+    assert 0 < torch.ops.trainops.cpu_pool_cached_bytes() <= 3 << 20
+
+
+def test_small_outputs_are_not_pooled(monkeypatch):
+    monkeypatch.setenv("TRAINOPS_CPU_POOL_MB", "0")
+    x = torch.randn(64, 64, requires_grad=True)
+    _step(x, 2)
+    monkeypatch.setenv("TRAINOPS_CPU_POOL_MB", "256")
+    x.grad = None
+    _step(x, 2)
+    x.grad = None
+    assert torch.ops.trainops.cpu_pool_cached_bytes() == 0
