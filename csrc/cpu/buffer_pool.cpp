@@ -12,7 +12,7 @@
 namespace trainops {
 namespace {
 
-constexpr int64_t kMinBytes = 1 << 20;
+constexpr int64_t kMinBytes = 64 << 10;
 constexpr size_t kAlignment = 64;  // as c10's CPU allocator
 
 int64_t pool_limit_bytes() {

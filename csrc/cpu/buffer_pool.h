@@ -1,5 +1,5 @@
-// Reuse of large CPU buffers between calls, for the kernels' big per-step outputs (the
-// router's saved scores and its logits gradient, T x E floats each).
+// Reuse of CPU buffers between calls, for the kernels' per-step outputs and scratch (the
+// router's saved scores and logits gradient, T x E floats each, its weights and indices).
 //
 // Why: glibc returns freed blocks of a few MB to the kernel (mmap, or trimming the heap
 // top), so the next step's buffer of the same size page-faults again: 4 KiB at a time,
@@ -8,7 +8,7 @@
 // small pool of freed blocks, matched by exact byte size, removes nearly all of it (the
 // CUDA caching allocator does the same for cudaMalloc).
 //
-// Blocks smaller than kMinBytes go through at::empty. The pool keeps at most
+// Blocks smaller than kMinBytes (64 KiB) go through at::empty. The pool keeps at most
 // TRAINOPS_CPU_POOL_MB (default 256) of free blocks, evicting the oldest first;
 // TRAINOPS_CPU_POOL_MB=0 turns it off (read at each allocation and free).
 // torch.ops.trainops.cpu_pool_empty() frees the blocks it holds. Tensors from the pool are

@@ -147,11 +147,16 @@ RouterOutputsWithScores router_forward(const at::Tensor& logits_in, int64_t k, c
   }
   const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
   auto f32 = logits.options().dtype(at::kFloat);
-  at::Tensor weights = at::empty({T, k}, f32);
-  at::Tensor indices = at::empty({T, k}, logits.options().dtype(at::kLong));
+  // Outputs and per-chunk partial sums from the buffer pool: after other work has let glibc
+  // trim its heap, fresh blocks of these sizes page-fault on first touch.
+  at::Tensor weights = pooled_empty({T, k}, at::kFloat);
+  at::Tensor indices = pooled_empty({T, k}, at::kLong);
   const int64_t chunks = (T + kChunk - 1) / kChunk;
-  std::vector<float> part_p(static_cast<size_t>(chunks * E), 0.0f);
-  std::vector<int64_t> part_c(static_cast<size_t>(chunks * E), 0);
+  at::Tensor part_p_t = pooled_empty({chunks, E}, at::kFloat), part_c_t = pooled_empty({chunks, E}, at::kLong);
+  float* part_p = part_p_t.data_ptr<float>();
+  int64_t* part_c = part_c_t.data_ptr<int64_t>();
+  std::fill_n(part_p, chunks * E, 0.0f);
+  std::fill_n(part_c, chunks * E, int64_t{0});
   std::vector<float> part_z(static_cast<size_t>(chunks), 0.0f);
   const bool softmax = score == "softmax";
   const float* b = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
@@ -159,7 +164,7 @@ RouterOutputsWithScores router_forward(const at::Tensor& logits_in, int64_t k, c
   float* w_out = weights.data_ptr<float>();
   int64_t* i_out = indices.data_ptr<int64_t>();
   at::Tensor saved_scores = save_scores ? pooled_empty({T, E}, at::kFloat) : at::empty({0}, f32);
-  at::Tensor row_stats = save_scores ? at::empty({T, 2}, f32) : at::empty({0}, f32);
+  at::Tensor row_stats = save_scores ? pooled_empty({T, 2}, at::kFloat) : at::empty({0}, f32);
   float* S = save_scores ? saved_scores.data_ptr<float>() : nullptr;
   float* RS = save_scores ? row_stats.data_ptr<float>() : nullptr;
 
@@ -174,8 +179,8 @@ RouterOutputsWithScores router_forward(const at::Tensor& logits_in, int64_t k, c
       int64_t c0, c1;
       while (queue.pop(c0, c1)) {
         for (int64_t c = c0; c < c1; ++c) {
-          float* acc = part_p.data() + c * E;
-          int64_t* cnt = part_c.data() + c * E;
+          float* acc = part_p + c * E;
+          int64_t* cnt = part_c + c * E;
           float z = 0.0f;
           const int64_t row_end = std::min(T, (c + 1) * kChunk);
           for (int64_t t = c * kChunk; t < row_end; t += 2) {

@@ -8,6 +8,10 @@ load-balancing term (through ``prob_sum``) and of the z-loss, w.r.t. the logits.
 
 Kernels: C++ on CPU (csrc/cpu/router.cpp), Triton on CUDA (kernels/router.py); spec:
 :mod:`trainops.reference.router`. Reductions are deterministic (fixed-order partial sums).
+Autograd (csrc/autograd/router.cpp): on CPU, softmax routing keeps exp(x - max) fp32 [T, E]
+and two floats per token for the backward (exp is most of the CPU backward's cost), through
+the ops ``router_topk_saving_scores`` / ``router_topk_backward_saved``; otherwise only the
+logits are kept and the backward recomputes the scores.
 """
 from __future__ import annotations
 
