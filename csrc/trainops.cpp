@@ -21,16 +21,6 @@ TORCH_LIBRARY(trainops, m) {
   m.def(
       "router_topk_backward(Tensor grad_weights, Tensor grad_prob_sum, Tensor grad_z_sum, Tensor logits,"
       " Tensor indices, Tensor? mask, str score, bool renormalize, bool with_z) -> Tensor");
-  // The CPU training path of router_topk (softmax): the forward also returns exp(x - max) fp32
-  // [T,E] and per row (1/sum, logsumexp or 0 without z) fp32 [T,2]; the backward starts from
-  // them instead of recomputing the exp. Used by the autograd of router_topk on CPU.
-  m.def(
-      "router_topk_saving_scores(Tensor logits, int k, bool renormalize, Tensor? expert_bias, Tensor? mask,"
-      " bool with_z) -> (Tensor weights, Tensor indices, Tensor counts, Tensor prob_sum, Tensor z_sum,"
-      " Tensor scores, Tensor row_stats)");
-  m.def(
-      "router_topk_backward_saved(Tensor grad_weights, Tensor grad_prob_sum, Tensor grad_z_sum, Tensor scores,"
-      " Tensor row_stats, Tensor indices, Tensor? mask, bool renormalize, bool with_z, ScalarType dtype) -> Tensor");
 
   // Fused replay (trainops.replay.ReplayBuffer, trainops.ops.replay). Rules shared by the CPU
   // and CUDA kernels: csrc/common/replay_common.h. weight_mode: 0 uniform, 1 stored weights with

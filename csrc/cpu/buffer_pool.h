@@ -1,12 +1,12 @@
 // Reuse of CPU buffers between calls, for the kernels' per-step outputs and scratch (the
-// router's saved scores and logits gradient, T x E floats each, its weights and indices).
+// router's logits gradient, T x E, its weights, indices and per-chunk partial sums).
 //
 // Why: glibc returns freed blocks of a few MB to the kernel (mmap, or trimming the heap
 // top), so the next step's buffer of the same size page-faults again: 4 KiB at a time,
-// each zeroed by the kernel. At T = 16384, E = 64..256 that is 4-16 MB per buffer and
-// measured at ~17% of a training step's time on 2 cores. Training repeats its shapes, so a
-// small pool of freed blocks, matched by exact byte size, removes nearly all of it (the
-// CUDA caching allocator does the same for cudaMalloc).
+// each zeroed by the kernel. At T = 16384, E = 64..256 that is 4-16 MB per buffer, and
+// page-fault handling was ~17% of a router training step's time on 2 cores in `perf`.
+// Training repeats its shapes, so a small pool of freed blocks, matched by exact byte
+// size, removes nearly all of it (the CUDA caching allocator does the same for cudaMalloc).
 //
 // Blocks smaller than kMinBytes (64 KiB) go through at::empty. The pool keeps at most
 // TRAINOPS_CPU_POOL_MB (default 256) of free blocks, evicting the oldest first;

@@ -1,18 +1,16 @@
-// CPU kernels of the fused MoE router (trainops::router_topk, router_topk_backward and
-// the training pair router_topk_saving_scores / router_topk_backward_saved).
+// CPU kernels of the fused MoE router (trainops::router_topk, router_topk_backward).
 //
 // Forward, per token t (one pass over the row of logits x_t, fp32 math):
 //   s = softmax(x) or sigmoid(x);  top-k of s + b (b: DeepSeek-V3 aux-loss-free bias,
 //   ties -> lower expert index);  w_j = s[i_j] (/ sum_j s[i_j] if renormalize);
 //   valid tokens add to counts[i_j], prob_sum += p (p = s for softmax, s / sum(s) for
 //   sigmoid) and z_sum += logsumexp(x)^2 (router z-loss, ST-MoE arXiv 2202.08906).
-// Backward: router_topk_backward recomputes s from the logits (nothing of size T x E is
-// saved); router_topk_backward_saved (the CPU training path, see csrc/autograd/router.cpp)
-// starts from exp(x - max) kept by router_topk_saving_scores, as torch.softmax keeps its
-// output, since the exp is most of the backward's cost on CPU. Per row, in one pass,
-// either adds the gate-weight gradient and the load-balancing-loss gradient (dL/dP_i is
-// a per-expert constant, coeff*N_E*f_i/T; "Demons in the Detail", arXiv 2501.11873)
-// before applying the Jacobian of the score function.
+// Backward recomputes s from the logits (nothing of size T x E is saved: keeping exp(x -
+// max) for it was measured no faster once the caches are cold, as in a real model, and
+// slower at E = 256) and, in one pass per row, adds the gate-weight gradient and the
+// load-balancing-loss gradient (dL/dP_i is a per-expert constant, coeff*N_E*f_i/T;
+// "Demons in the Detail", arXiv 2501.11873) before applying the Jacobian of the score
+// function.
 //
 // The row kernels live in router_rows.h (portable) and router_rows_avx2.h (AVX2 + FMA);
 // this file runs them over the rows. Scores whose exp underflows (below ~1.2e-38) are 0.
@@ -82,7 +80,7 @@ struct PortableRows {
   static constexpr auto topk_rows2 = portable::topk_rows2;
   static constexpr auto backward_row_softmax = portable::backward_row_softmax;
   static constexpr auto backward_rows2_softmax = portable::backward_rows2_softmax;
-  static constexpr auto backward_row_saved = portable::backward_row_saved;
+  static constexpr auto add_scaled2 = portable::add_scaled2;
 };
 
 #if defined(TRAINOPS_ROUTER_AVX2)
@@ -94,7 +92,7 @@ struct Avx2Rows {
   static constexpr auto topk_rows2 = avx2::topk_rows2;
   static constexpr auto backward_row_softmax = avx2::backward_row_softmax;
   static constexpr auto backward_rows2_softmax = avx2::backward_rows2_softmax;
-  static constexpr auto backward_row_saved = avx2::backward_row_saved;
+  static constexpr auto add_scaled2 = avx2::add_scaled2;
 };
 #endif
 
@@ -126,16 +124,10 @@ void check_common(const at::Tensor& logits, int64_t k, const std::string& score,
   }
 }
 
-using RouterOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using RouterOutputsWithScores =
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-// The forward; with save_scores (softmax only) it also keeps, for router_topk_backward_saved,
-// ex = exp(x - max) fp32 [T, E] and per row (1 / sum(ex), logsumexp(x) or 0 without z):
-// the backward then has no exp to compute, which is most of its cost on CPU.
-RouterOutputsWithScores router_forward(const at::Tensor& logits_in, int64_t k, const std::string& score,
-                                       bool renormalize, const c10::optional<at::Tensor>& expert_bias,
-                                       const c10::optional<at::Tensor>& mask_in, bool with_z, bool save_scores) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_topk_cpu(
+    const at::Tensor& logits_in, int64_t k, c10::string_view score_sv, bool renormalize,
+    const c10::optional<at::Tensor>& expert_bias, const c10::optional<at::Tensor>& mask_in, bool with_z) {
+  const std::string score(score_sv);
   check_common(logits_in, k, score, mask_in);
   const at::Tensor logits = logits_in.contiguous();
   const int64_t T = logits.size(0), E = logits.size(1);
@@ -163,10 +155,6 @@ RouterOutputsWithScores router_forward(const at::Tensor& logits_in, int64_t k, c
   const bool* mk = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
   float* w_out = weights.data_ptr<float>();
   int64_t* i_out = indices.data_ptr<int64_t>();
-  at::Tensor saved_scores = save_scores ? pooled_empty({T, E}, at::kFloat) : at::empty({0}, f32);
-  at::Tensor row_stats = save_scores ? pooled_empty({T, 2}, at::kFloat) : at::empty({0}, f32);
-  float* S = save_scores ? saved_scores.data_ptr<float>() : nullptr;
-  float* RS = save_scores ? row_stats.data_ptr<float>() : nullptr;
 
   with_row_kernels([&](auto rows) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "trainops_router_topk", [&] {
@@ -190,7 +178,7 @@ RouterOutputsWithScores router_forward(const at::Tensor& logits_in, int64_t k, c
             for (int r = 0; r < pair; ++r) {
               const int64_t row = t + r;
               const bool valid = mk == nullptr || mk[row];
-              float* sr = S != nullptr ? S + row * E : s.data() + r * E;
+              float* sr = s.data() + r * E;
               const float* xr = x.data() + r * E;
               if constexpr (std::is_same_v<scalar_t, float>) {
                 xr = reinterpret_cast<const float*>(X + row * E);  // fp32 rows are read in place
@@ -203,11 +191,7 @@ RouterOutputsWithScores router_forward(const at::Tensor& logits_in, int64_t k, c
                 float sum;
                 const float m = rows.exp_row(xr, E, sr, &sum);
                 scale[r] = 1.0f / sum;
-                if (with_z && (valid || S != nullptr)) lse[r] = m + std::log(sum);
-                if (S != nullptr) {
-                  RS[2 * row] = scale[r];
-                  RS[2 * row + 1] = lse[r];
-                }
+                if (with_z && valid) lse[r] = m + std::log(sum);
               } else {
                 lse[r] = rows.scores_row(xr, E, false, with_z && valid, sr, tmp.data() + r * E);
               }
@@ -227,17 +211,24 @@ RouterOutputsWithScores router_forward(const at::Tensor& logits_in, int64_t k, c
             } else {
               rows.topk_row(pick[0], E, k, tvp[0], tip[0], candp[0], cvalp[0]);
             }
+            const float* srow[2];
+            float p_scale[2] = {0.0f, 0.0f};  // 0: the row adds nothing to prob_sum (padding)
             for (int r = 0; r < pair; ++r) {
               const int64_t row = t + r;
-              const float* sr = S != nullptr ? S + row * E : s.data() + r * E;
+              srow[r] = s.data() + r * E;
               const bool valid = mk == nullptr || mk[row];
-              portable::emit_selection(sr, tvp[r], b == nullptr, tip[r], k, scale[r], renormalize, valid,
+              portable::emit_selection(srow[r], tvp[r], b == nullptr, tip[r], k, scale[r], renormalize, valid,
                                        w_out + row * k, i_out + row * k, cnt);
               if (!valid) continue;
-              const float p_scale = softmax ? scale[r] : 1.0f / rows.sum_row(sr, E);
-              for (int64_t e = 0; e < E; ++e) acc[e] += sr[e] * p_scale;
+              p_scale[r] = softmax ? scale[r] : 1.0f / rows.sum_row(srow[r], E);
               if (with_z) z += lse[r] * lse[r];
             }
+            // prob_sum: both rows of the pair in one pass over acc. A lone or padding row is
+            // replaced by the other row with weight 0 (padding rows may hold NaN or Inf).
+            if (pair == 1 || p_scale[1] == 0.0f) srow[1] = srow[0];
+            if (p_scale[0] == 0.0f) srow[0] = srow[1];
+            if (p_scale[0] != 0.0f || p_scale[1] != 0.0f)
+              rows.add_scaled2(acc, srow[0], p_scale[0], srow[1], p_scale[1], E);
           }
           part_z[c] = z;
         }
@@ -264,21 +255,7 @@ RouterOutputsWithScores router_forward(const at::Tensor& logits_in, int64_t k, c
     zs += part_z[c];
   }
   *z_sum.data_ptr<float>() = zs;
-  return {weights, indices, counts, prob_sum, z_sum, saved_scores, row_stats};
-}
-
-RouterOutputs router_topk_cpu(const at::Tensor& logits, int64_t k, c10::string_view score, bool renormalize,
-                              const c10::optional<at::Tensor>& expert_bias, const c10::optional<at::Tensor>& mask,
-                              bool with_z) {
-  auto [w, i, c, p, z, unused_scores, unused_stats] =
-      router_forward(logits, k, std::string(score), renormalize, expert_bias, mask, with_z, false);
-  return {w, i, c, p, z};
-}
-
-RouterOutputsWithScores router_topk_saving_scores_cpu(const at::Tensor& logits, int64_t k, bool renormalize,
-                                                      const c10::optional<at::Tensor>& expert_bias,
-                                                      const c10::optional<at::Tensor>& mask, bool with_z) {
-  return router_forward(logits, k, "softmax", renormalize, expert_bias, mask, with_z, true);
+  return {weights, indices, counts, prob_sum, z_sum};
 }
 
 at::Tensor router_topk_backward_cpu(const at::Tensor& grad_weights_in, const at::Tensor& grad_prob_sum_in,
@@ -362,70 +339,11 @@ at::Tensor router_topk_backward_cpu(const at::Tensor& grad_weights_in, const at:
   return grad;
 }
 
-// router_topk_backward (softmax) from the forward's saved exp scores and row statistics;
-// the gradient is returned in dtype (the logits' dtype).
-at::Tensor router_topk_backward_saved_cpu(const at::Tensor& grad_weights_in, const at::Tensor& grad_prob_sum_in,
-                                          const at::Tensor& grad_z_sum, const at::Tensor& scores_in,
-                                          const at::Tensor& row_stats_in, const at::Tensor& indices_in,
-                                          const c10::optional<at::Tensor>& mask_in, bool renormalize, bool with_z,
-                                          at::ScalarType dtype) {
-  TORCH_CHECK_VALUE(scores_in.dim() == 2 && scores_in.scalar_type() == at::kFloat,
-                    "trainops: 'scores' must be float32 [tokens, experts]");
-  const int64_t T = scores_in.size(0), E = scores_in.size(1);
-  TORCH_CHECK_VALUE(row_stats_in.sizes() == at::IntArrayRef({T, 2}) && row_stats_in.scalar_type() == at::kFloat,
-                    "trainops: 'row_stats' must be float32 [tokens, 2]");
-  TORCH_CHECK_VALUE(indices_in.dim() == 2 && indices_in.size(0) == T, "trainops: 'indices' must be [tokens, k]");
-  const int64_t k = indices_in.size(1);
-  TORCH_CHECK_VALUE(k >= 1 && k <= std::min<int64_t>(E, 64), "trainops: 'indices' must have 1..min(experts, 64) columns");
-  TORCH_CHECK_VALUE(grad_weights_in.sizes() == indices_in.sizes(), "trainops: 'grad_weights' must be [tokens, k]");
-  TORCH_CHECK_VALUE(grad_prob_sum_in.numel() == E, "trainops: 'grad_prob_sum' must have ", E, " elements");
-  if (mask_in.has_value())
-    TORCH_CHECK_VALUE(mask_in->scalar_type() == at::kBool && mask_in->dim() == 1 && mask_in->size(0) == T,
-                      "trainops: 'mask' must be bool [", T, "]");
-  const at::Tensor scores = scores_in.contiguous(), row_stats = row_stats_in.contiguous();
-  const at::Tensor gw_t = grad_weights_in.to(at::kFloat).contiguous();
-  const at::Tensor gp_t = grad_prob_sum_in.to(at::kFloat).contiguous();
-  const at::Tensor idx_t = indices_in.to(at::kLong).contiguous();
-  const float gz = with_z ? grad_z_sum.to(at::kFloat).item<float>() : 0.0f;
-  const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
-  at::Tensor grad = pooled_empty({T, E}, dtype);
-  const float* EX = scores.const_data_ptr<float>();
-  const float* RS = row_stats.const_data_ptr<float>();
-  const float* GW = gw_t.const_data_ptr<float>();
-  const float* GP = gp_t.const_data_ptr<float>();
-  const int64_t* IDX = idx_t.const_data_ptr<int64_t>();
-  const bool* mk = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
-
-  with_row_kernels([&](auto rows) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "trainops_router_topk_backward_saved", [&] {
-    scalar_t* G = grad.data_ptr<scalar_t>();
-    parallel_pieces(T, 4 * kChunk, [&](PieceQueue& queue) {
-      std::vector<float> dx(std::is_same_v<scalar_t, float> ? 0 : E);
-      int64_t t0, t1;
-      while (queue.pop(t0, t1)) {
-        for (int64_t t = t0; t < t1; ++t) {
-          float* dr = dx.data();
-          if constexpr (std::is_same_v<scalar_t, float>) dr = reinterpret_cast<float*>(G + t * E);
-          rows.backward_row_saved(EX + t * E, RS[2 * t], RS[2 * t + 1], E, k, renormalize, mk == nullptr || mk[t],
-                                  with_z, GP, GW + t * k, IDX + t * k, gz, dr);
-          if constexpr (!std::is_same_v<scalar_t, float>) {
-            for (int64_t e = 0; e < E; ++e) G[t * E + e] = static_cast<scalar_t>(dr[e]);
-          }
-        }
-      }
-    });
-  });
-  });
-  return grad;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(trainops, CPU, m) {
   m.impl("router_topk", &router_topk_cpu);
   m.impl("router_topk_backward", &router_topk_backward_cpu);
-  m.impl("router_topk_saving_scores", &router_topk_saving_scores_cpu);
-  m.impl("router_topk_backward_saved", &router_topk_backward_saved_cpu);
 }
 
 }  // namespace trainops

@@ -107,6 +107,12 @@ float exp_row(const float* x, int64_t E, float* ex, float* sum) {
   return m;
 }
 
+// acc += a * sa + b * sb (two rows' contributions to prob_sum, one pass over acc).
+ROUTER_CLONES
+void add_scaled2(float* acc, const float* a, float sa, const float* b, float sb, int64_t E) {
+  for (int64_t e = 0; e < E; ++e) acc[e] += a[e] * sa + b[e] * sb;
+}
+
 // One token's outputs from its top-k (ti, values tv): indices to idx_out, gate weights
 // w_j = s[i_j] * scale (renormalized over j if asked) and, for a valid token, counts[i_j] += 1. When the
 // top-k ran on s itself (no expert bias), tv[j] is s[i_j] and nothing is gathered.
@@ -185,35 +191,9 @@ void backward_row(const float* x, int64_t E, int64_t k, bool softmax, bool renor
   }
 }
 
-// The softmax Jacobian of backward_row: dx = s * (ds - <s, ds>) + zc * s with ds =
-// dL/dprob_sum (valid rows) + the gate-weight gradient, whose k nonzero entries are added
-// after the dense pass (<s, ds> is split the same way). s may be dx itself (the dense pass
-// is elementwise and the k selected terms are taken first).
-ROUTER_INLINE void softmax_grad(const float* s, float lse, int64_t E, int64_t k, bool renormalize, bool valid,
-                                bool with_z, const float* gp, const float* gw, const int64_t* idx, float gz,
-                                float* dx) {
-  float sg[64];  // s * dL/ds at the chosen experts (k <= 64 on this path)
-  float g = 0.0f;
-  for (int64_t j = 0; j < k; ++j) g += s[idx[j]];
-  float gd = 0.0f;
-  if (renormalize)
-    for (int64_t j = 0; j < k; ++j) gd += gw[j] * (s[idx[j]] / g);
-  float dsel = 0.0f;
-  for (int64_t j = 0; j < k; ++j) {
-    sg[j] = s[idx[j]] * (renormalize ? (gw[j] - gd) / g : gw[j]);
-    dsel += sg[j];
-  }
-  if (valid) {
-    const float dot = dot_row(s, gp, E) + dsel;
-    const float zc = with_z ? 2.0f * gz * lse : 0.0f;
-    for (int64_t e = 0; e < E; ++e) dx[e] = s[e] * (gp[e] - dot) + zc * s[e];
-  } else {
-    for (int64_t e = 0; e < E; ++e) dx[e] = s[e] * -dsel;
-  }
-  for (int64_t j = 0; j < k; ++j) dx[idx[j]] += sg[j];
-}
-
-// backward_row for softmax scores in fewer passes over the row (softmax_grad); k <= 64.
+// backward_row for softmax scores in fewer passes over the row: the softmax Jacobian
+// dx = s * (ds - <s, ds>) with ds = dL/dprob_sum + the gate-weight gradient, whose k
+// nonzero entries are added after the dense pass (<s, ds> is split the same way).
 // dx may alias nothing; s: scratch of E floats.
 ROUTER_CLONES
 void backward_row_softmax(const float* x, int64_t E, int64_t k, bool renormalize, bool valid, bool with_z,
@@ -223,16 +203,27 @@ void backward_row_softmax(const float* x, int64_t E, int64_t k, bool renormalize
   const float sum = sum_row(s, E);
   const float inv = 1.0f / sum;
   for (int64_t e = 0; e < E; ++e) s[e] = s[e] * inv;
-  softmax_grad(s, with_z ? m + std::log(sum) : 0.0f, E, k, renormalize, valid, with_z, gp, gw, idx, gz, dx);
-}
-
-// backward_row_softmax from the forward's ex = exp(x - max) and its row statistics
-// inv = 1 / sum(ex) and lse (used with_z); k <= 64. s = ex * inv is formed in dx.
-ROUTER_CLONES
-void backward_row_saved(const float* ex, float inv, float lse, int64_t E, int64_t k, bool renormalize, bool valid,
-                        bool with_z, const float* gp, const float* gw, const int64_t* idx, float gz, float* dx) {
-  for (int64_t e = 0; e < E; ++e) dx[e] = ex[e] * inv;
-  softmax_grad(dx, lse, E, k, renormalize, valid, with_z, gp, gw, idx, gz, dx);
+  // Gate weights: dL/ds at the chosen experts.
+  float gsel[64];
+  float g = 0.0f;
+  for (int64_t j = 0; j < k; ++j) g += s[idx[j]];
+  if (renormalize) {
+    float gd = 0.0f;
+    for (int64_t j = 0; j < k; ++j) gd += gw[j] * (s[idx[j]] / g);
+    for (int64_t j = 0; j < k; ++j) gsel[j] = (gw[j] - gd) / g;
+  } else {
+    for (int64_t j = 0; j < k; ++j) gsel[j] = gw[j];
+  }
+  float dsel = 0.0f;
+  for (int64_t j = 0; j < k; ++j) dsel += s[idx[j]] * gsel[j];
+  if (valid) {
+    const float dot = dot_row(s, gp, E) + dsel;
+    const float zc = with_z ? 2.0f * gz * (m + std::log(sum)) : 0.0f;
+    for (int64_t e = 0; e < E; ++e) dx[e] = s[e] * (gp[e] - dot) + zc * s[e];
+  } else {
+    for (int64_t e = 0; e < E; ++e) dx[e] = s[e] * -dsel;
+  }
+  for (int64_t j = 0; j < k; ++j) dx[idx[j]] += s[idx[j]] * gsel[j];
 }
 
 // Indices of the k largest of v, descending; equal values keep ascending index order.

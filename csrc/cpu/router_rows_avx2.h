@@ -170,6 +170,16 @@ inline float scores_row(const float* x, int64_t E, bool softmax, bool need_lse, 
   return lse;
 }
 
+// add_scaled2 of router_rows.h: acc += a * sa + b * sb.
+inline void add_scaled2(float* acc, const float* a, float sa, const float* b, float sb, int64_t E) {
+  const __m256 va = _mm256_set1_ps(sa), vb = _mm256_set1_ps(sb);
+  for_blocks(a, E, 0.0f, [&](__m256 x, int64_t e, __m256i mask, auto whole) {
+    const __m256 y = load(b + e, mask, 0.0f, whole);
+    store(acc + e, _mm256_add_ps(load(acc + e, mask, 0.0f, whole), _mm256_fmadd_ps(y, vb, _mm256_mul_ps(x, va))), mask,
+          whole);
+  });
+}
+
 // Left-pack table: for each 8-bit mask, the positions of its set bits, in order.
 struct PackTable {
   alignas(64) uint8_t idx[256][8];
@@ -316,15 +326,14 @@ inline void topk_rows2(const float* const* v, int64_t E, int64_t k, float* const
 // backward_row_softmax of router_rows.h: dx = s * (ds - <s, ds>) + zc * s with
 // ds = dL/dprob_sum (valid rows) + the gate-weight gradient at the k chosen experts.
 // Passes: max, exp (stored unnormalized; its sum and <ex, gp> on the way), output;
-// s = ex * inv on the fly. Two steps (backward_exp, backward_out), so that
-// backward_rows2_softmax can interleave two rows. backward_row_saved starts from the
-// forward's unnormalized exp scores instead (no max or exp pass).
+// s = ex / sum on the fly. Two steps (backward_exp, backward_out), so that
+// backward_rows2_softmax can interleave two rows.
 struct SoftmaxGradRow {
-  float inv, lse, dot_gp;  // 1 / sum(ex), logsumexp(x) (with_z only), <ex, gp>
+  float m, sum, dot_gp;
 };
 
 // Step 1: ex = exp(x - max), its sum and <ex, gp>.
-inline SoftmaxGradRow backward_exp(const float* x, int64_t E, const float* gp, bool with_z, float* ex) {
+inline SoftmaxGradRow backward_exp(const float* x, int64_t E, const float* gp, float* ex) {
   const float m = max_row(x, E);
   const __m256 vm = _mm256_set1_ps(m);
   __m256 acc = _mm256_setzero_ps(), dacc = _mm256_setzero_ps();
@@ -334,14 +343,13 @@ inline SoftmaxGradRow backward_exp(const float* x, int64_t E, const float* gp, b
     dacc = _mm256_fmadd_ps(t, load(gp + e, mask, 0.0f, whole), dacc);  // <exp, gp>, for valid rows
     store(ex + e, t, mask, whole);
   });
-  const float sum = hsum(acc);
-  return {1.0f / sum, with_z ? m + std::log(sum) : 0.0f, hsum(dacc)};
+  return {m, hsum(acc), hsum(dacc)};
 }
 
 // Step 2: the k chosen experts (k <= 8 lanes) and the output pass.
 inline void backward_out(const SoftmaxGradRow& r, int64_t E, int64_t k, bool renormalize, bool valid, bool with_z,
                          const float* gp, const float* gw, const int64_t* idx, float gz, const float* ex, float* dx) {
-  const float inv = r.inv;
+  const float inv = 1.0f / r.sum;
   // ssel = s at the chosen experts, gsel = dL/ds there.
   const __m256i km = tail_mask(k);
   const __m256 ssel = gather_selected(ex, idx, k, inv);
@@ -357,7 +365,7 @@ inline void backward_out(const SoftmaxGradRow& r, int64_t E, int64_t k, bool ren
   const __m256 vinv = _mm256_set1_ps(inv);
   if (valid) {
     const float dot = r.dot_gp * inv + dsel;
-    const float zc = with_z ? 2.0f * gz * r.lse : 0.0f;
+    const float zc = with_z ? 2.0f * gz * (r.m + std::log(r.sum)) : 0.0f;
     const __m256 vdot = _mm256_set1_ps(dot), vzc = _mm256_set1_ps(zc);
     for_blocks(ex, E, 0.0f, [&](__m256 t, int64_t e, __m256i mask, auto whole) {
       const __m256 s = _mm256_mul_ps(t, vinv);
@@ -378,22 +386,7 @@ inline void backward_out(const SoftmaxGradRow& r, int64_t E, int64_t k, bool ren
 inline void backward_row_softmax(const float* x, int64_t E, int64_t k, bool renormalize, bool valid, bool with_z,
                                  const float* gp, const float* gw, const int64_t* idx, float gz, float* ex, float* dx) {
   if (k > 8) return portable::backward_row_softmax(x, E, k, renormalize, valid, with_z, gp, gw, idx, gz, ex, dx);
-  backward_out(backward_exp(x, E, gp, with_z, ex), E, k, renormalize, valid, with_z, gp, gw, idx, gz, ex, dx);
-}
-
-// backward_row_softmax from the forward's ex = exp(x - max) and its row statistics
-// (inv = 1 / sum(ex), lse): one pass for <ex, gp> (valid rows), then the output pass.
-inline void backward_row_saved(const float* ex, float inv, float lse, int64_t E, int64_t k, bool renormalize,
-                               bool valid, bool with_z, const float* gp, const float* gw, const int64_t* idx, float gz,
-                               float* dx) {
-  if (k > 8) return portable::backward_row_saved(ex, inv, lse, E, k, renormalize, valid, with_z, gp, gw, idx, gz, dx);
-  __m256 dacc = _mm256_setzero_ps();
-  if (valid) {
-    for_blocks(ex, E, 0.0f, [&](__m256 t, int64_t e, __m256i mask, auto whole) {
-      dacc = _mm256_fmadd_ps(t, load(gp + e, mask, 0.0f, whole), dacc);
-    });
-  }
-  backward_out({inv, lse, hsum(dacc)}, E, k, renormalize, valid, with_z, gp, gw, idx, gz, ex, dx);
+  backward_out(backward_exp(x, E, gp, ex), E, k, renormalize, valid, with_z, gp, gw, idx, gz, ex, dx);
 }
 
 // backward_row_softmax of two rows (arrays of 2), step by step so the core overlaps them.
@@ -405,8 +398,8 @@ inline void backward_rows2_softmax(const float* const* x, int64_t E, int64_t k, 
       portable::backward_row_softmax(x[j], E, k, renormalize, valid[j], with_z, gp, gw[j], idx[j], gz, ex[j], dx[j]);
     return;
   }
-  const SoftmaxGradRow r0 = backward_exp(x[0], E, gp, with_z, ex[0]);
-  const SoftmaxGradRow r1 = backward_exp(x[1], E, gp, with_z, ex[1]);
+  const SoftmaxGradRow r0 = backward_exp(x[0], E, gp, ex[0]);
+  const SoftmaxGradRow r1 = backward_exp(x[1], E, gp, ex[1]);
   backward_out(r0, E, k, renormalize, valid[0], with_z, gp, gw[0], idx[0], gz, ex[0], dx[0]);
   backward_out(r1, E, k, renormalize, valid[1], with_z, gp, gw[1], idx[1], gz, ex[1], dx[1]);
 }

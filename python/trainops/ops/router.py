@@ -8,10 +8,6 @@ load-balancing term (through ``prob_sum``) and of the z-loss, w.r.t. the logits.
 
 Kernels: C++ on CPU (csrc/cpu/router.cpp), Triton on CUDA (kernels/router.py); spec:
 :mod:`trainops.reference.router`. Reductions are deterministic (fixed-order partial sums).
-Autograd (csrc/autograd/router.cpp): on CPU, softmax routing keeps exp(x - max) fp32 [T, E]
-and two floats per token for the backward (exp is most of the CPU backward's cost), through
-the ops ``router_topk_saving_scores`` / ``router_topk_backward_saved``; otherwise only the
-logits are kept and the backward recomputes the scores.
 """
 from __future__ import annotations
 
@@ -125,18 +121,6 @@ def _register() -> None:
     @torch.library.register_fake("trainops::router_topk_backward")
     def _(grad_weights, grad_prob_sum, grad_z_sum, logits, indices, mask, score, renormalize, with_z):
         return torch.empty_like(logits)
-
-    @torch.library.register_fake("trainops::router_topk_saving_scores")
-    def _(logits, k, renormalize, expert_bias, mask, with_z):
-        T, E = logits.shape
-        return (logits.new_empty(T, k, dtype=torch.float32), logits.new_empty(T, k, dtype=torch.int64),
-                logits.new_empty(E, dtype=torch.int64), logits.new_empty(E, dtype=torch.float32),
-                logits.new_empty((), dtype=torch.float32), logits.new_empty(T, E, dtype=torch.float32),
-                logits.new_empty(T, 2, dtype=torch.float32))
-
-    @torch.library.register_fake("trainops::router_topk_backward_saved")
-    def _(grad_weights, grad_prob_sum, grad_z_sum, scores, row_stats, indices, mask, renormalize, with_z, dtype):
-        return scores.new_empty(scores.shape, dtype=dtype)
 
     if HAS_TRITON:
         from trainops.kernels import router as triton_router
