@@ -222,7 +222,8 @@ inline bool rank_candidates(const float* cval, const int32_t* ci, int64_t n, int
 // Top-k (k <= 8) of v, descending, equal values in ascending index order: the same result
 // as topk_row of router_rows.h, which it falls back to for k > 8, short rows, NaN and ties.
 //   1. bound = the k-th largest of the 16 lane maxima (16 distinct elements, so at most
-//      the row's k-th largest): the smallest lane maximum with fewer than k greater ones.
+//      the row's k-th largest): the smallest lane maximum with fewer than k greater ones;
+//      for k <= 4 the k-th largest of 8 lane maxima.
 //   2. Candidates v >= bound (about k + 4 of a random row) are left-packed 8 at a time
 //      (compare, movemask, table permute), in ascending index order.
 //   3. Rank of each candidate = number of candidates greater than it, counted for 8
@@ -257,6 +258,19 @@ inline void topk_bound(TopkRow& r, int64_t E, int64_t k) {
     m1 = _mm256_max_ps(m1, load_tail(v + e + 8, t1, ninf));
   }
   r.ok = !_mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(m0, m0, _CMP_UNORD_Q), _mm256_cmp_ps(m1, m1, _CMP_UNORD_Q)));
+  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  const __m256i nk = _mm256_set1_epi32(-static_cast<int32_t>(k));
+  if (k <= 4) {
+    // The k-th largest of 8 lane maxima (8 distinct elements): a third of the compares, and
+    // for k <= 4 only ~0.6 more candidates on average than with 16 (random rows, E=64..256).
+    const __m256 m = _mm256_max_ps(m0, m1);
+    alignas(32) float l8[8];
+    _mm256_store_ps(l8, m);
+    __m256i g = _mm256_setzero_si256();
+    for (int i = 0; i < 8; ++i) g = _mm256_add_epi32(g, _mm256_castps_si256(_mm256_cmp_ps(_mm256_broadcast_ss(l8 + i), m, _CMP_GT_OQ)));
+    r.bound = _mm256_set1_ps(hmin(_mm256_blendv_ps(inf, m, _mm256_castsi256_ps(_mm256_cmpgt_epi32(g, nk)))));
+    return;
+  }
   alignas(32) float l[16];
   _mm256_store_ps(l, m0);
   _mm256_store_ps(l + 8, m1);
@@ -266,8 +280,6 @@ inline void topk_bound(TopkRow& r, int64_t E, int64_t k) {
     g0 = _mm256_add_epi32(g0, _mm256_castps_si256(_mm256_cmp_ps(b, m0, _CMP_GT_OQ)));
     g1 = _mm256_add_epi32(g1, _mm256_castps_si256(_mm256_cmp_ps(b, m1, _CMP_GT_OQ)));
   }
-  const __m256i nk = _mm256_set1_epi32(-static_cast<int32_t>(k));
-  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
   const __m256 top0 = _mm256_blendv_ps(inf, m0, _mm256_castsi256_ps(_mm256_cmpgt_epi32(g0, nk)));
   const __m256 top1 = _mm256_blendv_ps(inf, m1, _mm256_castsi256_ps(_mm256_cmpgt_epi32(g1, nk)));
   r.bound = _mm256_set1_ps(hmin(_mm256_min_ps(top0, top1)));
