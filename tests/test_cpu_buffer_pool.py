@@ -60,3 +60,23 @@ def test_small_outputs_are_not_pooled(monkeypatch):
     _step(x, 2)
     x.grad = None
     assert torch.ops.trainops.cpu_pool_cached_bytes() == 0
+
+
+def test_pooled_tensors_behave_like_any_other(monkeypatch):
+    import copy
+    import io
+    monkeypatch.setenv("TRAINOPS_CPU_POOL_MB", "256")
+    x = torch.randn(8192, 64, requires_grad=True)
+    g = _step(x, 4)
+    assert g.is_contiguous() and g.storage_offset() == 0
+    assert torch.equal(copy.deepcopy(g), g)
+    buf = io.BytesIO()
+    torch.save(g, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf), g)
+    w, idx, _, _ = trainops.ops.router_topk(x.detach(), 4)
+    keep = idx.clone()
+    idx.resize_(3 * 8192, 4)  # grows: a fresh allocation, the pooled block goes back
+    assert torch.equal(idx[:8192], keep)
+    w.resize_(10, 4)  # shrinks in place
+    assert w.shape == (10, 4)

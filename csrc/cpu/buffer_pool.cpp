@@ -1,6 +1,8 @@
 // See buffer_pool.h.
 #include "buffer_pool.h"
 
+#include <c10/core/CPUAllocator.h>
+#include <c10/util/strides.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -83,6 +85,13 @@ BufferPool& pool() {
   return *instance;
 }
 
+// DataPtr deleter: ctx holds the block and its byte size.
+void return_block(void* ctx) {
+  auto* block = static_cast<std::pair<void*, int64_t>*>(ctx);
+  pool().give_back(block->first, block->second);
+  delete block;
+}
+
 }  // namespace
 
 at::Tensor pooled_empty(at::IntArrayRef sizes, at::ScalarType dtype) {
@@ -92,7 +101,14 @@ at::Tensor pooled_empty(at::IntArrayRef sizes, at::ScalarType dtype) {
   const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(dtype));
   if (bytes < kMinBytes || pool_limit_bytes() == 0) return at::empty(sizes, options);
   void* p = pool().take(bytes);
-  return at::from_blob(p, sizes, [bytes](void* q) { pool().give_back(q, bytes); }, options);
+  // The block and its size ride in the DataPtr's context, and the storage keeps the CPU
+  // allocator, so the tensor resizes like any other (a larger resize allocates anew and
+  // hands this block back).
+  auto* context = new std::pair<void*, int64_t>(p, bytes);
+  c10::DataPtr data(p, context, &return_block, c10::Device(c10::kCPU));
+  c10::Storage storage(c10::Storage::use_byte_size_t(), bytes, std::move(data), c10::GetCPUAllocator(),
+                       /*resizable=*/true);
+  return at::empty({0}, options).set_(storage, 0, sizes, c10::contiguous_strides(sizes));
 }
 
 int64_t pool_cached_bytes() { return pool().cached(); }

@@ -12,7 +12,7 @@
 // TRAINOPS_CPU_POOL_MB (default 256) of free blocks, evicting the oldest first;
 // TRAINOPS_CPU_POOL_MB=0 turns it off (read at each allocation and free).
 // torch.ops.trainops.cpu_pool_empty() frees the blocks it holds. Tensors from the pool are
-// ordinary CPU tensors (not resizable in place: their storage has no allocator).
+// ordinary CPU tensors (resizable; growing one allocates anew and returns the block).
 #pragma once
 
 #include <ATen/ATen.h>
