@@ -8,7 +8,6 @@
 #include <cstdlib>
 #include <deque>
 #include <mutex>
-#include <string>
 #include <utility>
 
 namespace trainops {

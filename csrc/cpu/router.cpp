@@ -211,24 +211,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
             } else {
               rows.topk_row(pick[0], E, k, tvp[0], tip[0], candp[0], cvalp[0]);
             }
-            const float* srow[2];
-            float p_scale[2] = {0.0f, 0.0f};  // 0: the row adds nothing to prob_sum (padding)
+            // prob_sum gets the valid rows of the pair in one pass over acc.
+            const float* psum_row[2];
+            float psum_scale[2];
+            int n_psum = 0;
             for (int r = 0; r < pair; ++r) {
               const int64_t row = t + r;
-              srow[r] = s.data() + r * E;
+              const float* sr = s.data() + r * E;
               const bool valid = mk == nullptr || mk[row];
-              portable::emit_selection(srow[r], tvp[r], b == nullptr, tip[r], k, scale[r], renormalize, valid,
+              portable::emit_selection(sr, tvp[r], b == nullptr, tip[r], k, scale[r], renormalize, valid,
                                        w_out + row * k, i_out + row * k, cnt);
               if (!valid) continue;
-              p_scale[r] = softmax ? scale[r] : 1.0f / rows.sum_row(srow[r], E);
+              psum_row[n_psum] = sr;
+              psum_scale[n_psum++] = softmax ? scale[r] : 1.0f / rows.sum_row(sr, E);
               if (with_z) z += lse[r] * lse[r];
             }
-            // prob_sum: both rows of the pair in one pass over acc. A lone or padding row is
-            // replaced by the other row with weight 0 (padding rows may hold NaN or Inf).
-            if (pair == 1 || p_scale[1] == 0.0f) srow[1] = srow[0];
-            if (p_scale[0] == 0.0f) srow[0] = srow[1];
-            if (p_scale[0] != 0.0f || p_scale[1] != 0.0f)
-              rows.add_scaled2(acc, srow[0], p_scale[0], srow[1], p_scale[1], E);
+            // A single valid row is added with itself at weight 0: a padding row, which may
+            // hold NaN or Inf, is never read.
+            if (n_psum == 1) {
+              psum_row[1] = psum_row[0];
+              psum_scale[1] = 0.0f;
+            }
+            if (n_psum > 0) rows.add_scaled2(acc, psum_row[0], psum_scale[0], psum_row[1], psum_scale[1], E);
           }
           part_z[c] = z;
         }
