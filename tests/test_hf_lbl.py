@@ -35,10 +35,15 @@ def _model(kind):
     torch.manual_seed(0)
     model = cls(cfg)
     with torch.no_grad():  # routers may be zero-initialised: give them distinct logits
-        for m in model.modules():
-            if type(m).__name__.endswith("TopKRouter"):
-                m.weight.normal_(0, 0.5)
+        for m in _routers(model):
+            (m.gate if hasattr(m, "gate") else m).weight.normal_(0, 0.5)
     return model.eval()
+
+
+def _routers(model):
+    """The modules the drop-in patches: top-k routers (transformers >= 5) or sparse MoE
+    blocks (4.x)."""
+    return tr_integration._router_modules(model)
 
 
 def _batch():
@@ -58,9 +63,10 @@ def test_patched_model_matches_and_aux_is_reference(kind):
     base = model(input_ids=ids, attention_mask=mask, labels=labels)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     losses = apply_global_load_balancing(model, scope="micro_batch")
-    routers = [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
+    routers = _routers(model)
     assert len(losses) == len(routers) == 2
-    assert all(r.forward.__func__ is tr_integration._router_forward for r in routers)
+    fused = (tr_integration._router_forward, tr_integration._sparse_block_forward)
+    assert all(r.forward.__func__ in fused for r in routers)
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
     torch.testing.assert_close(out.logits, base.logits, rtol=1e-5, atol=1e-5)
     flat = mask.reshape(-1).bool()
@@ -102,8 +108,8 @@ def test_class_level_patch_and_revert():
         out = model(input_ids=ids, attention_mask=mask)  # built before the patch
         fresh = _model("mixtral")  # built after it
         fresh_out = fresh(input_ids=ids, attention_mask=mask)
-        routers = [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
-        assert all("_trainops_lbl_losses" in r.__dict__ for r in routers)
+        routers = _routers(model)
+        assert routers and all("_trainops_lbl_losses" in r.__dict__ for r in routers)
     finally:
         revert(None)
     torch.testing.assert_close(out.logits, base.logits, rtol=1e-5, atol=1e-5)
@@ -130,3 +136,75 @@ def test_bad_patch_targets():
     revert(model)
     with pytest.raises(ValueError, match="not patched"):
         revert(model)
+
+
+class _Expert(torch.nn.Module):
+    def __init__(self, hidden, inner):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(hidden, inner, bias=False), torch.nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.silu(self.up(x)))
+
+
+class Qwen2MoeSparseMoeBlock(torch.nn.Module):
+    """transformers 4.x's sparse MoE block, as that version computes it (routing inline:
+    fp32 softmax, top-k, optional renormalization; dropless experts; gated shared
+    expert), so the 4.x path of the drop-in runs in CI, whatever transformers is installed.
+    Named like the HF class: the drop-in finds blocks by class name."""
+
+    def __init__(self, hidden=12, num_experts=5, top_k=2, norm_topk_prob=False, jitter_noise=0.0):
+        super().__init__()
+        self.num_experts, self.top_k, self.norm_topk_prob = num_experts, top_k, norm_topk_prob
+        self.jitter_noise = jitter_noise
+        self.gate = torch.nn.Linear(hidden, num_experts, bias=False)
+        self.experts = torch.nn.ModuleList([_Expert(hidden, 7) for _ in range(num_experts)])
+        self.shared_expert = _Expert(hidden, 6)
+        self.shared_expert_gate = torch.nn.Linear(hidden, 1, bias=False)
+
+    def forward(self, hidden_states):
+        b, s, h = hidden_states.shape
+        if self.training and self.jitter_noise > 0:
+            hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1 - self.jitter_noise,
+                                                                                     1 + self.jitter_noise)
+        x = hidden_states.reshape(-1, h)
+        logits = self.gate(x)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        w, idx = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            w = w / w.sum(-1, keepdim=True)
+        w = w.to(x.dtype)
+        out = torch.zeros_like(x)
+        for e in range(self.num_experts):
+            token, slot = torch.where(idx == e)
+            if token.numel():
+                out.index_add_(0, token, self.experts[e](x[token]) * w[token, slot, None])
+        out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out.reshape(b, s, h), logits
+
+
+@pytest.mark.parametrize("norm_topk_prob,training", [(False, False), (True, False), (True, True)])
+def test_transformers4_sparse_block_path(norm_topk_prob, training):
+    torch.manual_seed(0)
+    block = Qwen2MoeSparseMoeBlock(norm_topk_prob=norm_topk_prob, jitter_noise=0.1).train(training)
+    hidden = torch.randn(3, 7, 12)
+    torch.manual_seed(5)
+    base_out, base_logits = block(hidden.clone())
+    assert tr_integration._router_modules(torch.nn.Sequential(block)) == [block]
+    lbl = tr_integration._patch_router(block, "micro_batch", None)
+    assert block.forward.__func__ is tr_integration._sparse_block_forward
+    torch.manual_seed(5)  # the same jitter draw
+    coll = tr_integration._Collector(None, 7)
+    token = tr_integration._collector.set(coll)
+    try:
+        x = hidden.clone().requires_grad_()
+        out, logits = block(x)
+    finally:
+        tr_integration._collector.reset(token)
+    torch.testing.assert_close(logits, base_logits)
+    torch.testing.assert_close(out, base_out, rtol=1e-5, atol=1e-6)
+    # The layer's LBL term from the fused statistics equals the reference on the same logits.
+    assert len(coll.terms) == 1 and lbl.scopes == {"micro_batch": 1.0}
+    torch.testing.assert_close(coll.terms[0], ref.load_balancing_loss(logits.detach(), 2), rtol=1e-5, atol=1e-6)
+    (out.sum() + coll.terms[0]).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

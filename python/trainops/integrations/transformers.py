@@ -5,7 +5,9 @@
 fused ``trainops.ops.router_topk`` kernel and the causal-LM ``forward`` so that the
 auxiliary loss is computed per layer from the router statistics (no concatenation of
 all layers' logits), with padding tokens (``attention_mask == 0``) excluded. Weights
-and ``state_dict`` are untouched; :func:`revert` restores the original forwards.
+and ``state_dict`` are untouched; :func:`revert` restores the original forwards. Works
+with transformers 4.x (the sparse MoE block's forward is replaced: it routes inline) and
+>= 5 (the router module's forward is replaced).
 
 Loss semantics. HF's ``load_balancing_loss_func`` pools the logits of all layers and
 returns N_E·Σ_i (count_i/T)·P_i, which is K times the Megatron/DeepSeek convention
@@ -34,10 +36,21 @@ from trainops.ops.router import router_topk
 
 __all__ = ["apply_global_load_balancing", "revert", "SUPPORTED_MODEL_TYPES"]
 
-# Router class name -> whether the router casts its gate weights to the logits' dtype.
+# The modules whose forward is rebound, by class name. transformers >= 5 has a router
+# module (<Model>TopKRouter: logits -> logits, weights, indices), where the value says
+# whether it casts its gate weights to the logits' dtype; transformers 4.x routes inline in
+# the sparse MoE block (gate Linear, softmax, top-k, then the experts), whose forward is
+# replaced as a whole (_sparse_block_forward).
 _ROUTERS = {"Qwen2MoeTopKRouter": True, "Qwen3MoeTopKRouter": True, "OlmoeTopKRouter": True,
             "MixtralTopKRouter": False}
-SUPPORTED_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe")
+# model_type -> (module, router class (>= 5), sparse MoE block (4.x), causal-LM class), for
+# the class-level patch.
+_CLASSES = {"qwen2_moe": ("qwen2_moe", "Qwen2MoeTopKRouter", "Qwen2MoeSparseMoeBlock", "Qwen2MoeForCausalLM"),
+            "qwen3_moe": ("qwen3_moe", "Qwen3MoeTopKRouter", "Qwen3MoeSparseMoeBlock", "Qwen3MoeForCausalLM"),
+            "mixtral": ("mixtral", "MixtralTopKRouter", "MixtralSparseMoeBlock", "MixtralForCausalLM"),
+            "olmoe": ("olmoe", "OlmoeTopKRouter", "OlmoeSparseMoeBlock", "OlmoeForCausalLM")}
+_SPARSE_BLOCKS = tuple(block for _, _, block, _ in _CLASSES.values())
+SUPPORTED_MODEL_TYPES = tuple(_CLASSES)
 _CONVENTIONS = ("hf", "normalized")
 
 _collector: contextvars.ContextVar = contextvars.ContextVar("trainops_lbl_collector", default=None)
@@ -48,23 +61,67 @@ class _Collector:
         self.mask, self.seq_len, self.terms = mask, seq_len, []
 
 
-def _router_forward(self, hidden_states):
-    """Fused replacement of ``<Model>TopKRouter.forward``: same outputs, plus this layer's LBL."""
-    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
-    router_logits = F.linear(hidden_states, self.weight)
+def _route(module, router_logits):
+    """The fused router on one layer's logits: (gate weights fp32, expert indices); adds the
+    layer's load-balancing term to the collector of the running forward, if any."""
     coll = _collector.get()
     mask = None
     if coll is not None and coll.mask is not None and coll.mask.numel() == router_logits.shape[0]:
         mask = coll.mask
-    renormalize = getattr(self, "norm_topk_prob", True)  # Mixtral always renormalizes
-    weights, indices, counts, prob_sum = router_topk(router_logits, self.top_k, renormalize=renormalize, mask=mask)
+    renormalize = getattr(module, "norm_topk_prob", True)  # Mixtral always renormalizes
+    weights, indices, counts, prob_sum = router_topk(router_logits, module.top_k, renormalize=renormalize, mask=mask)
     if coll is not None:
-        lbl = self._trainops_lbl_losses[0]
+        lbl = module._trainops_lbl_losses[0]
         coll.terms.append(lbl(counts, prob_sum, logits=router_logits, indices=indices, mask=mask,
                               seq_len=coll.seq_len))
+    return weights, indices
+
+
+def _router_forward(self, hidden_states):
+    """Fused replacement of ``<Model>TopKRouter.forward`` (transformers >= 5): same outputs,
+    plus this layer's LBL."""
+    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+    router_logits = F.linear(hidden_states, self.weight)
+    weights, indices = _route(self, router_logits)
     if self._trainops_cast:
         weights = weights.to(router_logits.dtype)
     return router_logits, weights, indices
+
+
+def _sparse_block_forward(self, hidden_states):
+    """Fused replacement of ``<Model>SparseMoeBlock.forward`` (transformers 4.x): the block's
+    own computation (jitter, gate, dropless experts in ascending order, Qwen2-MoE's gated
+    shared expert) with the routing done by the fused router; plus this layer's LBL."""
+    batch, seq, hidden = hidden_states.shape
+    jitter = getattr(self, "jitter_noise", 0)
+    if self.training and jitter > 0:  # HF scales in place; nothing reads the block's input after it
+        hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - jitter, 1.0 + jitter)
+    x = hidden_states.view(-1, hidden)
+    router_logits = self.gate(x)
+    weights, indices = _route(self, router_logits)
+    weights = weights.to(x.dtype)
+    out = torch.zeros_like(x)
+    # [E, k, T] selection mask; torch.where over an expert's slice lists its tokens by slot,
+    # then by token, so the sums below add in HF's order.
+    selected = F.one_hot(indices, num_classes=self.num_experts).permute(2, 1, 0)
+    for e in torch.greater(selected.sum(dim=(-1, -2)), 0).nonzero().flatten().tolist():
+        slot, token = torch.where(selected[e])
+        y = self.experts[e](x[token]) * weights[token, slot, None]
+        out.index_add_(0, token, y.to(x.dtype))
+    if hasattr(self, "shared_expert"):
+        out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+    return out.reshape(batch, seq, hidden), router_logits
+
+
+def _is_sparse_block(module: nn.Module) -> bool:
+    return type(module).__name__ in _SPARSE_BLOCKS
+
+
+def _router_modules(model: nn.Module) -> list:
+    """The modules to patch: the top-k routers (transformers >= 5), else the sparse MoE
+    blocks (4.x)."""
+    routers = [m for m in model.modules() if type(m).__name__ in _ROUTERS]
+    return routers or [m for m in model.modules() if _is_sparse_block(m)]
 
 
 def _model_forward(self, *args, **kwargs):
@@ -100,20 +157,22 @@ def _model_forward(self, *args, **kwargs):
     return out.to_tuple() if return_dict is False else out
 
 
-def _patch_router(router: nn.Module, scope, group, cast: bool) -> LoadBalancingLoss:
-    lbl = LoadBalancingLoss(router.num_experts, router.top_k, 1.0, scope, group).to(router.weight.device)
+def _attach_loss(router: nn.Module, scope, group) -> LoadBalancingLoss:
+    weight = router.gate.weight if _is_sparse_block(router) else router.weight
+    lbl = LoadBalancingLoss(router.num_experts, router.top_k, 1.0, scope, group).to(weight.device)
     # Plain attributes, not submodules: the model's state_dict stays as it was.
     router.__dict__["_trainops_lbl_losses"] = [lbl]
-    router.__dict__["_trainops_cast"] = cast
-    router.forward = types.MethodType(_router_forward, router)
+    router.__dict__["_trainops_cast"] = _ROUTERS.get(type(router).__name__, True)
     return lbl
 
 
-# model_type -> (module, router class, causal-LM class), for the class-level patch.
-_CLASSES = {"qwen2_moe": ("qwen2_moe", "Qwen2MoeTopKRouter", "Qwen2MoeForCausalLM"),
-            "qwen3_moe": ("qwen3_moe", "Qwen3MoeTopKRouter", "Qwen3MoeForCausalLM"),
-            "mixtral": ("mixtral", "MixtralTopKRouter", "MixtralForCausalLM"),
-            "olmoe": ("olmoe", "OlmoeTopKRouter", "OlmoeForCausalLM")}
+def _patch_router(router: nn.Module, scope, group) -> LoadBalancingLoss:
+    lbl = _attach_loss(router, scope, group)
+    forward = _sparse_block_forward if _is_sparse_block(router) else _router_forward
+    router.forward = types.MethodType(forward, router)
+    return lbl
+
+
 _class_patch: dict = {}  # class -> original forward, while the classes are patched
 _class_instances = weakref.WeakSet()  # modules that got per-instance state from the class patch
 
@@ -123,18 +182,20 @@ def _patch_classes(scope, group, convention) -> None:
 
     if _class_patch:
         raise RuntimeError("apply_global_load_balancing(None): the classes are already patched (call revert(None))")
-    for mod_name, router_name, lm_name in _CLASSES.values():
-        mod = importlib.import_module(f"transformers.models.{mod_name}.modeling_{mod_name}")
-        router_cls, lm_cls = getattr(mod, router_name), getattr(mod, lm_name)
-        cast = _ROUTERS[router_name]
+    for mod_name, router_name, block_name, lm_name in _CLASSES.values():
+        try:
+            mod = importlib.import_module(f"transformers.models.{mod_name}.modeling_{mod_name}")
+        except ImportError:  # a model newer than the installed transformers (Qwen3-MoE: 4.51)
+            continue
+        router_cls = getattr(mod, router_name, None) or getattr(mod, block_name)
+        lm_cls = getattr(mod, lm_name)
+        fused = _router_forward if router_cls.__name__ in _ROUTERS else _sparse_block_forward
 
-        def router_forward(self, hidden_states, _cast=cast):
+        def router_forward(self, hidden_states, _fused=fused):
             if "_trainops_lbl_losses" not in self.__dict__:  # first call: this layer's loss module
-                lbl = LoadBalancingLoss(self.num_experts, self.top_k, 1.0, scope, group).to(self.weight.device)
-                self.__dict__["_trainops_lbl_losses"] = [lbl]
-                self.__dict__["_trainops_cast"] = _cast
+                _attach_loss(self, scope, group)
                 _class_instances.add(self)
-            return _router_forward(self, hidden_states)
+            return _fused(self, hidden_states)
 
         def lm_forward(self, *args, _orig=lm_cls.forward, **kwargs):
             if "_trainops_lbl_patch" not in self.__dict__:
@@ -188,12 +249,12 @@ def apply_global_load_balancing(model: nn.Module | None, scope="global", *, grou
         raise ValueError(f"model type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     if "_trainops_lbl_patch" in model.__dict__:
         raise RuntimeError("apply_global_load_balancing: this model is already patched (call revert first)")
-    routers = [m for m in model.modules() if type(m).__name__ in _ROUTERS]
+    routers = _router_modules(model)
     if not routers:
-        raise ValueError(f"no MoE router ({', '.join(_ROUTERS)}) found in the model")
+        raise ValueError(f"no MoE router ({', '.join((*_ROUTERS, *_SPARSE_BLOCKS))}) found in the model")
     if not hasattr(model, "router_aux_loss_coef"):
         raise ValueError("the model has no router_aux_loss_coef: pass the *ForCausalLM model")
-    losses = [_patch_router(r, scope, group, _ROUTERS[type(r).__name__]) for r in routers]
+    losses = [_patch_router(r, scope, group) for r in routers]
     orig = model.forward
     sig = inspect.signature(orig)
     var_kw = next((p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
