@@ -11,7 +11,34 @@ import os
 import shutil
 
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+
+def _default_cuda_home():
+    """Sets CUDA_HOME, when unset, where torch's own guess would lack the CUDA headers.
+
+    torch takes the parent of the directory of the nvcc on PATH; for an nvcc installed
+    outside the toolkit (e.g. /usr/local/bin/nvcc) that is /usr/local, which has no
+    cuda_runtime.h, and the C++ bindings of the CUDA extension then fail to compile. The
+    toolkit's usual link, /usr/local/cuda, is taken instead when it has the headers.
+    Runs before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return
+    guess = os.path.dirname(os.path.dirname(nvcc))
+    toolkit = "/usr/local/cuda"
+    if not _has_cuda_headers(guess) and _has_cuda_headers(toolkit):
+        os.environ["CUDA_HOME"] = toolkit
+
+
+def _has_cuda_headers(home):
+    return os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))
+
+
+_default_cuda_home()
+from torch.utils.cpp_extension import BuildExtension, CppExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # -ffp-contract=off: no FMA contraction, so CPU results match the reference bit for bit.
@@ -54,6 +81,8 @@ def cuda_extension_or_reason():
 
     if CUDA_HOME is None or shutil.which("nvcc") is None and not os.path.exists(os.path.join(CUDA_HOME or "", "bin", "nvcc")):
         return None, "nvcc not found (set CUDA_HOME)"
+    if not _has_cuda_headers(CUDA_HOME):
+        return None, f"no include/cuda_runtime.h under CUDA_HOME={CUDA_HOME} (set CUDA_HOME to the CUDA toolkit)"
     archs = os.environ.get("TRAINOPS_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     ext = CUDAExtension(

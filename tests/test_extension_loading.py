@@ -1,0 +1,25 @@
+"""The compiled extensions load: a build that exists but cannot be imported would only
+show later, as 'failed to load' from every op that needs it."""
+import glob
+import os
+
+import pytest
+
+import trainops
+from trainops import _extension
+
+
+def test_cpu_extension_loads():
+    assert _extension.HAS_C, _extension._errors.get("trainops._C")
+
+
+def test_built_cuda_extension_loads():
+    """Where the CUDA extension was built (a CUDA build of torch and nvcc: the GPU machine,
+    scripts/check_gpu_stack.sh), it imports and registers its kernels, GPU or not."""
+    package = os.path.dirname(trainops.__file__)
+    if not glob.glob(os.path.join(package, "_C_cuda*.so")):
+        pytest.skip("trainops._C_cuda not built here (CPU build of torch); scripts/check_gpu_stack.sh builds it")
+    assert _extension.HAS_CUDA_C, _extension._errors.get("trainops._C_cuda")
+    import torch
+
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("trainops::replay_sample", "CUDA")
