@@ -14,8 +14,8 @@ cd "$(dirname "$0")/.."
 VENV=${1:-.venv-gpu-stack}
 TORCH_VERSION=${TORCH_VERSION:-2.11.0}
 "${PYTHON:-python3}" -m venv "$VENV"
-"$VENV/bin/pip" install -q "torch==$TORCH_VERSION" "numpy<2.4" setuptools wheel ninja
-"$VENV/bin/pip" install -q --no-build-isolation -e ".[test,runtime]"
+"$VENV/bin/pip" install -q "torch==$TORCH_VERSION" "numpy<2.4"
+PYTHON="$VENV/bin/python" ./scripts/install.sh  # the users' install, keeping this torch
 "$VENV/bin/python" -c "import torch, triton, trainops._extension as e; assert e.HAS_CUDA_C, e._errors; print('torch', torch.__version__, 'triton', triton.__version__, '- both extensions load')"
 "$VENV/bin/python" -m pytest -q tests
 RECORD=$(mktemp)

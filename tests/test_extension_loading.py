@@ -4,6 +4,7 @@ import glob
 import os
 
 import pytest
+import torch
 
 import trainops
 from trainops import _extension
@@ -20,6 +21,4 @@ def test_built_cuda_extension_loads():
     if not glob.glob(os.path.join(package, "_C_cuda*.so")):
         pytest.skip("trainops._C_cuda not built here (CPU build of torch); scripts/check_gpu_stack.sh builds it")
     assert _extension.HAS_CUDA_C, _extension._errors.get("trainops._C_cuda")
-    import torch
-
     assert torch._C._dispatch_has_kernel_for_dispatch_key("trainops::replay_sample", "CUDA")

@@ -2,7 +2,6 @@
 #include "buffer_pool.h"
 
 #include <c10/core/CPUAllocator.h>
-#include <c10/util/strides.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -107,7 +106,12 @@ at::Tensor pooled_empty(at::IntArrayRef sizes, at::ScalarType dtype) {
   c10::DataPtr data(p, context, &return_block, c10::Device(c10::kCPU));
   c10::Storage storage(c10::Storage::use_byte_size_t(), bytes, std::move(data), c10::GetCPUAllocator(),
                        /*resizable=*/true);
-  return at::empty({0}, options).set_(storage, 0, sizes, c10::contiguous_strides(sizes));
+  // Built directly rather than by at::empty + set_: two dispatched ops fewer on every
+  // router call.
+  at::Tensor out = at::detail::make_tensor<c10::TensorImpl>(std::move(storage), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                                            options.dtype());
+  out.unsafeGetTensorImpl()->set_sizes_contiguous(sizes);
+  return out;
 }
 
 int64_t pool_cached_bytes() { return pool().cached(); }
