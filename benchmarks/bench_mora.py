@@ -32,10 +32,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TEMPERATURE, THRESHOLD = 0.03, 0.2
 
 
-def grid(full: bool):
+def grid(full: bool, dim: int | None = None, tokens: int | None = None):
     if full:
-        return list(itertools.product([768, 4096], [16, 64, 160], [8, 16], [2048, 8192]))
-    return list(itertools.product([768], [16, 64, 160], [8, 16], [512]))
+        dims, ts = [768, 4096], [2048, 8192]
+    else:
+        dims, ts = [768], [512]
+    return list(itertools.product([dim] if dim else dims, [16, 64, 160], [8, 16], [tokens] if tokens else ts))
 
 
 def build(d, R, k, device, dtype):
@@ -88,6 +90,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds (best median kept)")
     ap.add_argument("--skip-reference-above", type=float, default=4.0,
                     help="skip the literal reference when its T·R·d expert tensor exceeds this many GiB")
+    ap.add_argument("--dim", type=int, default=None, help="only this d (in = out features)")
+    ap.add_argument("--tokens", type=int, default=None, help="only this T")
     a = ap.parse_args(argv)
     device = default_device()
     full = a.full or device.startswith("cuda")
@@ -95,8 +99,10 @@ def main(argv=None):
     if not full:
         print("CPU run at reduced sizes: d=768, T=512 (use --full for the issue's grid)", flush=True)
     sizes = "issue grid" if full else "reduced CPU sizes d=768, T=512; see --help"
+    if a.dim or a.tokens:
+        sizes = f"sizes chosen by --dim/--tokens ({a.dim or 'grid'}, {a.tokens or 'grid'})"
     table = Table(f"MoRALinear fwd+bwd ({str(dtype).replace('torch.', '')}, {sizes})", device)
-    for d, R, k, T in grid(full):
+    for d, R, k, T in grid(full, a.dim, a.tokens):
         base, mora, A, B = build(d, R, k, device, dtype)
         x = torch.randn(T, d, device=device, dtype=dtype, requires_grad=True)
         case = {"d": d, "R": R, "k": k, "T": T}

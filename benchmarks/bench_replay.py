@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.harness import Table, Timing, default_device, measure, results_suffix  # noqa: E402
+from benchmarks.harness import RESULTS_DIR, Table, Timing, default_device, measure, results_suffix  # noqa: E402
 from trainops.replay import ReplayBuffer  # noqa: E402
 
 ALPHA, BETA = 0.6, 0.4
@@ -190,8 +190,7 @@ def main():
     for n in notes:
         print("note:", n)
     if notes:
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                               f"replay_{results_suffix(device)}.md"), "a") as f:
+        with open(os.path.join(RESULTS_DIR, f"replay_{results_suffix(device)}.md"), "a") as f:
             f.write("\n" + "\n".join(f"note: {n}" for n in notes) + "\n")
     return text
 

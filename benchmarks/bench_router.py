@@ -12,9 +12,22 @@ Every workload except hf_lbl runs the backward from the LBL and from a fixed ups
 gradient g of the gate weights (torch.autograd.backward([weights, lbl], [g, 1]), what a
 MoE layer hands the router), so the backward covers the gate weights and the LBL term.
 ``speedup`` is hf_lbl / row (the issue's baseline); the vs_* columns compare fused with the
-other rows. The rows of a case are timed round-robin (harness.measure_interleaved).
+other rows. The rows of a case are timed round-robin (harness.measure_interleaved), each
+in its own steady state, or with ``--cold`` each call after a flush of the caches.
+``faults_per_call`` counts minor page faults per call (CPU): memory the workload's
+allocations take fresh from the OS. HF's time on CPU depends on it (the same call with
+~3000 faults per call, ~12 MB of new pages, is ~5 ms slower at T=16384, E=64, k=8), and
+whether its large blocks are reused or returned to the OS depends on the allocator's state
+in the process, so the column says which of the two HF timings a run got.
 
-Usage: python benchmarks/bench_router.py [--tokens 16384] [--no-compile] [--quick] [--threads N]
+Bandwidth (fused row): the bytes the fused forward and backward must move, counted as
+forward reads T·E·b (logits) and writes T·k·12 (fp32 weights, int64 indices); backward
+reads T·E·b + T·k·12 (logits, gate-weight gradient, indices) and writes T·E·b (the logits'
+gradient); b = bytes per logit. ``GBps`` is that over the median time, and
+``pct_of_copy_bw`` compares it with a copy of the logits (reads and writes T·E·b each),
+timed in the same process: the memory-bandwidth yardstick.
+
+Usage: python benchmarks/bench_router.py [--tokens 16384] [--no-compile] [--quick] [--threads N] [--cold]
 Sizes are the issue's (T=16384, E in {64,128,256}, k in {4,8}); nothing is reduced.
 """
 from __future__ import annotations
@@ -68,6 +81,11 @@ def fused_router_lbl(lbl, logits, k, gw):
     return [w, loss], [gw, torch.ones_like(loss)]
 
 
+def fused_bytes(T: int, E: int, k: int, logit_bytes: int) -> int:
+    """Bytes a fused router forward + backward must move (see the module docstring)."""
+    return 3 * T * E * logit_bytes + 2 * T * k * (4 + 8)
+
+
 def fwd_bwd(fn, logits, *args):
     def run():
         logits.grad = None
@@ -81,6 +99,8 @@ def main():
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
     ap.add_argument("--quick", action="store_true", help="one case (E=64, k=8) only")
     ap.add_argument("--min-run-time", type=float, default=0.5)
+    ap.add_argument("--cold", action="store_true",
+                    help="flush the CPU caches before every timed call; results go to router_cpu_cold.csv")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default: torch's); results go to router_cpu_<n>thread.csv")
     args = ap.parse_args()
@@ -88,7 +108,8 @@ def main():
         torch.set_num_threads(args.threads)
     device = default_device()
     hf = _hf_lbl_fn()
-    table = Table(f"router + load-balancing loss, fwd+bwd, T={args.tokens}", device)
+    caches = "cold caches (each call after a 128 MiB read)" if args.cold else "each row in its steady state"
+    table = Table(f"router + load-balancing loss, fwd+bwd, T={args.tokens}, {caches}", device)
     cases = [(64, 8)] if args.quick else [(E, k) for E in (64, 128, 256) for k in (4, 8)]
     compiled = None if args.no_compile else torch.compile(reference_router_lbl, dynamic=False)
     for E, k in cases:
@@ -105,15 +126,24 @@ def main():
             workloads["ref_compiled"] = fwd_bwd(compiled, logits, k, gw)
         lbl = LoadBalancingLoss(E, k, 1.0, scope="micro_batch")
         workloads["fused"] = fwd_bwd(lambda x: fused_router_lbl(lbl, x, k, gw), logits)
-        rows = measure_interleaved(workloads, device, args.min_run_time)
+        rows = measure_interleaved(workloads, device, args.min_run_time, cold=args.cold)
+        copy_dst = torch.empty_like(logits, requires_grad=False)
+        copy_t = measure_interleaved({"copy": lambda: copy_dst.copy_(logits.detach())}, device, args.min_run_time,
+                                     cold=args.cold)["copy"]
+        copy_gbs = 2 * logits.numel() * logits.element_size() / copy_t.median_s / 1e9
         base = "hf_lbl" if "hf_lbl" in rows else "reference"
         f = rows["fused"].median_s
         for name, t in rows.items():
             extra = {}
+            if t.faults_per_call is not None:
+                extra["faults_per_call"] = round(t.faults_per_call)
             if name == "fused":
-                extra = {f"vs_{n}": round(rows[n].median_s / f, 2) for n in rows if n != "fused"}
+                gbs = fused_bytes(args.tokens, E, k, logits.element_size()) / t.median_s / 1e9
+                extra.update({"GBps": round(gbs, 2), "copy_GBps": round(copy_gbs, 2),
+                              "pct_of_copy_bw": round(100 * gbs / copy_gbs, 1)})
+                extra.update({f"vs_{n}": round(rows[n].median_s / f, 2) for n in rows if n != "fused"})
             table.add(case, name, t, baseline=None if name == base else base, **extra)
-    tag = f"_{args.threads}thread" if args.threads else ""
+    tag = (f"_{args.threads}thread" if args.threads else "") + ("_cold" if args.cold else "")
     table.report(f"router_{results_suffix(device)}{tag}.csv")
 
 

@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# Larger than the last-level cache of the CPUs we run on (32 MiB L3 on the CI machines).
+_CACHE_FLUSH_BYTES = 128 * 1024 * 1024
+_COLD_CALLS_PER_BLOCK = 8
+# TRAINOPS_RESULTS_DIR redirects the tables (the smoke tests write theirs to a temporary
+# folder instead of over the committed results).
+RESULTS_DIR = os.environ.get("TRAINOPS_RESULTS_DIR") or os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                      "results")
 
 
 @dataclass
@@ -27,6 +33,7 @@ class Timing:
     median_s: float
     p20_s: float
     p80_s: float
+    faults_per_call: float | None = None  # minor page faults per timed call (CPU, where known)
 
 
 def device_name(device: str) -> str:
@@ -67,34 +74,69 @@ def measure(fn, device: str = "cpu", min_run_time: float = 0.5) -> Timing:
 
 
 def measure_interleaved(fns: dict, device: str = "cpu", min_run_time: float = 0.5,
-                        block_time: float = 0.02) -> dict:
+                        block_time: float = 0.02, cold: bool = False) -> dict:
     """Time several workloads that are compared with each other, round-robin: each round
     times one block of calls of every workload in turn, so a slow phase of a shared
     machine falls on all of them instead of on whichever ran then. Returns name -> Timing
     (median and 20/80 percentiles over the blocks, seconds per call). On CUDA each
-    workload is timed by ``measure`` (events on an otherwise idle device)."""
+    workload is timed by ``measure`` (events on an otherwise idle device).
+
+    Every block starts with one untimed call, so that no workload is timed in the state
+    that the previous workload left (its caches, its freed memory): without it, the
+    first call of a block pays for its neighbour's footprint, which is large for some
+    rows and small for others. ``cold=True`` instead reads a buffer larger than the
+    last-level cache before every timed call (``triton.testing.do_bench`` does the like on
+    GPU), so every workload starts from cold caches."""
     if device.startswith("cuda"):
         return {name: measure(fn, device, min_run_time) for name, fn in fns.items()}
     import time
 
+    # Filled, so that its pages exist (an untouched page reads as the shared zero page).
+    flush_buffer = torch.ones(_CACHE_FLUSH_BYTES // 4) if cold else None
     calls = {}
     for name, fn in fns.items():
         fn()  # warm-up (allocations, first-call dispatch, compilation)
         t0 = time.perf_counter()
         fn()
         calls[name] = max(1, int(block_time / max(time.perf_counter() - t0, 1e-9)))
+        if cold:  # each call also costs a flush, which takes longer than the short calls
+            calls[name] = min(calls[name], _COLD_CALLS_PER_BLOCK)
     times = {name: [] for name in fns}
     spent = dict.fromkeys(fns, 0.0)
+    faults = dict.fromkeys(fns, 0)
     while min(spent.values()) < min_run_time or min(len(t) for t in times.values()) < 7:
         for name, fn in fns.items():
             n = calls[name]
-            t0 = time.perf_counter()
+            fn()  # untimed: see the docstring
+            dt = 0.0
             for _ in range(n):
+                if flush_buffer is not None:
+                    # A read: it evicts the caches' contents without leaving dirty lines whose
+                    # write-back the timed call would pay for.
+                    flush_buffer.sum()
+                f0 = _minor_faults()
+                t0 = time.perf_counter()
                 fn()
-            dt = time.perf_counter() - t0
+                dt += time.perf_counter() - t0
+                faults[name] += _minor_faults() - f0
             times[name].append(dt / n)
             spent[name] += dt
-    return {name: _quantiles(t) for name, t in times.items()}
+    out = {}
+    for name, t in times.items():
+        out[name] = _quantiles(t)
+        if _minor_faults() >= 0:
+            out[name].faults_per_call = faults[name] / (len(t) * calls[name])
+    return out
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (-1 where getrusage is unavailable): a call
+    that takes fresh memory from the OS pays one per 4 KiB page it touches."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover (Windows)
+        return -1
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 @dataclass
