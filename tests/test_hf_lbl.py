@@ -1,4 +1,6 @@
 """Hugging Face drop-in on tiny random-init MoE models (no downloads)."""
+import os
+
 import pytest
 import torch
 
@@ -82,6 +84,58 @@ def test_patched_model_matches_and_aux_is_reference(kind):
     assert all("forward" not in r.__dict__ for r in routers)
     again = model(input_ids=ids, attention_mask=mask, labels=labels)
     torch.testing.assert_close(again.aux_loss, base.aux_loss)
+
+
+def _trainops_breaks(explanation) -> list:
+    """The graph breaks of a torch._dynamo.explain result that arise in trainops' code."""
+    return [b.reason for b in explanation.break_reasons
+            if any(os.sep + "trainops" + os.sep in frame.filename for frame in b.user_stack)]
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+def test_patched_model_under_torch_compile(kind):
+    # The drop-in adds no graph break of its own (whatever the installed transformers'
+    # model code does), and the compiled model gives the eager losses and gradients.
+    model = _model(kind).train()
+    ids, mask = _batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    apply_global_load_balancing(model, scope={"micro_batch": 1.0, "sequence": 0.5})
+    eager = model(input_ids=ids, attention_mask=mask, labels=labels)
+    eager.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    explanation = torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask, labels=labels)
+    if not tr_integration._is_sparse_block(_routers(model)[0]):
+        # transformers >= 5. In 4.x the replaced block keeps HF's expert loop over the
+        # experts that got tokens, data-dependent and a graph break in HF's code as well.
+        assert _trainops_breaks(explanation) == []
+    torch._dynamo.reset()
+    # aot_eager: the traced graph, the ops' fake kernels and their autograd, without
+    # inductor's C++ compile time (test_lbl_modules compiles the router with inductor).
+    out = torch.compile(model, backend="aot_eager")(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(out.aux_loss, eager.aux_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, eager.loss, rtol=1e-5, atol=1e-5)
+    out.loss.backward()
+    assert grads and all(torch.allclose(p.grad, grads[n], rtol=1e-4, atol=1e-5)
+                         for n, p in model.named_parameters() if n in grads)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_non_finite_router_logits(check_finite):
+    model = _model("mixtral")
+    ids, mask = _batch()
+    apply_global_load_balancing(model, scope="micro_batch", check_finite=check_finite)
+    router = _routers(model)[0]
+    with torch.no_grad():
+        (router.gate if hasattr(router, "gate") else router).weight[3, 0] = float("nan")
+    if check_finite:
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            model(input_ids=ids, attention_mask=mask)
+    else:  # routed without the check: the NaN shows in the aux loss
+        assert torch.isnan(model(input_ids=ids, attention_mask=mask).aux_loss)
+    revert(model)
+    assert "_trainops_check_finite" not in router.__dict__
 
 
 def test_global_scope_accumulates_and_resets():
@@ -191,16 +245,13 @@ def test_transformers4_sparse_block_path(norm_topk_prob, training):
     torch.manual_seed(5)
     base_out, base_logits = block(hidden.clone())
     assert tr_integration._router_modules(torch.nn.Sequential(block)) == [block]
-    lbl = tr_integration._patch_router(block, "micro_batch", None)
+    state = tr_integration._ModelState()
+    lbl = tr_integration._patch_router(block, "micro_batch", None, state)
     assert block.forward.__func__ is tr_integration._sparse_block_forward
     torch.manual_seed(5)  # the same jitter draw
-    coll = tr_integration._Collector(None, 7)
-    token = tr_integration._collector.set(coll)
-    try:
-        x = hidden.clone().requires_grad_()
-        out, logits = block(x)
-    finally:
-        tr_integration._collector.reset(token)
+    coll = state.collector = tr_integration._Collector(None, 7)
+    x = hidden.clone().requires_grad_()
+    out, logits = block(x)
     torch.testing.assert_close(logits, base_logits)
     torch.testing.assert_close(out, base_out, rtol=1e-5, atol=1e-6)
     # The layer's LBL term from the fused statistics equals the reference on the same logits.

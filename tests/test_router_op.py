@@ -238,6 +238,23 @@ def test_non_finite_logits(value):
         router_topk(logits, 2, mask=mask)
 
 
+def test_non_finite_check_under_torch_compile():
+    # The check compiles into the graph on CPU (fullgraph: no host read, no graph break)
+    # and still rejects non-finite logits, with or without a mask.
+    def route(logits, mask):
+        w, idx, counts, psum = router_topk(logits, 2, mask=mask)
+        return w.sum() + psum.sum()
+
+    compiled = torch.compile(route, fullgraph=True, backend="aot_eager")
+    logits, mask = torch.randn(10, 12), torch.ones(10, dtype=torch.bool)
+    mask[4] = False
+    torch.testing.assert_close(compiled(logits, mask), route(logits, mask))
+    logits[4, 3] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN or Inf"):
+        compiled(logits, mask)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("E,k", [(16, 8), (64, 8), (64, 4), (256, 8), (17, 8), (40, 12)])
 def test_topk_paths_with_many_ties(E, k):
     # Integer-valued logits tie often: the candidate-rank path, its many-ties fallback and

@@ -22,7 +22,6 @@ or config), as in HF; the patched model returns ``router_logits=None`` (not reco
 """
 from __future__ import annotations
 
-import contextvars
 import inspect
 import types
 import weakref
@@ -53,23 +52,35 @@ _SPARSE_BLOCKS = tuple(block for _, _, block, _ in _CLASSES.values())
 SUPPORTED_MODEL_TYPES = tuple(_CLASSES)
 _CONVENTIONS = ("hf", "normalized")
 
-_collector: contextvars.ContextVar = contextvars.ContextVar("trainops_lbl_collector", default=None)
-
-
 class _Collector:
+    """What one causal-LM forward gives its routers (the padding mask, the sequence length)
+    and gets back from them (each layer's load-balancing term)."""
+
     def __init__(self, mask, seq_len):
         self.mask, self.seq_len, self.terms = mask, seq_len, []
+
+
+class _ModelState:
+    """Shared by a patched causal LM and its routers: the collector of the forward that is
+    running, if any. A plain attribute rather than a context variable or a thread-local,
+    which torch.compile cannot trace (a graph break at every layer); it is per model, so
+    different models may run in different threads."""
+
+    def __init__(self):
+        self.collector = None
 
 
 def _route(module, router_logits):
     """The fused router on one layer's logits: (gate weights fp32, expert indices); adds the
     layer's load-balancing term to the collector of the running forward, if any."""
-    coll = _collector.get()
+    state = getattr(module, "_trainops_lbl_state", None)
+    coll = None if state is None else state.collector
     mask = None
     if coll is not None and coll.mask is not None and coll.mask.numel() == router_logits.shape[0]:
         mask = coll.mask
     renormalize = getattr(module, "norm_topk_prob", True)  # Mixtral always renormalizes
-    weights, indices, counts, prob_sum = router_topk(router_logits, module.top_k, renormalize=renormalize, mask=mask)
+    weights, indices, counts, prob_sum = router_topk(router_logits, module.top_k, renormalize=renormalize, mask=mask,
+                                                     check_finite=module._trainops_check_finite)
     if coll is not None:
         lbl = module._trainops_lbl_losses[0]
         coll.terms.append(lbl(counts, prob_sum, logits=router_logits, indices=indices, mask=mask,
@@ -142,11 +153,12 @@ def _model_forward(self, *args, **kwargs):
     seq_len = ids.shape[1] if ids is not None and ids.dim() >= 2 else None
     flat_mask = mask.reshape(-1) != 0 if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
     coll = _Collector(flat_mask, seq_len) if want else None
-    token = _collector.set(coll)
+    state = patch["state"]
+    outer, state.collector = state.collector, coll
     try:
         out = patch["orig"](**call, **extra)
     finally:
-        _collector.reset(token)
+        state.collector = outer
     if coll is not None and coll.terms:
         aux = torch.stack([t.to(coll.terms[0].device) for t in coll.terms]).mean()
         if patch["convention"] == "hf":
@@ -157,27 +169,40 @@ def _model_forward(self, *args, **kwargs):
     return out.to_tuple() if return_dict is False else out
 
 
-def _attach_loss(router: nn.Module, scope, group) -> LoadBalancingLoss:
+def _attach_loss(router: nn.Module, scope, group, check_finite: bool) -> LoadBalancingLoss:
     weight = router.gate.weight if _is_sparse_block(router) else router.weight
     lbl = LoadBalancingLoss(router.num_experts, router.top_k, 1.0, scope, group).to(weight.device)
     # Plain attributes, not submodules: the model's state_dict stays as it was.
     router.__dict__["_trainops_lbl_losses"] = [lbl]
     router.__dict__["_trainops_cast"] = _ROUTERS.get(type(router).__name__, True)
+    router.__dict__["_trainops_check_finite"] = bool(check_finite)
     return lbl
 
 
-def _patch_router(router: nn.Module, scope, group) -> LoadBalancingLoss:
-    lbl = _attach_loss(router, scope, group)
+_ROUTER_ATTRS = ("_trainops_lbl_losses", "_trainops_cast", "_trainops_check_finite", "_trainops_lbl_state")
+
+
+def _patch_router(router: nn.Module, scope, group, state: _ModelState, check_finite: bool = True) -> LoadBalancingLoss:
+    lbl = _attach_loss(router, scope, group, check_finite)
+    router.__dict__["_trainops_lbl_state"] = state
     forward = _sparse_block_forward if _is_sparse_block(router) else _router_forward
     router.forward = types.MethodType(forward, router)
     return lbl
+
+
+def _lm_patch(orig, convention: str, routers: list, state: _ModelState) -> dict:
+    """What a patched causal LM keeps: its original forward and that forward's signature."""
+    sig = inspect.signature(orig)
+    var_kw = next((p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    return {"orig": orig, "signature": sig, "var_kw": var_kw, "convention": convention, "routers": routers,
+            "state": state}
 
 
 _class_patch: dict = {}  # class -> original forward, while the classes are patched
 _class_instances = weakref.WeakSet()  # modules that got per-instance state from the class patch
 
 
-def _patch_classes(scope, group, convention) -> None:
+def _patch_classes(scope, group, convention, check_finite) -> None:
     import importlib
 
     if _class_patch:
@@ -193,17 +218,20 @@ def _patch_classes(scope, group, convention) -> None:
 
         def router_forward(self, hidden_states, _fused=fused):
             if "_trainops_lbl_losses" not in self.__dict__:  # first call: this layer's loss module
-                _attach_loss(self, scope, group)
+                _attach_loss(self, scope, group, check_finite)
                 _class_instances.add(self)
             return _fused(self, hidden_states)
 
         def lm_forward(self, *args, _orig=lm_cls.forward, **kwargs):
-            if "_trainops_lbl_patch" not in self.__dict__:
-                orig = types.MethodType(_orig, self)
-                sig = inspect.signature(orig)
-                var_kw = next((p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
-                self.__dict__["_trainops_lbl_patch"] = {"orig": orig, "signature": sig, "var_kw": var_kw,
-                                                        "convention": convention, "routers": []}
+            if "_trainops_lbl_patch" not in self.__dict__:  # first call: share a state with the routers
+                state = _ModelState()
+                for router in _router_modules(self):
+                    if "_trainops_lbl_losses" not in router.__dict__:
+                        _attach_loss(router, scope, group, check_finite)
+                    router.__dict__["_trainops_lbl_state"] = state
+                    _class_instances.add(router)
+                self.__dict__["_trainops_lbl_patch"] = _lm_patch(types.MethodType(_orig, self), convention, [],
+                                                                 state)
                 _class_instances.add(self)
             return _model_forward(self, *args, **kwargs)
 
@@ -220,12 +248,13 @@ def _revert_classes() -> None:
         cls.forward = forward
     _class_patch.clear()
     for m in list(_class_instances):
-        for name in ("_trainops_lbl_patch", "_trainops_lbl_losses", "_trainops_cast"):
+        for name in ("_trainops_lbl_patch", *_ROUTER_ATTRS):
             m.__dict__.pop(name, None)
     _class_instances.clear()
 
 
-def apply_global_load_balancing(model: nn.Module | None, scope="global", *, group=None, convention: str = "hf"):
+def apply_global_load_balancing(model: nn.Module | None, scope="global", *, group=None, convention: str = "hf",
+                                check_finite: bool = True):
     """Patch a live Qwen2-MoE / Qwen3-MoE / Mixtral / OLMoE causal LM in place; returns the
     list of the per-layer :class:`~trainops.nn.LoadBalancingLoss` modules.
 
@@ -234,11 +263,13 @@ def apply_global_load_balancing(model: nn.Module | None, scope="global", *, grou
     ``scope``: ``"global"``, ``"micro_batch"``, ``"sequence"`` or a mapping scope → weight
     (e.g. ``{"global": 1.0, "micro_batch": 0.01}``). ``group``: data-parallel process group
     for the global scope. ``convention``: ``"hf"`` (×K, HF's scale) or ``"normalized"``.
+    ``check_finite``: each router raises on NaN/Inf logits (``router_topk``'s check; on
+    CUDA a host read per layer, which under torch.compile is also a graph break).
     """
     if convention not in _CONVENTIONS:
         raise ValueError(f"convention must be one of {_CONVENTIONS}, got {convention!r}")
     if model is None:
-        _patch_classes(scope, group, convention)
+        _patch_classes(scope, group, convention, check_finite)
         return []
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a transformers MoE causal-LM module or None, got {type(model).__name__}")
@@ -254,12 +285,9 @@ def apply_global_load_balancing(model: nn.Module | None, scope="global", *, grou
         raise ValueError(f"no MoE router ({', '.join((*_ROUTERS, *_SPARSE_BLOCKS))}) found in the model")
     if not hasattr(model, "router_aux_loss_coef"):
         raise ValueError("the model has no router_aux_loss_coef: pass the *ForCausalLM model")
-    losses = [_patch_router(r, scope, group) for r in routers]
-    orig = model.forward
-    sig = inspect.signature(orig)
-    var_kw = next((p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
-    model.__dict__["_trainops_lbl_patch"] = {"orig": orig, "signature": sig, "var_kw": var_kw,
-                                             "convention": convention, "routers": routers}
+    state = _ModelState()
+    losses = [_patch_router(r, scope, group, state, check_finite) for r in routers]
+    model.__dict__["_trainops_lbl_patch"] = _lm_patch(model.forward, convention, routers, state)
     model.forward = types.MethodType(_model_forward, model)
     return losses
 
@@ -273,7 +301,7 @@ def revert(model: nn.Module | None):
     if patch is None:
         raise ValueError("revert: the model is not patched")
     for r in patch["routers"]:
-        for name in ("forward", "_trainops_lbl_losses", "_trainops_cast"):
+        for name in ("forward", *_ROUTER_ATTRS):
             r.__dict__.pop(name, None)
     model.__dict__.pop("forward", None)
     return model

@@ -62,6 +62,25 @@ def _check(logits, k, score, expert_bias, mask):
             raise ValueError(f"mask is on {mask.device} but logits is on {logits.device}")
 
 
+_NOT_FINITE = ("logits contains NaN or Inf (the router scores are not finite); "
+               "check the router input or pass check_finite=False")
+
+
+def _check_finite(total: torch.Tensor) -> None:
+    """Raise when ``total`` (a sum that every non-finite score reaches) is NaN or Inf.
+
+    Eager: one host read, ValueError. Under torch.compile a host read breaks the graph at
+    every call, so on CPU the check is an in-graph assert instead (RuntimeError with the same
+    message). On CUDA such an assert would be a device-side assert, which leaves the CUDA
+    context unusable, so there the host read (and its graph break) stays; pass
+    check_finite=False to compile the router into the surrounding graph."""
+    if torch.compiler.is_compiling() and total.device.type == "cpu":
+        torch._assert_async(torch.isfinite(total), _NOT_FINITE)
+        return
+    if not math.isfinite(total.item()):
+        raise ValueError(_NOT_FINITE)
+
+
 def router_topk(logits: torch.Tensor, k: int, *, score: str = "softmax", renormalize: bool = True,
                 expert_bias: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 z_loss: bool = False, check_finite: bool = True):
@@ -78,7 +97,8 @@ def router_topk(logits: torch.Tensor, k: int, *, score: str = "softmax", renorma
             from ``counts``, ``prob_sum`` and the z-loss.
         z_loss: also return the router z-loss, mean over valid tokens of logsumexp(x)².
         check_finite: raise ValueError when NaN/Inf logits make the outputs non-finite
-            (one small device-to-host check).
+            (one small device-to-host check; under torch.compile on CPU an in-graph assert
+            that raises RuntimeError, see ``_check_finite``).
 
     Returns:
         ``(weights fp32 [T,k], indices int64 [T,k], counts int64 [E], prob_sum fp32 [E])``
@@ -99,9 +119,8 @@ def router_topk(logits: torch.Tensor, k: int, *, score: str = "softmax", renorma
     # finite, and NaN/Inf propagate through sums. Without a mask every row adds to prob_sum,
     # so its E entries decide; padding rows only reach the weights.
     # (A Python float check: torch.isfinite is several dispatched ops, ~80 us on CPU.)
-    if check_finite and not math.isfinite((prob_sum.sum() if mask is None else weights.sum() + prob_sum.sum()).item()):
-        raise ValueError("logits contains NaN or Inf (the router scores are not finite); "
-                         "check the router input or pass check_finite=False")
+    if check_finite:
+        _check_finite(prob_sum.sum() if mask is None else weights.sum() + prob_sum.sum())
     if not z_loss:
         return weights, indices, counts, prob_sum
     n_valid = (counts.sum() // k).clamp_min(1)
