@@ -153,6 +153,34 @@ def test_global_scope_accumulates_and_resets():
     assert out.aux_loss is None and all(int(lbl.acc_tokens) == 0 for lbl in losses)
 
 
+def test_batched_all_reduce_gives_the_same_losses(monkeypatch):
+    # One all-reduce per forward for all layers (no process group here, so none at all):
+    # the same aux loss, gradients and accumulated counts as one per layer.
+    runs = []
+    run = tr_integration.GlobalCountSync.run
+    monkeypatch.setattr(tr_integration.GlobalCountSync, "run", lambda self: runs.append(len(self._parts)) or run(self))
+    ids, mask = _batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    results = []
+    for batched in (False, True):
+        model = _model("qwen3_moe").train()
+        losses = apply_global_load_balancing(model, scope={"global": 1.0, "micro_batch": 0.01},
+                                             batch_all_reduce=batched)
+        auxes = []
+        for _ in range(2):  # two micro-batches: the second uses the counts of both
+            out = model(input_ids=ids, attention_mask=mask, labels=labels)
+            out.loss.backward()
+            auxes.append(out.aux_loss.detach())
+        grad = _routers(model)[0].weight.grad.clone()
+        results.append((auxes, grad, [lbl.acc_counts.clone() for lbl in losses]))
+    (aux_a, grad_a, acc_a), (aux_b, grad_b, acc_b) = results
+    torch.testing.assert_close(torch.stack(aux_b), torch.stack(aux_a), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad_b, grad_a, rtol=1e-5, atol=1e-7)
+    assert all(torch.equal(a, b) for a, b in zip(acc_a, acc_b))
+    assert all(int(c.sum()) == 2 * 2 * int(mask.sum()) for c in acc_b)  # K=2 slots per token, 2 forwards
+    assert runs == [2, 2]  # one sync per forward, holding both layers
+
+
 def test_class_level_patch_and_revert():
     model = _model("olmoe")
     ids, mask = _batch()

@@ -78,3 +78,59 @@ def test_global_scope_three_ranks_with_padding():
             assert results[r][m][2] == acc.tolist() and results[r][m][3] == tokens
             local = ref.lbl_from_stats(acc, stats[r][3], tokens, int(masks[m, r].sum()), K, COEFF)
             torch.testing.assert_close(torch.tensor(results[r][m][0]), local, rtol=1e-5, atol=1e-6)
+
+
+def _layered_worker(rank, world, batched):
+    # Two MoE layers (E=10 and E=6) over three micro-batches, with every all-reduce counted.
+    import torch.distributed as dist
+
+    from trainops.nn import GlobalCountSync, LoadBalancingLoss
+    from trainops.ops import router_topk
+
+    calls = []
+    all_reduce = dist.all_reduce
+
+    def counting_all_reduce(*args, **kwargs):
+        calls.append(args[0].numel())
+        return all_reduce(*args, **kwargs)
+
+    dist.all_reduce = counting_all_reduce
+    try:
+        sizes = (E, 6)
+        lbls = [LoadBalancingLoss(e, K, COEFF, {"global": 1.0, "micro_batch": 0.1}) for e in sizes]
+        out = []
+        for m in range(M):
+            g = torch.Generator().manual_seed(100 * m + rank)
+            xs = [(torch.randn(T, e, generator=g) * 2).requires_grad_() for e in sizes]
+            sync = GlobalCountSync() if batched else None
+            before = len(calls)
+            losses = []
+            for lbl, x in zip(lbls, xs):
+                _, _, counts, psum = router_topk(x, K)
+                losses.append(lbl.deferred(counts, psum, sync=sync) if batched else lbl(counts, psum))
+            if batched:
+                sync.run()
+                losses = [term() for term in losses]
+            sum(losses).backward()
+            out.append(([loss.item() for loss in losses], [x.grad.tolist() for x in xs],
+                        [lbl.acc_counts.tolist() for lbl in lbls], len(calls) - before, calls[before:]))
+        return out
+    finally:
+        dist.all_reduce = all_reduce
+
+
+def test_batched_all_reduce_one_collective_per_micro_batch():
+    world = 2
+    per_layer = spawn(_layered_worker, world, False)
+    batched = spawn(_layered_worker, world, True)
+    for r in range(world):
+        for m in range(M):
+            losses, grads, acc, n_calls, numels = batched[r][m]
+            ref_losses, ref_grads, ref_acc, ref_calls, _ = per_layer[r][m]
+            assert ref_calls == 2 and n_calls == 1 and numels == [(E + 1) + (6 + 1)]
+            torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-6, atol=1e-7)
+            for g, g_ref in zip(grads, ref_grads):
+                torch.testing.assert_close(torch.tensor(g), torch.tensor(g_ref), rtol=1e-6, atol=1e-8)
+            assert acc == ref_acc
+        # The accumulated counts are the global ones: equal on every rank.
+        assert batched[r][-1][2] == batched[0][-1][2]

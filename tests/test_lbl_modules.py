@@ -7,7 +7,7 @@ from torch.utils.checkpoint import checkpoint
 
 import trainops
 from trainops import reference as ref
-from trainops.nn import (LoadBalancingLoss, MoELayer, TopKRouter, expert_selection_frequency,
+from trainops.nn import (GlobalCountSync, LoadBalancingLoss, MoELayer, TopKRouter, expert_selection_frequency,
                          register_reset_hook, reset_load_balancing, specialization_score)
 from trainops.ops import router_topk
 
@@ -128,6 +128,43 @@ def test_activation_checkpointing_counts_once(reentrant):
     assert torch.equal(r1.lbl.acc_counts, r2.lbl.acc_counts)
     assert int(r2.lbl.acc_tokens) == 48
     torch.testing.assert_close(r1.weight.grad, r2.weight.grad)
+
+
+def test_global_count_sync_equals_per_module_losses():
+    # Two layers (E=12 and E=7), global + micro-batch scopes, three micro-batches: the
+    # deferred losses after one sync equal the immediate ones, with the same gradients and
+    # accumulated counts; a layer without the global scope is computed at once.
+    scope = {"global": 1.0, "micro_batch": 0.01}
+    layers = [(E, K, scope), (7, 2, scope), (E, K, "micro_batch")]
+    eager = [LoadBalancingLoss(e, k, 0.3, s) for e, k, s in layers]
+    batched = copy.deepcopy(eager)
+    for m in range(3):
+        inputs = [torch.randn(20 + m, e, generator=torch.Generator().manual_seed(10 * m + i)).requires_grad_()
+                  for i, (e, _, _) in enumerate(layers)]
+        twins = [x.detach().clone().requires_grad_() for x in inputs]
+        sync = GlobalCountSync()
+        terms = []
+        for lbl_e, lbl_b, x, y, (e, k, _) in zip(eager, batched, inputs, twins, layers):
+            _, _, c, p = router_topk(x, k)
+            lbl_e(c, p).backward()
+            _, _, c2, p2 = router_topk(y, k)
+            terms.append(lbl_b.deferred(c2, p2, sync=sync))
+        assert int(batched[0].acc_tokens) == sum(20 + i for i in range(m))  # nothing added before run()
+        with pytest.raises(RuntimeError, match="run"):
+            terms[0]()
+        sync.run()
+        for term, lbl_e, lbl_b, x, y in zip(terms, eager, batched, inputs, twins):
+            loss = term()
+            loss.backward()
+            torch.testing.assert_close(y.grad, x.grad, rtol=1e-6, atol=1e-7)
+            assert torch.equal(lbl_b.acc_counts, lbl_e.acc_counts)
+            assert int(lbl_b.acc_tokens) == int(lbl_e.acc_tokens)
+        assert int(batched[0].acc_tokens) == sum(20 + i for i in range(m + 1))
+        with pytest.raises(RuntimeError, match="new GlobalCountSync"):
+            sync.add(torch.zeros(E, dtype=torch.long), torch.tensor(1), "cpu")
+    with pytest.raises(ValueError, match="group"):
+        LoadBalancingLoss(E, K, 1.0, "global", group=object()).deferred(
+            torch.zeros(E, dtype=torch.long), torch.zeros(E), sync=GlobalCountSync())
 
 
 def test_router_z_loss_and_grad_reach_weight():

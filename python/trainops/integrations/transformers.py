@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainops.nn.load_balancing import LoadBalancingLoss
+from trainops.nn.load_balancing import GlobalCountSync, LoadBalancingLoss, _parse_scope
 from trainops.ops.router import router_topk
 
 __all__ = ["apply_global_load_balancing", "revert", "SUPPORTED_MODEL_TYPES"]
@@ -56,8 +56,9 @@ class _Collector:
     """What one causal-LM forward gives its routers (the padding mask, the sequence length)
     and gets back from them (each layer's load-balancing term)."""
 
-    def __init__(self, mask, seq_len):
-        self.mask, self.seq_len, self.terms = mask, seq_len, []
+    def __init__(self, mask, seq_len, sync: GlobalCountSync | None = None):
+        # terms: tensors, or functions that give them after sync.run() (batched all-reduce)
+        self.mask, self.seq_len, self.terms, self.sync = mask, seq_len, [], sync
 
 
 class _ModelState:
@@ -83,8 +84,11 @@ def _route(module, router_logits):
                                                      check_finite=module._trainops_check_finite)
     if coll is not None:
         lbl = module._trainops_lbl_losses[0]
-        coll.terms.append(lbl(counts, prob_sum, logits=router_logits, indices=indices, mask=mask,
-                              seq_len=coll.seq_len))
+        stats = dict(logits=router_logits, indices=indices, mask=mask, seq_len=coll.seq_len)
+        if coll.sync is not None:
+            coll.terms.append(lbl.deferred(counts, prob_sum, sync=coll.sync, **stats))
+        else:
+            coll.terms.append(lbl(counts, prob_sum, **stats))
     return weights, indices
 
 
@@ -152,7 +156,9 @@ def _model_forward(self, *args, **kwargs):
         ids = call.get("inputs_embeds")
     seq_len = ids.shape[1] if ids is not None and ids.dim() >= 2 else None
     flat_mask = mask.reshape(-1) != 0 if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-    coll = _Collector(flat_mask, seq_len) if want else None
+    coll = None
+    if want:
+        coll = _Collector(flat_mask, seq_len, GlobalCountSync(patch["group"]) if patch["batch_all_reduce"] else None)
     state = patch["state"]
     outer, state.collector = state.collector, coll
     try:
@@ -160,6 +166,9 @@ def _model_forward(self, *args, **kwargs):
     finally:
         state.collector = outer
     if coll is not None and coll.terms:
+        if coll.sync is not None:  # every layer's global counts in one all-reduce
+            coll.sync.run()
+            coll.terms = [term() if callable(term) else term for term in coll.terms]
         aux = torch.stack([t.to(coll.terms[0].device) for t in coll.terms]).mean()
         if patch["convention"] == "hf":
             aux = aux * self.num_experts_per_tok
@@ -190,19 +199,19 @@ def _patch_router(router: nn.Module, scope, group, state: _ModelState, check_fin
     return lbl
 
 
-def _lm_patch(orig, convention: str, routers: list, state: _ModelState) -> dict:
-    """What a patched causal LM keeps: its original forward and that forward's signature."""
+def _lm_patch(orig, options: dict, routers: list, state: _ModelState) -> dict:
+    """What a patched causal LM keeps: its original forward and that forward's signature,
+    the options of apply_global_load_balancing (convention, group, batch_all_reduce)."""
     sig = inspect.signature(orig)
     var_kw = next((p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
-    return {"orig": orig, "signature": sig, "var_kw": var_kw, "convention": convention, "routers": routers,
-            "state": state}
+    return {"orig": orig, "signature": sig, "var_kw": var_kw, "routers": routers, "state": state, **options}
 
 
 _class_patch: dict = {}  # class -> original forward, while the classes are patched
 _class_instances = weakref.WeakSet()  # modules that got per-instance state from the class patch
 
 
-def _patch_classes(scope, group, convention, check_finite) -> None:
+def _patch_classes(scope, group, check_finite, options: dict) -> None:
     import importlib
 
     if _class_patch:
@@ -230,8 +239,7 @@ def _patch_classes(scope, group, convention, check_finite) -> None:
                         _attach_loss(router, scope, group, check_finite)
                     router.__dict__["_trainops_lbl_state"] = state
                     _class_instances.add(router)
-                self.__dict__["_trainops_lbl_patch"] = _lm_patch(types.MethodType(_orig, self), convention, [],
-                                                                 state)
+                self.__dict__["_trainops_lbl_patch"] = _lm_patch(types.MethodType(_orig, self), options, [], state)
                 _class_instances.add(self)
             return _model_forward(self, *args, **kwargs)
 
@@ -254,7 +262,7 @@ def _revert_classes() -> None:
 
 
 def apply_global_load_balancing(model: nn.Module | None, scope="global", *, group=None, convention: str = "hf",
-                                check_finite: bool = True):
+                                check_finite: bool = True, batch_all_reduce: bool = False):
     """Patch a live Qwen2-MoE / Qwen3-MoE / Mixtral / OLMoE causal LM in place; returns the
     list of the per-layer :class:`~trainops.nn.LoadBalancingLoss` modules.
 
@@ -265,11 +273,17 @@ def apply_global_load_balancing(model: nn.Module | None, scope="global", *, grou
     for the global scope. ``convention``: ``"hf"`` (×K, HF's scale) or ``"normalized"``.
     ``check_finite``: each router raises on NaN/Inf logits (``router_topk``'s check; on
     CUDA a host read per layer, which under torch.compile is also a graph break).
+    ``batch_all_reduce``: the global scope's counts of all layers are all-reduced together,
+    once per forward, instead of one all-reduce per layer (:class:`~trainops.nn.GlobalCountSync`;
+    same result, one collective instead of one per layer, no overlap with the layers' work).
     """
     if convention not in _CONVENTIONS:
         raise ValueError(f"convention must be one of {_CONVENTIONS}, got {convention!r}")
+    # Only the global scope has counts to all-reduce.
+    options = {"convention": convention, "group": group,
+               "batch_all_reduce": bool(batch_all_reduce) and "global" in _parse_scope(scope)}
     if model is None:
-        _patch_classes(scope, group, convention, check_finite)
+        _patch_classes(scope, group, check_finite, options)
         return []
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a transformers MoE causal-LM module or None, got {type(model).__name__}")
@@ -287,7 +301,7 @@ def apply_global_load_balancing(model: nn.Module | None, scope="global", *, grou
         raise ValueError("the model has no router_aux_loss_coef: pass the *ForCausalLM model")
     state = _ModelState()
     losses = [_patch_router(r, scope, group, state, check_finite) for r in routers]
-    model.__dict__["_trainops_lbl_patch"] = _lm_patch(model.forward, convention, routers, state)
+    model.__dict__["_trainops_lbl_patch"] = _lm_patch(model.forward, options, routers, state)
     model.forward = types.MethodType(_model_forward, model)
     return losses
 

@@ -1,5 +1,5 @@
 """Neural-network modules."""
-from trainops.nn.load_balancing import LoadBalancingLoss, register_reset_hook, reset_load_balancing
+from trainops.nn.load_balancing import GlobalCountSync, LoadBalancingLoss, register_reset_hook, reset_load_balancing
 from trainops.nn.moe import MoELayer
 from trainops.nn.moe_metrics import domain_expert_counts, expert_selection_frequency, specialization_score
 from trainops.nn.mora import (  # MoRA: rank-1 LoRA expert mixing
@@ -15,7 +15,7 @@ from trainops.nn.mora import (  # MoRA: rank-1 LoRA expert mixing
 from trainops.nn.router import TopKRouter
 
 __all__ = [
-    "LoadBalancingLoss", "reset_load_balancing", "register_reset_hook", "TopKRouter", "MoELayer",
+    "LoadBalancingLoss", "GlobalCountSync", "reset_load_balancing", "register_reset_hook", "TopKRouter", "MoELayer",
     "domain_expert_counts", "expert_selection_frequency", "specialization_score",
     "MoRALinear", "apply_mora", "add_task", "mora_state_dict", "load_mora_state_dict", "mora_modules",
     "mora_activation_stats", "set_mora_stats",

@@ -22,7 +22,7 @@ from torch import nn
 
 from trainops.reference.router import probability, router_scores
 
-__all__ = ["LoadBalancingLoss", "reset_load_balancing", "register_reset_hook", "SCOPES"]
+__all__ = ["LoadBalancingLoss", "GlobalCountSync", "reset_load_balancing", "register_reset_hook", "SCOPES"]
 
 SCOPES = ("micro_batch", "sequence", "global")
 _MAX_SNAPSHOTS = 64
@@ -145,12 +145,45 @@ class LoadBalancingLoss(nn.Module):
         counts.sum() / K). The ``sequence`` scope also needs ``logits`` [B·S, E],
         ``indices`` [B·S, K], ``seq_len`` = S and ``mask`` if any.
         """
+        num_tokens = self._check_stats(counts, prob_sum, num_tokens)
+        # The all-reduce of the global counts overlaps the other scopes' work.
+        pending = self._start_global(counts, torch.as_tensor(num_tokens, device=counts.device)) \
+            if "global" in self.scopes else None
+        return self._loss(counts, prob_sum, num_tokens, pending, logits, indices, mask, seq_len, score)
+
+    def deferred(self, counts: torch.Tensor, prob_sum: torch.Tensor, num_tokens=None, *,
+                 sync: "GlobalCountSync", **kwargs):
+        """:meth:`forward` with the global scope's all-reduce batched into ``sync`` (shared by
+        the layers of a model): returns a function that gives the loss once ``sync.run()``
+        has reduced every layer's counts in one collective. Same arguments and result as
+        :meth:`forward`; a recomputed forward (activation checkpointing) and modules
+        without the global scope compute theirs at once and never wait on ``sync``."""
+        num_tokens = self._check_stats(counts, prob_sum, num_tokens)
+        if "global" not in self.scopes or _in_backward():
+            loss = self(counts, prob_sum, num_tokens, **kwargs)
+            return lambda: loss
+        if sync.group is not self.group:
+            raise ValueError("deferred: sync.group must be this module's group (the counts are summed over it)")
+        ticket = sync.add(counts, torch.as_tensor(num_tokens, device=counts.device), self.acc_counts.device)
+        detached = counts.detach().to(torch.int64)
+
+        def loss() -> torch.Tensor:
+            pending = ("pending", detached, sync.result(ticket), None)
+            return self._loss(counts, prob_sum, num_tokens, pending, **kwargs)
+
+        return loss
+
+    def _check_stats(self, counts, prob_sum, num_tokens):
         E, K = self.num_experts, self.top_k
         if counts.shape != (E,) or prob_sum.shape != (E,):
             raise ValueError(f"counts and prob_sum must have shape [{E}], got {tuple(counts.shape)} and "
                              f"{tuple(prob_sum.shape)}")
-        if num_tokens is None:
-            num_tokens = counts.sum() // K
+        return counts.sum() // K if num_tokens is None else num_tokens
+
+    def _loss(self, counts, prob_sum, num_tokens, pending, logits=None, indices=None, mask=None, seq_len=None,
+              score="softmax") -> torch.Tensor:
+        """The loss, given the global scope's all-reduce in flight (``pending``) if any."""
+        E, K = self.num_experts, self.top_k
         # The f-scopes are linear in P = prob_sum / n: their sum is <c, prob_sum> with the
         # per-expert constant c = coeff · Σ_scope weight · N_E · f_scope / n (no gradient):
         # one autograd node instead of a chain of small ones.
@@ -162,9 +195,6 @@ class LoadBalancingLoss(nn.Module):
             n = n_dev = float(max(num_tokens, 1))
         coef = None
         seq_total = None
-        # The all-reduce of the global counts overlaps the other scopes' work.
-        pending = self._start_global(counts, torch.as_tensor(num_tokens, device=counts.device)) \
-            if "global" in self.scopes else None
         for name in sorted(self.scopes, key=lambda n: n == "global"):  # global last: its wait last
             weight = self.scopes[name]
             if name == "sequence":
@@ -205,6 +235,51 @@ class LoadBalancingLoss(nn.Module):
         per_seq = E * ((counts / (self.top_k * nf)) * (p.sum(1) / nf)).sum(1)
         has = (n > 0).to(torch.float32)
         return (per_seq * has).sum() / has.sum().clamp_min(1)
+
+
+class GlobalCountSync:
+    """One all-reduce for the global-scope counts of several :class:`LoadBalancingLoss`
+    modules (every MoE layer of a model) instead of one per module: the issue's "one per
+    step when batched". Each layer's loss then waits until the end of the forward, so the
+    per-layer collectives' overlap with compute is traded for a single collective, which
+    is the better trade when collectives are latency-bound (many layers, many nodes)::
+
+        sync = GlobalCountSync(group)
+        terms = [lbl.deferred(counts, prob_sum, sync=sync) for lbl, counts, prob_sum in layers]
+        sync.run()
+        aux = sum(term() for term in terms)
+
+    Use a new one per forward. Integer sums: the result equals per-layer all-reduces'.
+    """
+
+    def __init__(self, group=None):
+        self.group = group
+        self._parts: list[torch.Tensor] = []
+        self._reduced = None
+
+    def add(self, counts: torch.Tensor, num_tokens: torch.Tensor, device) -> int:
+        """Queue one module's [counts, valid tokens]; returns its ticket for :meth:`result`."""
+        if self._reduced is not None:
+            raise RuntimeError("GlobalCountSync.add after run(): use a new GlobalCountSync per forward")
+        self._parts.append(torch.cat([counts.detach().to(torch.int64),
+                                      num_tokens.detach().to(torch.int64).reshape(1)]).to(device))
+        return len(self._parts) - 1
+
+    @torch.compiler.disable
+    def run(self) -> None:
+        """The single all-reduce (none with one process); idempotent."""
+        if self._reduced is not None:
+            return
+        flat = torch.cat(self._parts) if self._parts else torch.zeros(0, dtype=torch.int64)
+        if self._parts and dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
+            dist.all_reduce(flat, group=self.group)
+        self._reduced = flat.split([p.numel() for p in self._parts])
+
+    def result(self, ticket: int) -> torch.Tensor:
+        """[counts, valid tokens] of ticket's module, summed over the group."""
+        if self._reduced is None:
+            raise RuntimeError("GlobalCountSync: call run() before evaluating the deferred losses")
+        return self._reduced[ticket]
 
 
 def reset_load_balancing(model: nn.Module, update_bias: bool = True) -> None:
