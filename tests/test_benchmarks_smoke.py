@@ -70,3 +70,10 @@ def test_bench_all_reduce(tmp_path):
     _run(tmp_path, "benchmarks.bench_all_reduce", "--numel", "8192", "--reps", "1", "--formats", "int8")
     rows = {r["impl"]: r for r in _rows(tmp_path / "all_reduce_cpu.csv")}
     assert float(rows["quantized_all_reduce int8"]["bytes_ratio"]) > 3
+
+
+def test_bench_lbl_sync(tmp_path):
+    _run(tmp_path, "benchmarks.bench_lbl_sync", "--layers", "3", "--tokens", "64", "--reps", "2")
+    rows = {r["impl"]: r for r in _rows(tmp_path / "lbl_sync_cpu.csv")}
+    assert rows["per_layer"]["collectives"] == "3" and rows["batched"]["collectives"] == "1"
+    assert float(rows["batched"]["max_abs_diff"]) == 0.0
