@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -20,13 +19,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.harness import Table, Timing, results_suffix  # noqa: E402
-
-
-def _timing(times):
-    times = sorted(times)
-    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
-    return Timing(statistics.median(times), q[1], q[7])
+from benchmarks.harness import Table, results_suffix, timing_of  # noqa: E402
 
 
 def _rank(rank, world, numel, formats, reps, threads):
@@ -80,11 +73,11 @@ def main(argv=None):
     table = Table(f"all-reduce of {args.numel:,} fp32 on {args.world} gloo ranks (CPU, localhost)", "cpu")
     case = {"numel": args.numel, "world": args.world}
     base_bytes = res["fp32"][1]
-    table.add(case, "dist.all_reduce fp32", _timing(res["fp32"][0]), bytes_sent=base_bytes, bytes_ratio=1.0,
+    table.add(case, "dist.all_reduce fp32", timing_of(res["fp32"][0]), bytes_sent=base_bytes, bytes_ratio=1.0,
               rel_error=0.0)
     for fmt in formats:
         times, nbytes = res[fmt]
-        table.add(case, f"quantized_all_reduce {fmt}", _timing(times), baseline="dist.all_reduce fp32",
+        table.add(case, f"quantized_all_reduce {fmt}", timing_of(times), baseline="dist.all_reduce fp32",
                   bytes_sent=nbytes, bytes_ratio=round(base_bytes / nbytes, 2), rel_error=res[fmt + "_relerr"])
     table.report(f"all_reduce_{results_suffix('cpu')}.csv")
     for fmt in formats:

@@ -12,10 +12,11 @@ before the timing, so the rows differ only in how the counts are synchronized:
   batched     ``lbl.deferred(..., sync=sync)`` per layer, then ``sync.run()``: one
               all-reduce of L·(E+1) int64, then the L losses
 No layer work runs between the calls, so the per-layer all-reduces have nothing to hide
-behind; in a model, the async all-reduce of a layer overlaps part of that layer's work.
-Every rank runs the same fixed number of repetitions, each after a barrier; rank 0's times
-give the median and percentiles. Localhost gloo has a small latency per collective; across
-nodes it is larger, so the ratio here is a lower bound on what batching saves there.
+behind: in a model, each layer's async all-reduce overlaps part of that layer's work, and
+the saving is smaller than measured here, while across nodes each collective's latency,
+and so what batching saves, is larger than on localhost. Every rank runs the same fixed
+number of repetitions, each after a barrier; rank 0's times give the median and
+percentiles.
 """
 from __future__ import annotations
 
@@ -28,8 +29,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_all_reduce import _timing  # noqa: E402
-from benchmarks.harness import Table, results_suffix  # noqa: E402
+from benchmarks.harness import Table, results_suffix, timing_of  # noqa: E402
 
 
 def _rank(rank, world, layers, experts, top_k, tokens, reps):
@@ -90,8 +90,8 @@ def main(argv=None):
     table = Table(f"global-scope LBL sync, {args.layers} layers, E={args.experts}, k={args.top_k}, "
                   f"{args.world} gloo ranks (CPU, localhost)", "cpu")
     case = {"layers": args.layers, "E": args.experts, "world": args.world}
-    table.add(case, "per_layer", _timing(res["per_layer"]), collectives=args.layers)
-    table.add(case, "batched", _timing(res["batched"]), baseline="per_layer", collectives=1,
+    table.add(case, "per_layer", timing_of(res["per_layer"]), collectives=args.layers)
+    table.add(case, "batched", timing_of(res["batched"]), baseline="per_layer", collectives=1,
               max_abs_diff=res["max_abs_diff"])
     table.report(f"lbl_sync_{results_suffix('cpu')}.csv")
 

@@ -19,6 +19,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+try:
+    import resource
+except ImportError:  # pragma: no cover (Windows: no page-fault counts)
+    resource = None
+
 # Larger than the last-level cache of the CPUs we run on (32 MiB L3 on the CI machines).
 _CACHE_FLUSH_BYTES = 128 * 1024 * 1024
 _COLD_CALLS_PER_BLOCK = 8
@@ -51,7 +56,8 @@ def device_name(device: str) -> str:
     return f"{model} ({torch.get_num_threads()} threads)"
 
 
-def _quantiles(times):
+def timing_of(times) -> Timing:
+    """Median and 20th/80th percentiles of a list of per-call times (seconds)."""
     times = sorted(times)
     q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
     return Timing(statistics.median(times), q[1], q[7])
@@ -70,7 +76,7 @@ def measure(fn, device: str = "cpu", min_run_time: float = 0.5) -> Timing:
     # Timer runs with one thread unless told otherwise; measure with the threads torch uses.
     m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
         min_run_time=min_run_time)
-    return _quantiles(m.times)  # seconds per call, one entry per measured block
+    return timing_of(m.times)  # seconds per call, one entry per measured block
 
 
 def measure_interleaved(fns: dict, device: str = "cpu", min_run_time: float = 0.5,
@@ -123,20 +129,16 @@ def measure_interleaved(fns: dict, device: str = "cpu", min_run_time: float = 0.
             spent[name] += dt
     out = {}
     for name, t in times.items():
-        out[name] = _quantiles(t)
-        if _minor_faults() >= 0:
+        out[name] = timing_of(t)
+        if resource is not None:
             out[name].faults_per_call = faults[name] / (len(t) * calls[name])
     return out
 
 
 def _minor_faults() -> int:
-    """Minor page faults of this process so far (-1 where getrusage is unavailable): a call
+    """Minor page faults of this process so far (0 where getrusage is unavailable): a call
     that takes fresh memory from the OS pays one per 4 KiB page it touches."""
-    try:
-        import resource
-    except ImportError:  # pragma: no cover (Windows)
-        return -1
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return 0 if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 @dataclass

@@ -35,6 +35,11 @@ def _in_backward() -> bool:
     return fn is not None and fn() != -1
 
 
+def _count_buffer(counts: torch.Tensor, num_tokens: torch.Tensor, device) -> torch.Tensor:
+    """[counts (int64), valid tokens] on ``device``: what the global scope all-reduces."""
+    return torch.cat([counts, num_tokens.detach().to(torch.int64).reshape(1)]).to(device)
+
+
 def _parse_scope(scope) -> dict[str, float]:
     if isinstance(scope, str):
         scopes = {scope: 1.0}
@@ -109,7 +114,7 @@ class LoadBalancingLoss(nn.Module):
                     return ("done", snap[1], snap[2])
             raise RuntimeError("LoadBalancingLoss: a recomputed forward found no matching original forward "
                                "(were the counts reset between forward and backward?)")
-        buf = torch.cat([counts, num_tokens.detach().to(torch.int64).reshape(1)]).to(self.acc_counts.device)
+        buf = _count_buffer(counts, num_tokens, self.acc_counts.device)
         work = None
         if self._world() > 1:
             # One small collective; integer sums are exact and order-independent.
@@ -164,8 +169,8 @@ class LoadBalancingLoss(nn.Module):
             return lambda: loss
         if sync.group is not self.group:
             raise ValueError("deferred: sync.group must be this module's group (the counts are summed over it)")
-        ticket = sync.add(counts, torch.as_tensor(num_tokens, device=counts.device), self.acc_counts.device)
         detached = counts.detach().to(torch.int64)
+        ticket = sync.add(detached, torch.as_tensor(num_tokens, device=counts.device), self.acc_counts.device)
 
         def loss() -> torch.Tensor:
             pending = ("pending", detached, sync.result(ticket), None)
@@ -261,8 +266,7 @@ class GlobalCountSync:
         """Queue one module's [counts, valid tokens]; returns its ticket for :meth:`result`."""
         if self._reduced is not None:
             raise RuntimeError("GlobalCountSync.add after run(): use a new GlobalCountSync per forward")
-        self._parts.append(torch.cat([counts.detach().to(torch.int64),
-                                      num_tokens.detach().to(torch.int64).reshape(1)]).to(device))
+        self._parts.append(_count_buffer(counts.detach().to(torch.int64), num_tokens, device))
         return len(self._parts) - 1
 
     @torch.compiler.disable
