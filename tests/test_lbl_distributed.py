@@ -20,19 +20,29 @@ def _masks(world):
     return torch.rand(M, world, T, generator=g) > 0.25
 
 
-def _worker(rank, world, use_mask):
+def _worker(rank, world, use_mask, compiled=False):
+    import torch.distributed as dist
+
     from trainops.nn import LoadBalancingLoss
     from trainops.ops import router_topk
 
     logits = _global_logits(world)
     masks = _masks(world) if use_mask else None
-    lbl = LoadBalancingLoss(E, K, COEFF, "global")
+    # Compiled: over a group of its own (found again by name inside the op), and in one graph.
+    group = dist.new_group(list(range(world))) if compiled else None
+    lbl = LoadBalancingLoss(E, K, COEFF, "global", group=group)
+
+    def step(x, mask):
+        _, _, counts, psum = router_topk(x, K, mask=mask)
+        return lbl(counts, psum)
+
+    if compiled:
+        step = torch.compile(step, backend="aot_eager", fullgraph=True)
     out = []
     for m in range(M):
         x = logits[m, rank].clone().requires_grad_()
         mask = None if masks is None else masks[m, rank]
-        _, _, counts, psum = router_topk(x, K, mask=mask)
-        loss = lbl(counts, psum)
+        loss = step(x, mask)
         loss.backward()
         # Plain Python values: tensors returned through the result queue share storage by
         # file descriptor, which races with the worker's exit.
@@ -44,9 +54,10 @@ def _t(v):
     return torch.tensor(v, dtype=torch.int64 if isinstance(v, list) and v and isinstance(v[0], int) else torch.float32)
 
 
-def test_global_scope_two_ranks_three_micro_batches():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_global_scope_two_ranks_three_micro_batches(compiled):
     world = 2
-    results = spawn(_worker, world, False)
+    results = spawn(_worker, world, False, compiled)
     logits = _global_logits(world)
     acc = torch.zeros(E, dtype=torch.int64)
     for m in range(M):
@@ -134,3 +145,50 @@ def test_batched_all_reduce_one_collective_per_micro_batch():
             assert acc == ref_acc
         # The accumulated counts are the global ones: equal on every rank.
         assert batched[r][-1][2] == batched[0][-1][2]
+
+
+def _ddp_input(m, rank):
+    return torch.randn(T, 16, generator=torch.Generator().manual_seed(10 * m + rank))
+
+
+def _ddp_router():
+    from trainops.nn import TopKRouter
+
+    torch.manual_seed(0)
+    return TopKRouter(16, E, K, lbl_coeff=0.1, scope="global")
+
+
+def _ddp_checkpoint_worker(rank, world):
+    # DDP, non-reentrant checkpointing and gradient accumulation: every rank's recomputed
+    # forwards find their own original counts, also after later micro-batches' forwards.
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.router = _ddp_router()
+
+        def forward(self, x):
+            return checkpoint(lambda h: self.router(h)[2], x, use_reentrant=False)
+
+    net = DistributedDataParallel(Net())
+    # Micro-batches 0 and 1 both run forward before either backward (pipeline order): the
+    # recomputation of 0 comes after micro-batch 1's forward and its buffer broadcast.
+    with net.no_sync():
+        losses = [net(_ddp_input(m, rank).requires_grad_()) for m in range(M - 1)]
+        for loss in reversed(losses):
+            loss.backward()
+    net(_ddp_input(M - 1, rank).requires_grad_()).backward()
+    lbl = net.module.router.lbl
+    return lbl.acc_counts.tolist(), int(lbl.acc_tokens)
+
+
+def test_global_scope_under_ddp_with_activation_checkpointing():
+    world = 2
+    results = spawn(_ddp_checkpoint_worker, world)
+    router = _ddp_router()
+    expected = sum(torch.bincount(router(_ddp_input(m, r))[1].flatten(), minlength=E)
+                   for m in range(M) for r in range(world))
+    for counts, tokens in results:
+        assert counts == expected.tolist() and tokens == M * world * T

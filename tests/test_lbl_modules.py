@@ -9,6 +9,7 @@ import trainops
 from trainops import reference as ref
 from trainops.nn import (GlobalCountSync, LoadBalancingLoss, MoELayer, TopKRouter, expert_selection_frequency,
                          register_reset_hook, reset_load_balancing, specialization_score)
+from trainops.nn.global_counts import add_unless_recomputing
 from trainops.ops import router_topk
 
 pytestmark = pytest.mark.skipif(not trainops.has_extension(), reason="C++ extension not built")
@@ -163,8 +164,10 @@ def test_global_count_sync_equals_per_module_losses():
         with pytest.raises(RuntimeError, match="new GlobalCountSync"):
             sync.add(torch.zeros(E, dtype=torch.long), torch.tensor(1), "cpu")
     with pytest.raises(ValueError, match="group"):
-        LoadBalancingLoss(E, K, 1.0, "global", group=object()).deferred(
-            torch.zeros(E, dtype=torch.long), torch.zeros(E), sync=GlobalCountSync())
+        LoadBalancingLoss(E, K, 1.0, "global").deferred(
+            torch.zeros(E, dtype=torch.long), torch.zeros(E), sync=GlobalCountSync(group=object()))
+    with pytest.raises(TypeError, match="group must be a torch.distributed ProcessGroup"):
+        LoadBalancingLoss(E, K, 1.0, "global", group=object())
 
 
 def test_router_z_loss_and_grad_reach_weight():
@@ -244,17 +247,128 @@ def test_bad_module_arguments():
         LoadBalancingLoss(E, K, 1.0, "sequence")(torch.zeros(E, dtype=torch.long), torch.zeros(E))
 
 
-def test_router_under_torch_compile():
+@pytest.mark.parametrize("aux_free_bias", [False, True])
+def test_router_under_torch_compile(aux_free_bias):
+    # One graph: the global scope's all-reduce and accumulation and the aux-free load are
+    # ops in it; the compiled router gives eager's outputs, gradient and counts.
     torch.manual_seed(0)
-    r = TopKRouter(16, 8, 2, lbl_coeff=0.01, scope="global", z_loss_coeff=1e-3)
+    r = TopKRouter(16, 8, 2, lbl_coeff=0.01, scope="global", z_loss_coeff=1e-3, aux_free_bias=aux_free_bias)
     x = torch.randn(32, 16)
     w, idx, aux = r(x)
     aux.backward()
     grad = r.weight.grad.clone()
+    load = None if r.expert_bias is None else r.load.clone()
     r.weight.grad = None
-    r.lbl.reset()
-    w2, idx2, aux2 = torch.compile(r)(x)
+    reset_load_balancing(r, update_bias=False)
+    if aux_free_bias:
+        r.load.zero_()
+    w2, idx2, aux2 = torch.compile(r, fullgraph=True)(x)
     aux2.backward()
     assert torch.equal(idx, idx2) and int(r.lbl.acc_tokens) == 32
     torch.testing.assert_close(aux2, aux)
     torch.testing.assert_close(r.weight.grad, grad)
+    if aux_free_bias:
+        assert torch.equal(r.load, load)
+    torch._dynamo.reset()
+
+
+def test_compiled_router_under_activation_checkpointing():
+    # Eager non-reentrant checkpointing around a compiled router recomputes the compiled
+    # graph during backward: the counts and the aux-free load are still added once.
+    torch.manual_seed(0)
+    eager = TopKRouter(16, 8, 2, lbl_coeff=0.1, scope={"global": 1.0, "micro_batch": 0.1}, aux_free_bias=True)
+    twin = copy.deepcopy(eager)
+    compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
+    for m in range(3):
+        x = torch.randn(24, 16, generator=torch.Generator().manual_seed(m))
+        aux = eager(x)[2]
+        aux.backward()
+        aux2 = checkpoint(lambda h: compiled(h)[2], x.clone().requires_grad_(), use_reentrant=False)
+        aux2.backward()
+        torch.testing.assert_close(aux2, aux)
+    assert torch.equal(twin.lbl.acc_counts, eager.lbl.acc_counts) and int(twin.lbl.acc_tokens) == 72
+    assert torch.equal(twin.load, eager.load) and int(twin.load.sum()) == 72 * 2
+    torch.testing.assert_close(twin.weight.grad, eager.weight.grad)
+    torch._dynamo.reset()
+
+
+def _accumulate_args(lbl, counts, tokens, reduced=None):
+    return (lbl.acc_counts, lbl.acc_tokens, lbl._snap_counts, lbl._snap_totals, lbl._snap_len, counts,
+            torch.tensor(tokens), reduced, "")
+
+
+@pytest.mark.parametrize("reduced", [False, True])
+def test_accumulate_global_op(reduced):
+    lbl = LoadBalancingLoss(E, K, 1.0, "global")
+    counts = torch.arange(E)
+    given = torch.cat([counts * 3, torch.tensor([21])]) if reduced else None  # as if summed over 3 ranks
+    torch.library.opcheck(torch.ops.trainops.lbl_accumulate_global.default,
+                          _accumulate_args(lbl, counts, 7, given))
+    lbl.reset()
+    for m in range(1, 3):
+        totals = torch.ops.trainops.lbl_accumulate_global(*_accumulate_args(lbl, counts, 7, given))
+        scale = 3 if reduced else 1
+        assert totals.tolist() == (counts * scale * m).tolist() + [7 * scale * m]
+        assert torch.equal(lbl.acc_counts, counts * scale * m) and int(lbl._snap_len) == m
+
+
+def test_add_unless_recomputing_op():
+    acc = torch.zeros(5, dtype=torch.int64)
+    torch.library.opcheck(torch.ops.trainops.add_unless_recomputing.default, (acc, torch.arange(5)))
+    add_unless_recomputing(acc, torch.arange(5))
+    _InBackward.apply(torch.zeros(1, requires_grad=True),
+                      lambda: add_unless_recomputing(acc, torch.arange(5))).sum().backward()
+    assert acc.tolist() == list(range(5))  # once: not again in the backward
+
+
+class _InBackward(torch.autograd.Function):
+    """Runs ``fn`` while the autograd engine runs a backward, as a recomputation does."""
+
+    @staticmethod
+    def forward(ctx, x, fn):
+        ctx.fn = fn
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.fn()
+        return grad, None
+
+
+def test_recomputed_forward_looks_up_its_original():
+    lbl = LoadBalancingLoss(E, K, 1.0, "global")
+    first, second = torch.arange(E), torch.ones(E, dtype=torch.long)
+    lbl.global_stats(first, 5)
+    lbl.global_stats(second, 4)
+    seen = {}
+
+    def recompute():
+        seen["first"] = lbl.global_stats(first, 5)
+        with pytest.raises(RuntimeError, match="no matching original forward"):
+            lbl.global_stats(torch.full((E,), 9), 1)
+
+    x = torch.zeros(2, requires_grad=True)
+    _InBackward.apply(x, recompute).sum().backward()
+    # The first micro-batch's totals, not the current ones; nothing added again.
+    assert seen["first"][0].tolist() == first.tolist() and int(seen["first"][1]) == 5
+    assert torch.equal(lbl.acc_counts, first + second) and int(lbl.acc_tokens) == 9
+
+
+def test_recomputation_finds_the_last_64_forwards():
+    from trainops.nn.global_counts import SNAPSHOTS
+
+    lbl = LoadBalancingLoss(E, K, 1.0, "global")
+    batches = [torch.full((E,), m) for m in range(SNAPSHOTS + 6)]  # the ring wraps around
+    for c in batches:
+        lbl.global_stats(c, 1)
+    found = {}
+
+    def recompute():
+        for m in (6, 40, SNAPSHOTS + 5):
+            found[m] = lbl.global_stats(batches[m], 1)
+        with pytest.raises(RuntimeError, match="no matching original forward"):
+            lbl.global_stats(batches[5], 1)  # older than the last 64
+
+    _InBackward.apply(torch.zeros(1, requires_grad=True), recompute).sum().backward()
+    for m, (counts, tokens) in found.items():
+        assert counts.tolist() == [sum(range(m + 1))] * E and int(tokens) == m + 1

@@ -13,31 +13,18 @@ Algorithm 1). Only f is synchronized; P stays local and carries the gradient.
 """
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from trainops.nn.global_counts import SNAPSHOTS, accumulate_global, count_buffer, group_name, in_backward
 from trainops.reference.router import probability, router_scores
 
 __all__ = ["LoadBalancingLoss", "GlobalCountSync", "reset_load_balancing", "register_reset_hook", "SCOPES"]
 
 SCOPES = ("micro_batch", "sequence", "global")
-_MAX_SNAPSHOTS = 64
-
-
-def _in_backward() -> bool:
-    """True while the autograd engine runs a backward: a forward seen then is a
-    recomputation (activation checkpointing, reentrant or not)."""
-    fn = getattr(torch._C, "_current_graph_task_id", None)
-    return fn is not None and fn() != -1
-
-
-def _count_buffer(counts: torch.Tensor, num_tokens: torch.Tensor, device) -> torch.Tensor:
-    """[counts (int64), valid tokens] on ``device``: what the global scope all-reduces."""
-    return torch.cat([counts, num_tokens.detach().to(torch.int64).reshape(1)]).to(device)
 
 
 def _parse_scope(scope) -> dict[str, float]:
@@ -83,7 +70,14 @@ class LoadBalancingLoss(nn.Module):
         self.group = group
         self.register_buffer("acc_counts", torch.zeros(num_experts, dtype=torch.int64))
         self.register_buffer("acc_tokens", torch.zeros((), dtype=torch.int64))
-        self._snapshots: deque = deque(maxlen=_MAX_SNAPSHOTS)
+        # What a recomputed forward looks up (see trainops.nn.global_counts). Plain tensors,
+        # not buffers: they hold this rank's local counts, which DDP's buffer broadcast would
+        # overwrite with rank 0's; they follow acc_counts to its device at first use. The
+        # number written stays a host tensor, so the forward never reads the device for it.
+        self._snap_counts = torch.zeros(SNAPSHOTS, num_experts, dtype=torch.int64)
+        self._snap_totals = torch.zeros(SNAPSHOTS, num_experts + 1, dtype=torch.int64)
+        self._snap_len = torch.zeros((), dtype=torch.int64)
+        self._group_name = group_name(group)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, top_k={self.top_k}, coeff={self.coeff}, scope={self.scopes}"
@@ -96,48 +90,19 @@ class LoadBalancingLoss(nn.Module):
         """Start a new global batch (call after each optimizer step)."""
         self.acc_counts.zero_()
         self.acc_tokens.zero_()
-        self._snapshots.clear()
+        self._snap_len.zero_()
 
-    def _world(self) -> int:
-        if not (dist.is_available() and dist.is_initialized()):
-            return 1
-        return dist.get_world_size(self.group)
-
-    @torch.compiler.disable
-    def _start_global(self, counts: torch.Tensor, num_tokens: torch.Tensor):
-        """Launch the (async) all-reduce of [counts, tokens]; under recomputation, look up
-        the statistics of the original forward instead (no collective, no double count)."""
-        counts = counts.detach().to(torch.int64)
-        if _in_backward():
-            for snap in reversed(self._snapshots):
-                if torch.equal(snap[0], counts.to(snap[0].device)):
-                    return ("done", snap[1], snap[2])
-            raise RuntimeError("LoadBalancingLoss: a recomputed forward found no matching original forward "
-                               "(were the counts reset between forward and backward?)")
-        buf = _count_buffer(counts, num_tokens, self.acc_counts.device)
-        work = None
-        if self._world() > 1:
-            # One small collective; integer sums are exact and order-independent.
-            work = dist.all_reduce(buf, group=self.group, async_op=True)
-        return ("pending", counts, buf, work)
-
-    @torch.compiler.disable
-    def _finish_global(self, state):
-        if state[0] == "done":
-            return state[1], state[2]
-        _, counts, buf, work = state
-        if work is not None:
-            work.wait()
-        self.acc_counts += buf[:-1]
-        self.acc_tokens += buf[-1]
-        snap = (counts.to(self.acc_counts.device), self.acc_counts.clone(), self.acc_tokens.clone())
-        self._snapshots.append(snap)
-        return snap[1], snap[2]
-
-    def global_stats(self, counts: torch.Tensor, num_tokens: torch.Tensor):
+    def global_stats(self, counts: torch.Tensor, num_tokens, reduced: torch.Tensor | None = None):
         """(accumulated counts [E], accumulated valid tokens) including this call's
-        micro-batch summed over the group; idempotent under recomputation."""
-        return self._finish_global(self._start_global(counts, torch.as_tensor(num_tokens, device=counts.device)))
+        micro-batch summed over the group (``reduced``: that sum, already all-reduced);
+        idempotent under recomputation. One op, ``trainops::lbl_accumulate_global``."""
+        if self._snap_counts.device != self.acc_counts.device:  # the module has moved
+            self._snap_counts = self._snap_counts.to(self.acc_counts.device)
+            self._snap_totals = self._snap_totals.to(self.acc_counts.device)
+        totals = accumulate_global(self.acc_counts, self.acc_tokens, self._snap_counts, self._snap_totals,
+                                   self._snap_len, counts, torch.as_tensor(num_tokens, device=counts.device),
+                                   reduced, self._group_name)
+        return totals[:-1], totals[-1]
 
     def forward(self, counts: torch.Tensor, prob_sum: torch.Tensor, num_tokens=None, *,
                 logits: torch.Tensor | None = None, indices: torch.Tensor | None = None,
@@ -151,30 +116,32 @@ class LoadBalancingLoss(nn.Module):
         ``indices`` [B·S, K], ``seq_len`` = S and ``mask`` if any.
         """
         num_tokens = self._check_stats(counts, prob_sum, num_tokens)
-        # The all-reduce of the global counts overlaps the other scopes' work.
-        pending = self._start_global(counts, torch.as_tensor(num_tokens, device=counts.device)) \
-            if "global" in self.scopes else None
-        return self._loss(counts, prob_sum, num_tokens, pending, logits, indices, mask, seq_len, score)
+        return self._loss(counts, prob_sum, num_tokens, None, logits, indices, mask, seq_len, score)
 
     def deferred(self, counts: torch.Tensor, prob_sum: torch.Tensor, num_tokens=None, *,
                  sync: "GlobalCountSync", **kwargs):
         """:meth:`forward` with the global scope's all-reduce batched into ``sync`` (shared by
         the layers of a model): returns a function that gives the loss once ``sync.run()``
         has reduced every layer's counts in one collective. Same arguments and result as
-        :meth:`forward`; a recomputed forward (activation checkpointing) and modules
-        without the global scope compute theirs at once and never wait on ``sync``."""
+        :meth:`forward`. Modules without the global scope compute theirs at once and never
+        wait on ``sync``, nor does a recomputed forward (activation checkpointing), nor any
+        module under torch.compile, which keeps each layer's all-reduce in the graph (inside
+        ``trainops::lbl_accumulate_global``) rather than break it for ``sync.run()``."""
         num_tokens = self._check_stats(counts, prob_sum, num_tokens)
-        if "global" not in self.scopes or _in_backward():
+        if torch.compiler.is_compiling() or "global" not in self.scopes:
             loss = self(counts, prob_sum, num_tokens, **kwargs)
             return lambda: loss
+        if in_backward():
+            # Recomputation: as in the original forward, nothing here saves tensors for
+            # backward (non-reentrant checkpointing matches them one by one); the loss, if
+            # asked for, is the original's (global counts looked up, no collective).
+            return lambda: self(counts, prob_sum, num_tokens, **kwargs)
         if sync.group is not self.group:
             raise ValueError("deferred: sync.group must be this module's group (the counts are summed over it)")
-        detached = counts.detach().to(torch.int64)
-        ticket = sync.add(detached, torch.as_tensor(num_tokens, device=counts.device), self.acc_counts.device)
+        ticket = sync.add(counts, torch.as_tensor(num_tokens, device=counts.device), self.acc_counts.device)
 
         def loss() -> torch.Tensor:
-            pending = ("pending", detached, sync.result(ticket), None)
-            return self._loss(counts, prob_sum, num_tokens, pending, **kwargs)
+            return self._loss(counts, prob_sum, num_tokens, sync.result(ticket), **kwargs)
 
         return loss
 
@@ -185,9 +152,10 @@ class LoadBalancingLoss(nn.Module):
                              f"{tuple(prob_sum.shape)}")
         return counts.sum() // K if num_tokens is None else num_tokens
 
-    def _loss(self, counts, prob_sum, num_tokens, pending, logits=None, indices=None, mask=None, seq_len=None,
+    def _loss(self, counts, prob_sum, num_tokens, reduced, logits=None, indices=None, mask=None, seq_len=None,
               score="softmax") -> torch.Tensor:
-        """The loss, given the global scope's all-reduce in flight (``pending``) if any."""
+        """The loss; ``reduced``: this call's [counts, tokens] already summed over the group
+        (by GlobalCountSync), or None."""
         E, K = self.num_experts, self.top_k
         # The f-scopes are linear in P = prob_sum / n: their sum is <c, prob_sum> with the
         # per-expert constant c = coeff · Σ_scope weight · N_E · f_scope / n (no gradient):
@@ -200,7 +168,7 @@ class LoadBalancingLoss(nn.Module):
             n = n_dev = float(max(num_tokens, 1))
         coef = None
         seq_total = None
-        for name in sorted(self.scopes, key=lambda n: n == "global"):  # global last: its wait last
+        for name in self.scopes:
             weight = self.scopes[name]
             if name == "sequence":
                 term = (self.coeff * weight) * self._sequence_term(logits, indices, mask, seq_len, score)
@@ -209,7 +177,7 @@ class LoadBalancingLoss(nn.Module):
             if name == "micro_batch":
                 term = counts.to(torch.float32) * (self.coeff * weight * E / K) / (n * n)
             else:
-                acc_counts, acc_tokens = self._finish_global(pending)
+                acc_counts, acc_tokens = self.global_stats(counts, num_tokens, reduced)
                 acc_n = acc_tokens.clamp_min(1).to(prob_sum.device, torch.float32)
                 term = acc_counts.to(prob_sum.device, torch.float32) * (self.coeff * weight * E / K) / (acc_n * n_dev)
             coef = term if coef is None else coef + term
@@ -266,7 +234,7 @@ class GlobalCountSync:
         """Queue one module's [counts, valid tokens]; returns its ticket for :meth:`result`."""
         if self._reduced is not None:
             raise RuntimeError("GlobalCountSync.add after run(): use a new GlobalCountSync per forward")
-        self._parts.append(_count_buffer(counts.detach().to(torch.int64), num_tokens, device))
+        self._parts.append(count_buffer(counts, num_tokens, device))
         return len(self._parts) - 1
 
     @torch.compiler.disable

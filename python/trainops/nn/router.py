@@ -8,7 +8,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from trainops.nn.load_balancing import LoadBalancingLoss, _in_backward
+from trainops.nn.global_counts import add_unless_recomputing
+from trainops.nn.load_balancing import LoadBalancingLoss
 from trainops.ops.router import router_topk
 
 __all__ = ["TopKRouter"]
@@ -64,8 +65,8 @@ class TopKRouter(nn.Module):
                                  seq_len=seq_len, score=self.score)
         if self.z_loss_coeff > 0:
             aux = aux + self.z_loss_coeff * out[4]
-        if self.expert_bias is not None and self.training and not _in_backward():
-            self.load += counts
+        if self.expert_bias is not None and self.training:
+            add_unless_recomputing(self.load, counts)
         self.last_counts = counts
         return weights, indices, aux
 
