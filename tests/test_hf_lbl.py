@@ -1,4 +1,5 @@
 """Hugging Face drop-in on tiny random-init MoE models (no downloads)."""
+import copy
 import os
 
 import pytest
@@ -92,33 +93,89 @@ def _trainops_breaks(explanation) -> list:
             if any(os.sep + "trainops" + os.sep in frame.filename for frame in b.user_stack)]
 
 
+def _micro_batches(n):
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for m in range(n):
+        ids = torch.randint(0, 64, (3, 10), generator=g)
+        mask = torch.ones(3, 10, dtype=torch.long)
+        mask[1, 6 + m:] = 0
+        out.append((ids, mask, ids.masked_fill(mask == 0, -100)))
+    return out
+
+
+def _assert_same_training(model_a, run_a, model_b, run_b, losses_a, losses_b, micro_batches=2):
+    """Two patched copies of a model give the same loss, aux loss, gradients and global
+    counts over ``micro_batches`` forward-backward passes (run_x: the callable to run)."""
+    for ids, mask, labels in _micro_batches(micro_batches):
+        out_a = run_a(input_ids=ids, attention_mask=mask, labels=labels)
+        out_b = run_b(input_ids=ids, attention_mask=mask, labels=labels)
+        torch.testing.assert_close(out_b.aux_loss, out_a.aux_loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out_b.loss, out_a.loss, rtol=1e-5, atol=1e-5)
+        out_a.loss.backward()
+        out_b.loss.backward()
+        for la, lb in zip(losses_a, losses_b):
+            assert torch.equal(la.acc_counts, lb.acc_counts) and torch.equal(la.acc_tokens, lb.acc_tokens)
+    grads = {n: p.grad for n, p in model_a.named_parameters() if p.grad is not None}
+    assert grads and all(torch.allclose(p.grad, grads[n], rtol=1e-4, atol=1e-5)
+                         for n, p in model_b.named_parameters() if n in grads)
+
+
+SCOPES = [{"micro_batch": 1.0, "sequence": 0.5}, {"global": 1.0, "micro_batch": 0.01}]
+
+
+@pytest.mark.parametrize("scope", SCOPES, ids=["micro_batch+sequence", "global+micro_batch"])
 @pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
-def test_patched_model_under_torch_compile(kind):
+def test_patched_model_under_torch_compile(kind, scope):
     # The drop-in adds no graph break of its own (whatever the installed transformers'
-    # model code does), and the compiled model gives the eager losses and gradients.
+    # model code does), the global scope's all-reduce and accumulation included, and the
+    # compiled model gives the eager losses, gradients and accumulated counts.
     model = _model(kind).train()
+    twin = copy.deepcopy(model)
+    losses = apply_global_load_balancing(model, scope=scope, batch_all_reduce=True)
+    twin_losses = apply_global_load_balancing(twin, scope=scope, batch_all_reduce=True)
     ids, mask = _batch()
-    labels = ids.masked_fill(mask == 0, -100)
-    apply_global_load_balancing(model, scope={"micro_batch": 1.0, "sequence": 0.5})
-    eager = model(input_ids=ids, attention_mask=mask, labels=labels)
-    eager.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    explanation = torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask, labels=labels)
+    explanation = torch._dynamo.explain(twin)(input_ids=ids, attention_mask=mask, labels=ids)
+    reset_load_balancing(twin)
     if not tr_integration._is_sparse_block(_routers(model)[0]):
         # transformers >= 5. In 4.x the replaced block keeps HF's expert loop over the
         # experts that got tokens, data-dependent and a graph break in HF's code as well.
         assert _trainops_breaks(explanation) == []
+        assert explanation.graph_count == 1
     torch._dynamo.reset()
     # aot_eager: the traced graph, the ops' fake kernels and their autograd, without
     # inductor's C++ compile time (test_lbl_modules compiles the router with inductor).
-    out = torch.compile(model, backend="aot_eager")(input_ids=ids, attention_mask=mask, labels=labels)
-    torch.testing.assert_close(out.aux_loss, eager.aux_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.loss, eager.loss, rtol=1e-5, atol=1e-5)
-    out.loss.backward()
-    assert grads and all(torch.allclose(p.grad, grads[n], rtol=1e-4, atol=1e-5)
-                         for n, p in model.named_parameters() if n in grads)
+    compiled = torch.compile(twin, backend="aot_eager")
+    _assert_same_training(model, model, twin, compiled, losses, twin_losses)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("scope", SCOPES, ids=["micro_batch+sequence", "global+micro_batch"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+def test_gradient_checkpointing(kind, scope, batched):
+    # Non-reentrant checkpointing recomputes each layer in backward, after the forward has
+    # returned: the recomputed routers repeat their loss ops (checkpointing matches saved
+    # tensors one by one) without adding the global counts again.
+    model = _model(kind).train()
+    twin = copy.deepcopy(model)
+    twin.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    losses = apply_global_load_balancing(model, scope=scope, batch_all_reduce=batched)
+    twin_losses = apply_global_load_balancing(twin, scope=scope, batch_all_reduce=batched)
+    _assert_same_training(model, model, twin, twin, losses, twin_losses, micro_batches=3)
+
+
+def test_reentrant_checkpointing_is_refused():
+    # Reentrant checkpointing runs the layers without gradients: the load-balancing loss
+    # would silently get none (HF's own aux loss has no gradient there).
+    model = _model("qwen3_moe").train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    apply_global_load_balancing(model, scope="micro_batch")
+    ids, mask = _batch()
+    with pytest.raises(RuntimeError, match="use_reentrant"):
+        model(input_ids=ids, attention_mask=mask, labels=ids)
+    with torch.no_grad():  # evaluation without gradients is fine
+        model(input_ids=ids, attention_mask=mask, labels=ids)
 
 
 @pytest.mark.parametrize("check_finite", [True, False])

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainops.nn.global_counts import in_backward
 from trainops.nn.load_balancing import GlobalCountSync, LoadBalancingLoss, _parse_scope
 from trainops.ops.router import router_topk
 
@@ -59,6 +60,8 @@ class _Collector:
     def __init__(self, mask, seq_len, sync: GlobalCountSync | None = None):
         # terms: tensors, or functions that give them after sync.run() (batched all-reduce)
         self.mask, self.seq_len, self.terms, self.sync = mask, seq_len, [], sync
+        self.grad_enabled = torch.is_grad_enabled()
+        self.tokens = None  # rows routed per layer, checked when a layer is recomputed
 
 
 class _ModelState:
@@ -69,6 +72,11 @@ class _ModelState:
 
     def __init__(self):
         self.collector = None
+        # The collector of the latest forward: activation checkpointing recomputes its layers
+        # during backward, after the forward has returned, and each layer must then repeat
+        # its original computation (the same masked routing and loss ops, whose saved
+        # tensors non-reentrant checkpointing matches one by one).
+        self.last = None
 
 
 def _route(module, router_logits):
@@ -76,6 +84,19 @@ def _route(module, router_logits):
     layer's load-balancing term to the collector of the running forward, if any."""
     state = getattr(module, "_trainops_lbl_state", None)
     coll = None if state is None else state.collector
+    recomputing = False
+    if coll is None and state is not None and state.last is not None and not torch.compiler.is_compiling() \
+            and in_backward():
+        coll, recomputing = state.last, True
+        if coll.tokens != router_logits.shape[0]:
+            raise RuntimeError("trainops: a layer recomputed by activation checkpointing routes "
+                               f"{router_logits.shape[0]} tokens, but the latest forward routed {coll.tokens}: run "
+                               "each micro-batch's backward before the next forward")
+    elif coll is not None and coll.grad_enabled and not torch.is_grad_enabled():
+        raise RuntimeError("trainops: a MoE layer runs without gradients inside a forward that computes them "
+                           "(reentrant activation checkpointing): its load-balancing loss would get no gradient. "
+                           "Use non-reentrant checkpointing, e.g. model.gradient_checkpointing_enable("
+                           "gradient_checkpointing_kwargs={'use_reentrant': False})")
     mask = None
     if coll is not None and coll.mask is not None and coll.mask.numel() == router_logits.shape[0]:
         mask = coll.mask
@@ -86,9 +107,12 @@ def _route(module, router_logits):
         lbl = module._trainops_lbl_losses[0]
         stats = dict(logits=router_logits, indices=indices, mask=mask, seq_len=coll.seq_len)
         if coll.sync is not None:
-            coll.terms.append(lbl.deferred(counts, prob_sum, sync=coll.sync, **stats))
+            term = lbl.deferred(counts, prob_sum, sync=coll.sync, **stats)
         else:
-            coll.terms.append(lbl(counts, prob_sum, **stats))
+            term = lbl(counts, prob_sum, **stats)
+        if not recomputing:  # a recomputed term only repeats the original's saved tensors
+            coll.terms.append(term)
+            coll.tokens = router_logits.shape[0]
     return weights, indices
 
 
@@ -158,8 +182,12 @@ def _model_forward(self, *args, **kwargs):
     flat_mask = mask.reshape(-1) != 0 if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
     coll = None
     if want:
-        coll = _Collector(flat_mask, seq_len, GlobalCountSync(patch["group"]) if patch["batch_all_reduce"] else None)
+        # Under torch.compile each layer's all-reduce stays in the graph (see LoadBalancingLoss.deferred).
+        batched = patch["batch_all_reduce"] and not torch.compiler.is_compiling()
+        coll = _Collector(flat_mask, seq_len, GlobalCountSync(patch["group"]) if batched else None)
     state = patch["state"]
+    if coll is not None:
+        state.last = coll
     outer, state.collector = state.collector, coll
     try:
         out = patch["orig"](**call, **extra)
@@ -170,6 +198,7 @@ def _model_forward(self, *args, **kwargs):
             coll.sync.run()
             coll.terms = [term() if callable(term) else term for term in coll.terms]
         aux = torch.stack([t.to(coll.terms[0].device) for t in coll.terms]).mean()
+        coll.terms = []  # state.last keeps the collector for recomputation, not these
         if patch["convention"] == "hf":
             aux = aux * self.num_experts_per_tok
         out["aux_loss"] = aux  # item assignment: ModelOutput keeps keys and attributes in step
@@ -275,7 +304,12 @@ def apply_global_load_balancing(model: nn.Module | None, scope="global", *, grou
     CUDA a host read per layer, which under torch.compile is also a graph break).
     ``batch_all_reduce``: the global scope's counts of all layers are all-reduced together,
     once per forward, instead of one all-reduce per layer (:class:`~trainops.nn.GlobalCountSync`;
-    same result, one collective instead of one per layer, no overlap with the layers' work).
+    same result, one collective instead of one per layer, no overlap with the layers' work;
+    under torch.compile each layer keeps its own all-reduce, inside the graph).
+
+    Activation checkpointing must be non-reentrant (``gradient_checkpointing_kwargs=
+    {"use_reentrant": False}``); a layer run without gradients inside a forward that computes
+    them (reentrant checkpointing) raises RuntimeError, as its loss would get no gradient.
     """
     if convention not in _CONVENTIONS:
         raise ValueError(f"convention must be one of {_CONVENTIONS}, got {convention!r}")
