@@ -210,6 +210,25 @@ def test_global_scope_accumulates_and_resets():
     assert out.aux_loss is None and all(int(lbl.acc_tokens) == 0 for lbl in losses)
 
 
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+def test_bf16_model_and_generate(kind):
+    # A bf16 model: the same logits up to bf16 rounding (the gate weights are fp32 in both),
+    # an fp32 aux loss with a gradient, and greedy generation with the KV cache (one token a
+    # step, no mask of that length; aux loss on) gives the unpatched model's tokens.
+    model = _model(kind).to(torch.bfloat16)
+    ids, mask = _batch()
+    base = model(input_ids=ids, attention_mask=mask)
+    # (transformers 4.x's own aux loss fails in generate: its mask no longer fits the tokens)
+    tokens = model.generate(ids[:1], max_new_tokens=5, do_sample=False, output_router_logits=False)
+    apply_global_load_balancing(model, scope={"global": 1.0, "micro_batch": 0.01})
+    out = model(input_ids=ids, attention_mask=mask, labels=ids)
+    torch.testing.assert_close(out.logits, base.logits, rtol=0, atol=2 ** -6)
+    assert out.aux_loss.dtype == torch.float32
+    out.loss.backward()
+    assert all(r.weight.grad is not None for r in _routers(model) if not hasattr(r, "gate"))
+    assert torch.equal(model.generate(ids[:1], max_new_tokens=5, do_sample=False), tokens)
+
+
 def test_batched_all_reduce_gives_the_same_losses(monkeypatch):
     # One all-reduce per forward for all layers (no process group here, so none at all):
     # the same aux loss, gradients and accumulated counts as one per layer.
