@@ -1,6 +1,7 @@
 """Hugging Face drop-in with the global scope on real gloo processes: a DDP-wrapped tiny
 Qwen3-MoE on 2 ranks x 3 micro-batches gives, on every rank, the aux loss computed from
-the counts of all ranks' micro-batches so far (f global, P local), per-layer or batched."""
+the counts of all ranks' micro-batches so far (f global, P local), per-layer or batched,
+eager or compiled."""
 import pytest
 import torch
 
@@ -21,7 +22,7 @@ def _rank_batch(m, rank):
     return ids, mask
 
 
-def _worker(rank, world, batched):
+def _worker(rank, world, batched, compiled):
     from torch.nn.parallel import DistributedDataParallel
 
     from test_hf_lbl import _model
@@ -30,6 +31,8 @@ def _worker(rank, world, batched):
     model = _model("qwen3_moe").train()
     losses = apply_global_load_balancing(model, scope="global", batch_all_reduce=batched)
     ddp = DistributedDataParallel(model, find_unused_parameters=True)
+    if compiled:
+        ddp = torch.compile(ddp, backend="aot_eager")
     out = []
     for m in range(M):
         ids, mask = _rank_batch(m, rank)
@@ -39,11 +42,12 @@ def _worker(rank, world, batched):
     return out
 
 
-@pytest.mark.parametrize("batched", [False, True], ids=["per_layer", "batched"])
-def test_global_scope_on_two_ranks(batched):
+@pytest.mark.parametrize("batched, compiled", [(False, False), (True, False), (True, True)],
+                         ids=["per_layer", "batched", "batched_compiled"])
+def test_global_scope_on_two_ranks(batched, compiled):
     from test_hf_lbl import _model
 
-    results = spawn(_worker, WORLD, batched)
+    results = spawn(_worker, WORLD, batched, compiled)
     base = _model("qwen3_moe")  # unpatched: HF's own router logits of every layer
     K, layers = base.config.num_experts_per_tok, base.config.num_hidden_layers
     acc = [0] * layers

@@ -91,7 +91,7 @@ def test_global_scope_three_ranks_with_padding():
             torch.testing.assert_close(torch.tensor(results[r][m][0]), local, rtol=1e-5, atol=1e-6)
 
 
-def _layered_worker(rank, world, batched):
+def _layered_worker(rank, world, batched, compiled=False):
     # Two MoE layers (E=10 and E=6) over three micro-batches, with every all-reduce counted.
     import torch.distributed as dist
 
@@ -109,12 +109,9 @@ def _layered_worker(rank, world, batched):
     try:
         sizes = (E, 6)
         lbls = [LoadBalancingLoss(e, K, COEFF, {"global": 1.0, "micro_batch": 0.1}) for e in sizes]
-        out = []
-        for m in range(M):
-            g = torch.Generator().manual_seed(100 * m + rank)
-            xs = [(torch.randn(T, e, generator=g) * 2).requires_grad_() for e in sizes]
+
+        def step(xs):
             sync = GlobalCountSync() if batched else None
-            before = len(calls)
             losses = []
             for lbl, x in zip(lbls, xs):
                 _, _, counts, psum = router_topk(x, K)
@@ -122,18 +119,33 @@ def _layered_worker(rank, world, batched):
             if batched:
                 sync.run()
                 losses = [term() for term in losses]
+            return losses
+
+        if compiled:  # one graph: the batched collective is an op in it
+            step = torch.compile(step, backend="aot_eager", fullgraph=True)
+        out = []
+        for m in range(M):
+            g = torch.Generator().manual_seed(100 * m + rank)
+            xs = [(torch.randn(T, e, generator=g) * 2).requires_grad_() for e in sizes]
+            before = len(calls)
+            losses = step(xs)
             sum(losses).backward()
             out.append(([loss.item() for loss in losses], [x.grad.tolist() for x in xs],
                         [lbl.acc_counts.tolist() for lbl in lbls], len(calls) - before, calls[before:]))
+        if batched:  # the sync must sum over the modules' own group
+            other = GlobalCountSync(dist.new_group(list(range(world))))
+            with pytest.raises(ValueError, match="group"):
+                lbls[0].deferred(torch.zeros(E, dtype=torch.long), torch.zeros(E), sync=other)
         return out
     finally:
         dist.all_reduce = all_reduce
 
 
-def test_batched_all_reduce_one_collective_per_micro_batch():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_batched_all_reduce_one_collective_per_micro_batch(compiled):
     world = 2
     per_layer = spawn(_layered_worker, world, False)
-    batched = spawn(_layered_worker, world, True)
+    batched = spawn(_layered_worker, world, True, compiled)
     for r in range(world):
         for m in range(M):
             losses, grads, acc, n_calls, numels = batched[r][m]

@@ -182,9 +182,7 @@ def _model_forward(self, *args, **kwargs):
     flat_mask = mask.reshape(-1) != 0 if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
     coll = None
     if want:
-        # Under torch.compile each layer's all-reduce stays in the graph (see LoadBalancingLoss.deferred).
-        batched = patch["batch_all_reduce"] and not torch.compiler.is_compiling()
-        coll = _Collector(flat_mask, seq_len, GlobalCountSync(patch["group"]) if batched else None)
+        coll = _Collector(flat_mask, seq_len, GlobalCountSync(patch["group"]) if patch["batch_all_reduce"] else None)
     state = patch["state"]
     if coll is not None:
         state.last = coll
@@ -305,7 +303,7 @@ def apply_global_load_balancing(model: nn.Module | None, scope="global", *, grou
     ``batch_all_reduce``: the global scope's counts of all layers are all-reduced together,
     once per forward, instead of one all-reduce per layer (:class:`~trainops.nn.GlobalCountSync`;
     same result, one collective instead of one per layer, no overlap with the layers' work;
-    under torch.compile each layer keeps its own all-reduce, inside the graph).
+    under torch.compile too, inside the graph).
 
     Activation checkpointing must be non-reentrant (``gradient_checkpointing_kwargs=
     {"use_reentrant": False}``); a layer run without gradients inside a forward that computes

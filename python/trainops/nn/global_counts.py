@@ -1,5 +1,6 @@
 """Counts accumulated once per original forward, as torch ops that torch.compile keeps in
-its graph: the global scope's ``trainops::lbl_accumulate_global`` and the aux-loss-free
+its graph: the global scope's ``trainops::lbl_accumulate_global`` (and
+``trainops::all_reduce_counts``, the collective of its batched form) and the aux-loss-free
 router's load, ``trainops::add_unless_recomputing``.
 
 Per call (one MoE layer, one micro-batch), with c the layer's local selection counts and
@@ -29,8 +30,8 @@ import functools
 import torch
 import torch.distributed as dist
 
-__all__ = ["SNAPSHOTS", "accumulate_global", "add_unless_recomputing", "count_buffer", "group_name", "in_backward",
-           "resolve_group"]
+__all__ = ["SNAPSHOTS", "accumulate_global", "add_unless_recomputing", "all_reduce_counts", "count_buffer",
+           "group_name", "in_backward", "resolve_group"]
 
 SNAPSHOTS = 64
 
@@ -126,6 +127,22 @@ def _recomputed(snap_counts, snap_totals, written: int, local) -> torch.Tensor:
 @accumulate_global.op.register_fake
 def _(acc_counts, acc_tokens, snap_counts, snap_totals, snap_len, counts, num_tokens, reduced, group):
     return acc_counts.new_empty(acc_counts.shape[0] + 1)
+
+
+@_op_when_compiling("all_reduce_counts", mutates_args=())
+def all_reduce_counts(flat: torch.Tensor, group: str) -> torch.Tensor:
+    """The sum of ``flat`` over ``group`` (a copy): GlobalCountSync's single collective,
+    also inside a compiled graph."""
+    out = flat.clone()
+    pg = resolve_group(group)
+    if pg is not None:
+        dist.all_reduce(out, group=pg)
+    return out
+
+
+@all_reduce_counts.op.register_fake
+def _(flat, group):
+    return torch.empty_like(flat)
 
 
 @_op_when_compiling("add_unless_recomputing", mutates_args=("acc",))

@@ -16,10 +16,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from trainops.nn.global_counts import SNAPSHOTS, accumulate_global, count_buffer, group_name, in_backward
+from trainops.nn.global_counts import (SNAPSHOTS, accumulate_global, all_reduce_counts, count_buffer, group_name,
+                                      in_backward)
 from trainops.reference.router import probability, router_scores
 
 __all__ = ["LoadBalancingLoss", "GlobalCountSync", "reset_load_balancing", "register_reset_hook", "SCOPES"]
@@ -124,14 +124,13 @@ class LoadBalancingLoss(nn.Module):
         the layers of a model): returns a function that gives the loss once ``sync.run()``
         has reduced every layer's counts in one collective. Same arguments and result as
         :meth:`forward`. Modules without the global scope compute theirs at once and never
-        wait on ``sync``, nor does a recomputed forward (activation checkpointing), nor any
-        module under torch.compile, which keeps each layer's all-reduce in the graph (inside
-        ``trainops::lbl_accumulate_global``) rather than break it for ``sync.run()``."""
+        wait on ``sync``, nor does a recomputed forward (activation checkpointing). Under
+        torch.compile the whole exchange stays in the graph."""
         num_tokens = self._check_stats(counts, prob_sum, num_tokens)
-        if torch.compiler.is_compiling() or "global" not in self.scopes:
+        if "global" not in self.scopes:
             loss = self(counts, prob_sum, num_tokens, **kwargs)
             return lambda: loss
-        if in_backward():
+        if not torch.compiler.is_compiling() and in_backward():
             # Recomputation: as in the original forward, nothing here saves tensors for
             # backward (non-reentrant checkpointing matches them one by one); the loss, if
             # asked for, is the original's (global counts looked up, no collective).
@@ -227,6 +226,7 @@ class GlobalCountSync:
 
     def __init__(self, group=None):
         self.group = group
+        self._group_name = group_name(group)
         self._parts: list[torch.Tensor] = []
         self._reduced = None
 
@@ -237,14 +237,15 @@ class GlobalCountSync:
         self._parts.append(count_buffer(counts, num_tokens, device))
         return len(self._parts) - 1
 
-    @torch.compiler.disable
     def run(self) -> None:
-        """The single all-reduce (none with one process); idempotent."""
+        """The single all-reduce (none with one process); idempotent. An op
+        (``trainops::all_reduce_counts``), so that torch.compile keeps it in the graph."""
         if self._reduced is not None:
             return
-        flat = torch.cat(self._parts) if self._parts else torch.zeros(0, dtype=torch.int64)
-        if self._parts and dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
-            dist.all_reduce(flat, group=self.group)
+        if not self._parts:
+            self._reduced = ()
+            return
+        flat = all_reduce_counts(torch.cat(self._parts), self._group_name)
         self._reduced = flat.split([p.numel() for p in self._parts])
 
     def result(self, ticket: int) -> torch.Tensor:
