@@ -165,6 +165,29 @@ def test_gradient_checkpointing(kind, scope, batched):
     _assert_same_training(model, model, twin, twin, losses, twin_losses, micro_batches=3)
 
 
+@pytest.mark.parametrize("scope", SCOPES, ids=["micro_batch+sequence", "global+micro_batch"])
+def test_gradient_checkpointing_pipelined(scope):
+    # Micro-batches with different padding run forward, forward, then backward in forward
+    # order (a pipeline schedule): each recomputed layer uses its own forward's mask, found
+    # through its aux loss, not the latest forward's. Compared with sequential, unchecked.
+    model = _model("qwen3_moe").train()
+    twin = copy.deepcopy(model)
+    twin.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    losses = apply_global_load_balancing(model, scope=scope)
+    twin_losses = apply_global_load_balancing(twin, scope=scope)
+    batches = _micro_batches(3)
+    for ids, mask, labels in batches:
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    outs = [twin(input_ids=ids, attention_mask=mask, labels=labels) for ids, mask, labels in batches]
+    for out in outs:
+        out.loss.backward()
+    for la, lb in zip(losses, twin_losses):
+        assert torch.equal(la.acc_counts, lb.acc_counts)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(torch.allclose(p.grad, grads[n], rtol=1e-4, atol=1e-5)
+                         for n, p in twin.named_parameters() if n in grads)
+
+
 def test_reentrant_checkpointing_is_refused():
     # Reentrant checkpointing runs the layers without gradients: the load-balancing loss
     # would silently get none (HF's own aux loss has no gradient there).

@@ -22,6 +22,7 @@ or config), as in HF; the patched model returns ``router_logits=None`` (not reco
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 import weakref
@@ -72,11 +73,18 @@ class _ModelState:
 
     def __init__(self):
         self.collector = None
-        # The collector of the latest forward: activation checkpointing recomputes its layers
-        # during backward, after the forward has returned, and each layer must then repeat
-        # its original computation (the same masked routing and loss ops, whose saved
-        # tensors non-reentrant checkpointing matches one by one).
+        # The collector of the forward whose backward runs (else of the latest forward):
+        # activation checkpointing recomputes its layers during backward, after the forward
+        # has returned, and each layer must then repeat its original computation (the same
+        # masked routing and loss ops, whose saved tensors non-reentrant checkpointing
+        # matches one by one).
         self.last = None
+
+    def backward_started(self, collector, grad) -> None:
+        """Hook on a forward's aux loss, whose gradient comes before its layers' (the loss
+        is computed after them): that forward's layers are the ones recomputed next, also
+        when later forwards ran before this backward (pipelined micro-batches)."""
+        self.last = collector
 
 
 def _route(module, router_logits):
@@ -90,8 +98,8 @@ def _route(module, router_logits):
         coll, recomputing = state.last, True
         if coll.tokens != router_logits.shape[0]:
             raise RuntimeError("trainops: a layer recomputed by activation checkpointing routes "
-                               f"{router_logits.shape[0]} tokens, but the latest forward routed {coll.tokens}: run "
-                               "each micro-batch's backward before the next forward")
+                               f"{router_logits.shape[0]} tokens, but its forward routed {coll.tokens} (is the "
+                               "aux loss part of the loss whose backward runs?)")
     elif coll is not None and coll.grad_enabled and not torch.is_grad_enabled():
         raise RuntimeError("trainops: a MoE layer runs without gradients inside a forward that computes them "
                            "(reentrant activation checkpointing): its load-balancing loss would get no gradient. "
@@ -197,6 +205,8 @@ def _model_forward(self, *args, **kwargs):
             coll.terms = [term() if callable(term) else term for term in coll.terms]
         aux = torch.stack([t.to(coll.terms[0].device) for t in coll.terms]).mean()
         coll.terms = []  # state.last keeps the collector for recomputation, not these
+        if aux.requires_grad and not torch.compiler.is_compiling():  # compiled: recomputed in the graph
+            aux.register_hook(functools.partial(state.backward_started, coll))
         if patch["convention"] == "hf":
             aux = aux * self.num_experts_per_tok
         out["aux_loss"] = aux  # item assignment: ModelOutput keeps keys and attributes in step
