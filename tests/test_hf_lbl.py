@@ -116,6 +116,10 @@ def _assert_same_training(model_a, run_a, model_b, run_b, losses_a, losses_b, mi
         out_b.loss.backward()
         for la, lb in zip(losses_a, losses_b):
             assert torch.equal(la.acc_counts, lb.acc_counts) and torch.equal(la.acc_tokens, lb.acc_tokens)
+    _assert_same_grads(model_a, model_b)
+
+
+def _assert_same_grads(model_a, model_b):
     grads = {n: p.grad for n, p in model_a.named_parameters() if p.grad is not None}
     assert grads and all(torch.allclose(p.grad, grads[n], rtol=1e-4, atol=1e-5)
                          for n, p in model_b.named_parameters() if n in grads)
@@ -183,9 +187,7 @@ def test_gradient_checkpointing_pipelined(scope):
         out.loss.backward()
     for la, lb in zip(losses, twin_losses):
         assert torch.equal(la.acc_counts, lb.acc_counts)
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    assert grads and all(torch.allclose(p.grad, grads[n], rtol=1e-4, atol=1e-5)
-                         for n, p in twin.named_parameters() if n in grads)
+    _assert_same_grads(model, twin)
 
 
 def test_reentrant_checkpointing_is_refused():

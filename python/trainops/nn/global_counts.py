@@ -65,6 +65,14 @@ def resolve_group(name: str):
     return group if dist.get_world_size(group) > 1 else None
 
 
+def _sum_over_group(buf: torch.Tensor, group: str) -> None:
+    """buf <- its sum over the group named ``group`` (nothing with one process). One small
+    collective; integer sums are exact and order-independent."""
+    pg = resolve_group(group)
+    if pg is not None:
+        dist.all_reduce(buf, group=pg)
+
+
 def _op_when_compiling(name: str, mutates_args: tuple):
     """Registers the decorated function as the op ``trainops::<name>`` and returns a function
     that calls the op while torch.compile traces (one opaque graph node that runs at run
@@ -96,10 +104,7 @@ def accumulate_global(acc_counts: torch.Tensor, acc_tokens: torch.Tensor, snap_c
         return _recomputed(snap_counts, snap_totals, int(snap_len), local)
     if reduced is None:
         reduced = count_buffer(local, num_tokens, device)
-        pg = resolve_group(group)
-        if pg is not None:
-            # One small collective; integer sums are exact and order-independent.
-            dist.all_reduce(reduced, group=pg)
+        _sum_over_group(reduced, group)
     reduced = reduced.to(device, torch.int64)
     acc_counts += reduced[:-1]
     acc_tokens += reduced[-1]
@@ -133,10 +138,8 @@ def _(acc_counts, acc_tokens, snap_counts, snap_totals, snap_len, counts, num_to
 def all_reduce_counts(flat: torch.Tensor, group: str) -> torch.Tensor:
     """The sum of ``flat`` over ``group`` (a copy): GlobalCountSync's single collective,
     also inside a compiled graph."""
-    out = flat.clone()
-    pg = resolve_group(group)
-    if pg is not None:
-        dist.all_reduce(out, group=pg)
+    out = flat.clone()  # a functional op: its input stays as it was
+    _sum_over_group(out, group)
     return out
 
 
