@@ -1,6 +1,9 @@
 """Argument checks shared by the ops, modules and distributed code (one message style)."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 
@@ -26,3 +29,21 @@ def resolve_seed(active: bool, seed: int | None) -> int:
     if not -(2**63) <= seed < 2**63:
         raise ValueError(f"seed must fit in a signed 64-bit integer, got {seed}")
     return seed
+
+
+def check_finite_float(name: str, value, lo: float | None = None, hi: float | None = None, *,
+                       lo_open: bool = False, hi_open: bool = False) -> float:
+    """``value`` must be a real number (not a bool), finite, within ``lo``/``hi`` where given
+    (excluded with ``lo_open``/``hi_open``); returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    low = lo is not None and (value <= lo if lo_open else value < lo)
+    high = hi is not None and (value >= hi if hi_open else value > hi)
+    if low or high:
+        parts = ([f"{'>' if lo_open else '>='} {lo}"] if lo is not None else []) + \
+                ([f"{'<' if hi_open else '<='} {hi}"] if hi is not None else [])
+        raise ValueError(f"{name} must be {' and '.join(parts)}, got {value}")
+    return value
