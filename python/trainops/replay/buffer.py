@@ -24,7 +24,9 @@ from typing import NamedTuple
 
 import torch
 
+from trainops._validation import check_finite_float, check_int
 from trainops.ops import replay as rops
+from trainops.reference.replay import block_stats as _block_stats
 
 __all__ = ["ReplayBuffer", "ReplayBatch", "GroupBatch", "SAMPLERS", "EVICTIONS"]
 
@@ -62,6 +64,19 @@ def _dtype_from_name(name: str) -> torch.dtype:
     return dtype
 
 
+class _Exponent:
+    """A finite float >= 0, checked on every assignment (``buffer.beta = ...`` anneals beta)."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, cls):
+        return self if obj is None else obj.__dict__[self.name]
+
+    def __set__(self, obj, value):
+        obj.__dict__[self.name] = check_finite_float(self.name, value, lo=0.0)
+
+
 class _BufferLoad:
     """``ReplayBuffer.load(path)`` builds a new buffer; ``buffer.load(path)`` loads in place."""
 
@@ -91,6 +106,7 @@ class ReplayBuffer:
     """
 
     load = _BufferLoad()
+    alpha, beta, priority_eps, power_law_exponent = _Exponent(), _Exponent(), _Exponent(), _Exponent()
 
     def __init__(self, capacity: int, spec: dict, device="cpu", sampler: str = "uniform", eviction: str = "fifo",
                  alpha: float = 0.6, beta: float = 0.4, seed: int = 0, *, weight_norm: str = "buffer",
@@ -106,19 +122,21 @@ class ReplayBuffer:
             raise ValueError(f"eviction must be one of {EVICTIONS}, got {eviction!r}")
         if weight_norm not in ("buffer", "batch"):
             raise ValueError(f"weight_norm must be 'buffer' or 'batch', got {weight_norm!r}")
-        for name, v in (("alpha", alpha), ("beta", beta), ("priority_eps", priority_eps),
-                        ("power_law_exponent", power_law_exponent)):
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        self.alpha, self.beta, self.priority_eps = alpha, beta, priority_eps  # checked: finite, >= 0
+        self.power_law_exponent = power_law_exponent
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if not isinstance(task_field, str):
+            raise TypeError(f"task_field must be a str, got {type(task_field).__name__}")
+        if ragged is not None and not (isinstance(ragged, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in ragged.items())):
+            raise TypeError(f"ragged must be a dict of field name -> length field name, got {ragged!r}")
+        self.max_tasks = check_int("max_tasks", max_tasks, 1, 2**31 - 1)
         self.capacity = capacity
         self.device = torch.device(device)
         self.spec = self._normalize_spec(spec)
         self.sampler, self.eviction = sampler, eviction
-        self.alpha, self.beta, self.seed = float(alpha), float(beta), seed
-        self.weight_norm, self.priority_eps = weight_norm, float(priority_eps)
-        self.task_field, self.power_law_exponent, self.max_tasks = task_field, float(power_law_exponent), int(max_tasks)
+        self.seed, self.weight_norm, self.task_field = seed, weight_norm, task_field
         self.ragged = dict(ragged or {})
         self._check_options()
         dev = self.device
@@ -173,8 +191,6 @@ class ReplayBuffer:
             shape, dtype = self.spec[self.task_field]
             if shape != () or dtype != torch.int64:
                 raise ValueError(f"task field {self.task_field!r} must be spec'd as ((), torch.int64)")
-            if self.max_tasks <= 0:
-                raise ValueError(f"max_tasks must be positive, got {self.max_tasks}")
         for field, length_field in self.ragged.items():
             if field not in self.spec or len(self.spec[field][0]) != 1:
                 raise ValueError(f"ragged field {field!r} must be a spec field of shape (L,)")
@@ -288,8 +304,8 @@ class ReplayBuffer:
         prio = self._per_item(priorities, n, torch.float32, "priorities")
         if generation is not None:
             generation = self._per_item(generation, n, torch.int64, "generation")
-        if n and bool((indices >= self.capacity).any()):
-            raise ValueError(f"indices must be < capacity ({self.capacity})")
+        if n and bool(((indices < -1) | (indices >= self.capacity)).any()):
+            raise ValueError(f"indices must be -1 (fresh rows) or slots in [0, capacity={self.capacity})")
         if self.device.type != "cpu":  # the CPU kernel checks the values itself, before writing
             self._check_priorities(prio)
         applied = rops.replay_update_priorities(self.priorities, self.weights, self.block_stats, self._winner,
@@ -451,75 +467,163 @@ class ReplayBuffer:
         state["config"] = self.config()
         return state
 
+    def _state_layout(self) -> dict:
+        """state_dict entry -> (shape, dtype) of every tensor entry."""
+        cap = self.capacity
+        layout = {f"storage.{k}": ((cap, *shape), dtype) for k, (shape, dtype) in self.spec.items()}
+        layout.update(generations=((cap,), torch.int64), stamps=((cap,), torch.int64), keys=((cap,), torch.float64),
+                      priorities=((cap,), torch.float32), weights=((cap,), torch.float32),
+                      block_stats=(tuple(self.block_stats.shape), torch.float64), groups=((cap,), torch.int64),
+                      max_priority=((1,), torch.float32), task_last=((self.max_tasks,), torch.int64),
+                      counters=((4,), torch.int64))
+        return layout
+
     def load_state_dict(self, state: dict) -> None:
-        """Restore a ``state_dict``; the config (capacity, spec, sampler, ...) must match."""
-        if not isinstance(state, dict) or "config" not in state:
-            raise TypeError("state must be a dict produced by ReplayBuffer.state_dict()")
-        cfg, mine = dict(state["config"]), self.config()
-        diff = sorted(k for k in mine if k not in ("beta",) and cfg.get(k) != mine[k])
-        if diff:
-            raise ValueError(f"state does not match this buffer's configuration in {diff}")
-        names = [f"storage.{k}" for k in self.spec] + ["generations", "stamps", "keys", "priorities", "weights",
-                                                       "block_stats", "groups", "max_priority", "task_last",
-                                                       "counters"]
-        missing = [k for k in names if k not in state]
-        if missing:
-            raise ValueError(f"state is missing entries {missing}")
-        for k, v in self.storage.items():
-            self._copy_into(v, state[f"storage.{k}"], f"storage.{k}")
-        for k in names[len(self.spec):-1]:
-            self._copy_into(getattr(self, k), state[k], k)
-        size, cursor, step, offset = (int(x) for x in state["counters"].tolist())
-        self.size, self.cursor, self.step, self.rng_offset = size, cursor, step, offset
-        self.beta = float(cfg.get("beta", self.beta))
+        """Restore a ``state_dict``; the config (capacity, spec, sampler, ...) must match.
+
+        Everything is checked before anything is written (entries, shapes, dtypes, counters,
+        slot contents; see :meth:`_check_state`): a load that fails leaves the buffer as it was."""
+        tensors, counters, beta = self._check_state(state)
+        for name, src in tensors.items():
+            dst = self.storage[name[len("storage."):]] if name.startswith("storage.") else getattr(self, name)
+            dst.copy_(src)
+        self.size, self.cursor, self.step, self.rng_offset = counters
+        self.beta = beta
         self._winner.fill_(-1)
 
-    @staticmethod
-    def _copy_into(dst: torch.Tensor, src, name: str) -> None:
-        if not isinstance(src, torch.Tensor) or src.shape != dst.shape or src.dtype != dst.dtype:
-            raise ValueError(f"state entry {name!r} must be a {dst.dtype} tensor of shape {tuple(dst.shape)}")
-        dst.copy_(src)
+    def _check_state(self, state) -> tuple[dict, tuple, float]:
+        """(tensor entries, counters, beta) of ``state`` once every invariant of a buffer that
+        ``add``/``update_priorities`` can produce holds; raises TypeError/ValueError otherwise."""
+        if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+            raise TypeError("state must be a dict produced by ReplayBuffer.state_dict()")
+        cfg, mine = state["config"], self.config()
+        diff = sorted(k for k in set(mine) | set(cfg) if k != "beta" and cfg.get(k) != mine.get(k))
+        if diff:
+            raise ValueError(f"state does not match this buffer's configuration in {diff}")
+        beta = check_finite_float("beta (in the state's config)", cfg.get("beta", self.beta), lo=0.0)
+        layout = self._state_layout()
+        missing = sorted(set(layout) - set(state))
+        unknown = sorted(set(state) - set(layout) - {"config"})
+        if missing or unknown:
+            raise ValueError(f"state is missing entries {missing} / has unknown entries {unknown}")
+        tensors = {}
+        for name, (shape, dtype) in layout.items():
+            t = state[name]
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dtype:
+                got = (f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__)
+                raise ValueError(f"state entry {name!r} must be a {dtype} tensor of shape {shape}, got {got}")
+            tensors[name] = t.detach()
+        size, cursor, step, offset = (int(x) for x in tensors.pop("counters").tolist())
+        cap = self.capacity
+
+        def need(ok, what: str) -> None:
+            if not bool(ok):
+                raise ValueError(f"invalid replay buffer state: {what} "
+                                 f"(size={size}, cursor={cursor}, step={step}, rng_offset={offset})")
+
+        for name, v in (("size", size), ("cursor", cursor), ("step", step), ("rng_offset", offset)):
+            need(0 <= v < 2**62, f"counter {name} must be in [0, 2^62)")
+        need(size == min(cursor, cap), f"size must be min(cursor, capacity={cap})")
+        need(step <= cursor and (step == 0) == (cursor == 0), "step (add calls) must be in [1, cursor] once items were added")
+        t = {k: v.cpu() for k, v in tensors.items()}
+        stored, empty = slice(0, size), slice(size, cap)
+        gen = t["generations"][stored]
+        need((t["generations"][empty] == -1).all(), "generations of empty slots must be -1")
+        if self.eviction == "fifo":  # slot s holds the newest serial < cursor that is s mod capacity
+            s = torch.arange(size, dtype=torch.int64)
+            need(torch.equal(gen, s + cap * torch.div(cursor - 1 - s, cap, rounding_mode="floor")),
+                 "FIFO generations must be the stream serials the ring holds")
+        else:
+            need(((gen >= 0) & (gen < cursor)).all() and gen.unique().numel() == size,
+                 "generations of stored slots must be distinct serials in [0, cursor)")
+        need(((t["stamps"][stored] >= 0) & (t["stamps"][stored] < step)).all() and (t["stamps"][empty] == 0).all(),
+             "stamps (add call of each stored slot) must be in [0, step), 0 for empty slots")
+        keys = t["keys"]
+        need(((keys >= 0) & (keys <= 1)).all() and (keys[empty] == 0).all()
+             and (self.eviction == "reservoir" or (keys == 0).all()),
+             "reservoir keys must be in [0, 1] (0 for empty slots and FIFO buffers)")
+        for name in ("priorities", "weights", "max_priority"):
+            v = t[name]
+            need(((v >= 0) & (v < float("inf"))).all(), f"{name} must be finite and >= 0")
+            need(name == "max_priority" or (v[empty] == 0).all(), f"{name} of empty slots must be 0")
+        sums, mins = _block_stats(t["weights"])
+        bs = t["block_stats"]
+        need(torch.allclose(bs[0], sums, rtol=1e-9, atol=0.0) and torch.equal(bs[1], mins),
+             "block_stats must be the block sums and minima of the weights")
+        last = t["task_last"]
+        need(((last == -1) | ((last >= 0) & (last < step))).all(), "task_last must be -1 or an add call in [0, step)")
+        if self.sampler == "power_law":
+            tasks = t[f"storage.{self.task_field}"][stored]
+            need(((tasks >= 0) & (tasks < self.max_tasks)).all(),
+                 f"task ids in {self.task_field!r} must be in [0, max_tasks={self.max_tasks})")
+        for field, length_field in self.ragged.items():
+            lengths = t[f"storage.{length_field}"][stored]
+            L = self.spec[field][0][0]
+            need(((lengths >= 0) & (lengths <= L)).all(), f"lengths in {length_field!r} must be in [0, {L}]")
+        return tensors, (size, cursor, step, offset), beta
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the state to ``path``: safetensors if installed (``.safetensors``), else a
-        ``torch.save`` file readable with ``torch.load(weights_only=True)``."""
+        """Write the state to ``path``, a ``.safetensors`` file (tensors, and the config as JSON
+        metadata; no pickle). Read it back with :meth:`load`."""
+        path = self._checked_path(path)
+        from safetensors.torch import save_file
+
         state = self.state_dict()
         cfg = state.pop("config")
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-        if str(path).endswith(".safetensors"):
-            from safetensors.torch import save_file
-
-            save_file(tensors, str(path), metadata={"trainops.replay": json.dumps(cfg)})
-        else:
-            torch.save({"tensors": tensors, "config": json.dumps(cfg)}, path)
+        save_file(tensors, path, metadata={"trainops.replay": json.dumps(cfg)})
 
     @staticmethod
-    def _read(path):
-        if str(path).endswith(".safetensors"):
-            from safetensors import safe_open
+    def _checked_path(path) -> str:
+        path = os.fspath(path)
+        if not isinstance(path, str) or not path.endswith(".safetensors"):
+            raise ValueError(f"replay buffer files are safetensors: the path must end in .safetensors, got {path!r}")
+        return path
 
-            with safe_open(str(path), framework="pt") as f:
-                cfg = json.loads(f.metadata()["trainops.replay"])
+    @classmethod
+    def _read(cls, path) -> dict:
+        """The state stored in ``path`` (safetensors: tensors plus JSON config metadata)."""
+        from safetensors import SafetensorError, safe_open
+
+        path = cls._checked_path(path)
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                cfg = json.loads(meta["trainops.replay"])
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-        else:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            cfg, tensors = json.loads(blob["config"]), blob["tensors"]
-        if cfg.get("format") != _FORMAT:
+        except (SafetensorError, KeyError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not a readable trainops replay buffer file: {e}") from None
+        if not isinstance(cfg, dict) or cfg.get("format") != _FORMAT:
             raise ValueError(f"{path} is not a trainops replay buffer file")
-        return cfg, tensors
+        return {**tensors, "config": cfg}
+
+    @classmethod
+    def _from_config(cls, cfg: dict, device) -> "ReplayBuffer":
+        """A new, empty buffer with a saved ``config()`` (its values checked as the constructor's)."""
+        names = ("capacity", "spec", "sampler", "eviction", "alpha", "beta", "seed", "weight_norm", "priority_eps",
+                 "task_field", "power_law_exponent", "max_tasks", "ragged")
+        missing = [k for k in names if k not in cfg]
+        if missing:
+            raise ValueError(f"the saved config is missing {missing}")
+        kw = {k: cfg[k] for k in names}
+        spec = kw["spec"]
+        if not isinstance(spec, dict) or not all(
+                isinstance(e, list) and len(e) == 2 and isinstance(e[0], list) and isinstance(e[1], str)
+                and all(isinstance(s, int) and not isinstance(s, bool) for s in e[0]) for e in spec.values()):
+            raise ValueError(f"the saved spec must map field -> [shape (list of ints), dtype name], got {spec!r}")
+        kw["spec"] = {k: (tuple(s), _dtype_from_name(d)) for k, (s, d) in spec.items()}
+        return cls(device=device, **kw)
 
     @classmethod
     def _load_new(cls, path, device=None) -> "ReplayBuffer":
-        cfg, tensors = cls._read(path)
-        spec = {k: (tuple(s), _dtype_from_name(d)) for k, (s, d) in cfg["spec"].items()}
-        buf = cls(cfg["capacity"], spec, device=device or "cpu", sampler=cfg["sampler"], eviction=cfg["eviction"],
-                  alpha=cfg["alpha"], beta=cfg["beta"], seed=cfg["seed"], weight_norm=cfg["weight_norm"],
-                  priority_eps=cfg["priority_eps"], task_field=cfg["task_field"],
-                  power_law_exponent=cfg["power_law_exponent"], max_tasks=cfg["max_tasks"], ragged=cfg["ragged"])
-        buf.load_state_dict({**tensors, "config": cfg})
+        state = cls._read(path)
+        # Check the whole file against a storage-free buffer first: the file's config decides how
+        # much memory the real buffer takes, and nothing is allocated for a file that fails.
+        cls._from_config(state["config"], "meta")._check_state(state)
+        buf = cls._from_config(state["config"], device or "cpu")
+        buf.load_state_dict(state)
         return buf
 
     def _load_into(self, path) -> "ReplayBuffer":
-        cfg, tensors = self._read(path)
-        self.load_state_dict({**tensors, "config": cfg})
+        self.load_state_dict(self._read(path))
         return self
