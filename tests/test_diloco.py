@@ -10,6 +10,11 @@ from trainops.distributed import DiLoCo, spawn
 from trainops.examples import diloco as demo
 
 STREAM = dict(sync_every=10, num_fragments=2, overlap_steps=3, fragment_alpha=0.0)
+# Fragment 0 is sent after steps 2, 6, 10 and merged 3 steps later, fragment 1 after 4, 8, 12:
+# from step 2 on one or both fragments are in flight at every step.
+RESUME = dict(sync_every=4, num_fragments=2, overlap_steps=3, fragment_alpha=0.5, fmt="fp4_e3m0",
+              error_feedback=True, min_numel=0)
+RESUME_STEPS = 14
 
 
 def _batch(task, rank, step):
@@ -62,6 +67,71 @@ def _checkpoint_run(rank, task, kw, total, save_at):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
+def _bits(t):
+    return t.detach().reshape(-1).contiguous().view(torch.uint8)
+
+
+def _differences(a, b, path=""):
+    """Where two (nested) states differ; tensors bit for bit."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        same = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and torch.equal(_bits(a), _bits(b)))
+        return [] if same else [path]
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            return [f"{path}: keys"]
+        return [d for k in a for d in _differences(a[k], b[k], f"{path}.{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{path}: length"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{path}[{i}]")]
+    return [] if a == b else [path]
+
+
+def _resume_from_every_step(rank, task):
+    """Streaming DiLoCo with overlapping exchanges (RESUME), checkpointed after every inner
+    step and resumed the way a restarted job does it: a fresh model (other init) loads its
+    weights first, then a new DiLoCo is built on it (with and without the broadcast of
+    rank 0's weights) and loads the DiLoCo state. Each resumed run must end bit for bit
+    like the uninterrupted one: weights, inner optimizer, θ_global, outer momentum, residuals."""
+    def finish(model, opt, dl, start):
+        for step in range(start, RESUME_STEPS):
+            _inner_step(model, opt, task, rank, step)
+            dl.step()
+        dl.flush()
+        state = {"model": model.state_dict(), "opt": opt.state_dict(), "diloco": dl.state_dict()}
+        del state["diloco"]["stats"]  # byte counters (a resumed DiLoCo counts from zero)
+        return state
+
+    straight = finish(*_build(0, **RESUME), 0)
+    model, opt, dl = _build(0, **RESUME)
+    saved, in_flight = [], []
+    for step in range(RESUME_STEPS):
+        _inner_step(model, opt, task, rank, step)
+        dl.step()
+        in_flight.append(sorted(dl._in_flight))
+        buf = io.BytesIO()
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "diloco": dl.state_dict()}, buf)
+        saved.append(buf.getvalue())
+    differ = {}
+    diff = _differences(straight, finish(model, opt, dl, RESUME_STEPS))  # saving must not change the run
+    if diff:
+        differ["saving run"] = diff[:4]
+    for k, data in enumerate(saved, 1):
+        for broadcast in (True, False):
+            ckpt = torch.load(io.BytesIO(data))
+            model = demo.make_model(5)
+            model.load_state_dict(ckpt["model"])
+            opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+            opt.load_state_dict(ckpt["opt"])
+            dl = DiLoCo(model, opt, broadcast_init=broadcast, **RESUME)
+            dl.load_state_dict(ckpt["diloco"])
+            diff = _differences(straight, finish(model, opt, dl, k))
+            if diff:
+                differ[f"step {k}, broadcast_init={broadcast}"] = diff[:4]
+    return {"differ": differ, "in_flight": in_flight}
+
+
 def _worker(rank, world):
     torch.set_num_threads(1)
     out = {}
@@ -107,6 +177,8 @@ def _worker(rank, world):
     straight = _checkpoint_run(rank, task, kw, 30, None)
     resumed = _checkpoint_run(rank, task, kw, 30, 16)
     out["resume_identical"] = bool(torch.equal(straight, resumed))
+    # 5. Resume from every step of a run with overlapping exchanges.
+    out["resume_every_step"] = _resume_from_every_step(rank, task)
     dist.barrier()
     return out
 
@@ -142,6 +214,15 @@ def test_alpha_mixing(results):
 def test_checkpoint_round_trip_continues_identically(results):
     for r in results:
         assert r["resume_identical"]
+
+
+def test_resume_from_every_step_with_syncs_in_flight_is_bit_for_bit(results):
+    for r in results:
+        got = r["resume_every_step"]
+        # the saves cover: nothing in flight (step 1), one fragment, the other, both at once
+        assert got["in_flight"] == [[], [0], [0], [0, 1], [1], [0, 1], [0], [0, 1], [1], [0, 1], [0], [0, 1], [1],
+                                    [0, 1]]
+        assert not got["differ"], got["differ"]
 
 
 # --- argument checks (before any collective) ---------------------------------------------------

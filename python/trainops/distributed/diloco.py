@@ -75,7 +75,11 @@ class DiLoCo:
         error_feedback: keep each fragment's quantization residual and add it to the next Δ.
         group: process group of the workers (default: world).
         min_numel: fragments smaller than this are exchanged in full precision.
-        broadcast_init: start every worker from rank 0's parameters.
+        broadcast_init: start every worker from rank 0's parameters. To continue from a
+            checkpoint, pass ``False`` (no broadcast needed) or call :meth:`load_state_dict`
+            after construction, which restores this worker's own parameters too: between
+            two syncs the workers' parameters differ, so a broadcast would replace the
+            restored ones with rank 0's.
 
     Collectives: the constructor (broadcast, and a dedicated group when τ > 0) and every
     sync are collectives, so every worker must construct and step the same way.
@@ -226,11 +230,15 @@ class DiLoCo:
     # --- checkpoint --------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Everything needed to continue identically: step, θ_global, outer momentum, residuals, in-flight syncs.
+        """Everything needed to continue identically: step, θ_global, outer momentum, residuals,
+        in-flight syncs, and this worker's own (local) values of the synchronized parameters.
 
         In-flight exchanges are waited for (a collective: call on every worker) and their
-        averaged Δ is saved with the step at which it is applied. Save the model's and the
-        inner optimizer's state dicts alongside.
+        averaged Δ is saved with the step at which it is applied. ``local_params`` are the
+        parameter tensors themselves, not copies (like ``Module.state_dict()``): save this
+        state right away, e.g. in one ``torch.save`` with the model's state dict (which
+        then stores them once). Save the model's and the inner optimizer's state dicts
+        alongside (buffers, frozen parameters and the inner optimizer are not in here).
         """
         pending = {frag: {"merge_step": f.merge_step, "delta": f.result().clone()}
                    for frag, f in self._in_flight.items()}
@@ -243,10 +251,14 @@ class DiLoCo:
             "outer_optimizer": self._outer.state_dict(),
             "errors": [None if e is None else e.clone() for e in self._errors],
             "in_flight": pending,
+            "local_params": [[p.detach() for _, p in frag] for frag in self.fragments],
             "stats": self.stats.as_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s state, including this worker's parameter values
+        (``local_params``), which a broadcast at construction may have replaced. Not a
+        collective; every worker loads the state dict it saved."""
         for key in ("step", "config", "param_names", "global_params", "outer_optimizer", "errors", "in_flight"):
             if key not in state:
                 raise KeyError(f"state dict lacks {key!r}: not from DiLoCo.state_dict()")
@@ -259,6 +271,12 @@ class DiLoCo:
         for frag, saved in zip(self._global, state["global_params"]):
             if len(frag) != len(saved) or any(g.shape != s.shape for g, s in zip(frag, saved)):
                 raise ValueError("state dict global_params do not match the model's parameter shapes")
+        local = state.get("local_params")  # absent in state dicts of older versions
+        if local is not None:
+            for frag, saved in zip(self.fragments, local):
+                if len(frag) != len(saved) or any(p.shape != s.shape or p.dtype != s.dtype
+                                                  for (_, p), s in zip(frag, saved)):
+                    raise ValueError("state dict local_params do not match the model's parameters")
         for g, s in zip((g for f in self._global for g in f), (s for f in state["global_params"] for s in f)):
             g.copy_(s)
         self._outer.load_state_dict(state["outer_optimizer"])
@@ -266,3 +284,7 @@ class DiLoCo:
         self._in_flight = {int(frag): _InFlight(int(f["merge_step"]), f["delta"].detach().clone())
                            for frag, f in state["in_flight"].items()}
         self._step = int(state["step"])
+        if local is not None:
+            with torch.no_grad():
+                for (_, p), s in zip((x for f in self.fragments for x in f), (s for f in local for s in f)):
+                    p.copy_(s)
