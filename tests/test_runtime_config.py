@@ -45,6 +45,90 @@ def test_bad_configs_fail_clearly(argv, message, capsys, tmp_path):
     assert err.startswith("trainops train: error:") and message in err, err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "inf"], "lr=inf: must be a finite number"),
+    (["--lr", "nan"], "lr=nan: must be a finite number"),
+    (["--task-lr", "-inf"], "task_lr=-inf: must be a finite number"),
+    (["--outer-lr", "nan"], "outer_lr=nan: must be a finite number"),
+    (["--mora-temperature", "inf"], "mora_temperature=inf: must be a finite number"),
+    (["--lbl-coeff", "inf"], "lbl_coeff=inf: must be a finite number"),
+    (["--timeout-s", "inf"], "timeout_s=inf: must be a finite number"),
+    (["--timeout-s", "1e12"], "timeout_s=1000000000000.0: must be <= 604800"),
+    (["--replay-ratio", "nan"], "replay_ratio=nan: must be a finite number"),
+    (["--outer-momentum", "nan"], "outer_momentum=nan: must be a finite number"),
+    (["--seq-len", "100000"], "seq_len=100000: must be <= 4096"),
+    (["--batch-size", "1000000000"], "batch_size=1000000000: must be <= 8192"),
+    (["--d-model", "1048576", "--n-heads", "4"], "d_model=1048576: must be <= 8192"),
+    (["--n-layers", "100000"], "n_layers=100000: must be <= 128"),
+    (["--num-experts", "100000"], "num_experts=100000: must be <= 1024"),
+    (["--ffn-size", "10000000"], "ffn_size=10000000: must be <= 65536"),
+    (["--replay-capacity", "1000000000"], "replay_capacity=1000000000: must be <= 1000000"),
+    (["--workers", "1000"], "workers=1000: must be <= 256"),
+    (["--batch-size", "8192", "--seq-len", "4096"], "batch_size=8192: x seq_len=4096 must be <= 1048576 tokens"),
+    (["--adapter-targets", "q|(k"], "adapter_targets='q|(k': not a valid regular expression (missing )"),
+    (["--adapter-targets", "qkv"], "adapter_targets='qkv': matches no layer of the model (layer names: head, k, o"),
+    (["--adapter", "lora", "--adapter-targets", "["], "adapter_targets='[': not a valid regular expression"),
+    (["--tasks", "arith,reverse", "--seq-len", "8"], "seq_len=8: domain 'reverse' needs seq_len >= 9, got 8"),
+    (["--tasks", "sort", "--seq-len", "10"], "seq_len=10: domain 'sort' needs seq_len >= 11"),
+    (["--tasks", "grammar", "--seq-len", "9"], "seq_len=9: domain 'grammar' needs seq_len >= 10"),
+    (["--tasks", "arith", "--seq-len", "4"], "seq_len=4: domain 'arith' needs seq_len >= 5"),
+    (["--out-dir", ""], "out_dir='': must not be empty"),
+    (["--out-dir", "  "], "out_dir='  ': must not be empty"),
+    (["--resume", "--overwrite"], "overwrite=True: contradicts --resume"),
+])
+def test_values_that_would_fail_inside_workers_are_refused_up_front(argv, message, capsys, tmp_path):
+    assert main(["train", "--out-dir", str(tmp_path / "run"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("trainops train: error:") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()  # refused before anything was created
+
+
+def test_text_domain_too_long_for_seq_len(tmp_path, capsys):
+    path = tmp_path / "long.txt"
+    path.write_text("a long prompt\tand its answer\n")
+    assert main(["train", "--out-dir", str(tmp_path / "run"), "--tasks", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"tasks: {path}:1: prompt and answer must be non-empty and fit seq_len=12" in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda(tmp_path, capsys):
+    assert main(["train", "--out-dir", str(tmp_path / "run"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "device='cuda': CUDA is not available here" in err and "--device cpu" in err and err.count("\n") == 1
+
+
+def test_more_workers_than_the_machine_holds(tmp_path, capsys):
+    import os
+    workers = 4 * (os.cpu_count() or 1) + 1
+    if workers > 256 or torch.cuda.is_available():
+        pytest.skip("machine too large for this check")
+    assert main(["train", "--out-dir", str(tmp_path / "run"), "--workers", str(workers), "--device", "cpu"]) == 2
+    assert f"workers={workers}: workers x threads ({workers}) must be <= 4 x the" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, line", [
+    ("seed: 1\nlr: [1, 2\nworkers: 2\n", 3),
+    ("seed: 1\n\n  bad indent: 2\n workers: 3\n", 3),
+    ("tasks: 'arith\n", 2),
+    ("seed: 1\nseed: 1\tx: : 2\n", 2),
+])
+def test_yaml_syntax_error_is_one_line_with_line_number(tmp_path, capsys, text, line):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert main(["train", "--config", str(path), "--out-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"trainops train: error: --config {path}: YAML syntax error at line {line}"), err
+    assert err.count("\n") == 1
+
+
+def test_yaml_non_finite_values(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: .inf\n")
+    with pytest.raises(ConfigError, match="lr=inf: must be a finite number"):
+        load_config(["--config", str(path)])
+
+
 def test_yaml_unknown_key(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("lbl_scop: global\n")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from trainops.distributed import spawn
+from trainops.runtime.checkpoint import load_checkpoint
 from trainops.runtime.cli import main
 from trainops.runtime.config import config_from_dict
 
@@ -28,9 +29,7 @@ def _rows(out_dir):
 
 
 def _final_models(out_dir):
-    meta = json.load(open(os.path.join(out_dir, "checkpoint", "latest.json")))
-    return [torch.load(os.path.join(out_dir, "checkpoint", meta["dir"], f"rank{r}.pt"), weights_only=False)
-            for r in range(2)]
+    return [load_checkpoint(os.path.join(out_dir, "checkpoint"), r, 2) for r in range(2)]
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ def test_sigterm_checkpoints_and_resume_is_possible(tmp_path):
     meta = json.load(open(os.path.join(out, "checkpoint", "latest.json")))
     assert meta["step"] >= 8 and not meta["final"]
     names = sorted(os.listdir(os.path.join(out, "checkpoint", meta["dir"])))
-    assert names == ["rank0.pt", "rank1.pt"]  # no temporary files left
+    assert names == ["manifest.json", "rank0.safetensors", "rank1.safetensors"]  # no temporary files left
 
 
 def test_dead_worker_is_reported(tmp_path):

@@ -21,6 +21,7 @@ def test_torchrun_two_processes(tmp_path):
     assert "workers 2," in report and "| task0:arith |" in report
     meta = json.load(open(os.path.join(out, "checkpoint", "latest.json")))
     assert meta["final"] and meta["world_size"] == 2
-    assert sorted(os.listdir(os.path.join(out, "checkpoint", meta["dir"]))) == ["rank0.pt", "rank1.pt"]
+    assert sorted(os.listdir(os.path.join(out, "checkpoint", meta["dir"]))) == ["manifest.json", "rank0.safetensors",
+                                                                                 "rank1.safetensors"]
     rows = [json.loads(ln) for ln in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["phase"] for r in rows if r.get("event") == "eval"] == ["pretrain", "task0:arith"]

@@ -7,6 +7,8 @@ process is one worker and joins the group with :func:`trainops.distributed.init_
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import sys
 import time
@@ -29,21 +31,103 @@ def _help() -> str:
     return USAGE + help_text()
 
 
+LOCK_FILE = ".lock"
+ERROR_LOG = "worker_errors.log"
+
+
+def lock_out_dir(out_dir: str) -> int:
+    """Hold ``out_dir/.lock`` (``fcntl.flock``, exclusive) for as long as the returned file
+    descriptor is open; the holder's pid is written into it. A second run into the same
+    folder fails at once with a ConfigError naming that pid. The kernel releases the lock
+    when the holder exits, however it ends (no stale lock after a SIGKILL)."""
+    import fcntl
+
+    from trainops.runtime.config import ConfigError
+
+    path = os.path.join(out_dir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise ConfigError(f"out_dir {out_dir} is in use by another trainops train (pid {holder or 'unknown'}); "
+                          "wait for it to end or choose another --out-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _previous_run(out_dir: str) -> list[str]:
+    """What of an earlier run ``out_dir`` holds: a non-empty metrics.jsonl, a checkpoint."""
+    found = []
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    if os.path.isfile(metrics) and os.path.getsize(metrics) > 0:
+        found.append("metrics.jsonl")
+    ckpt = os.path.join(out_dir, "checkpoint")
+    if os.path.isdir(ckpt) and os.listdir(ckpt):
+        found.append("checkpoint/")
+    return found
+
+
+def _check_previous_run(cfg, may_delete: bool) -> None:
+    """Refuse to start over a previous run unless --resume (continue it) or --overwrite
+    (delete its checkpoint, metrics and report first, on the process that holds the lock)."""
+    from trainops.runtime.config import ConfigError
+
+    found = _previous_run(cfg.out_dir)
+    if not found or cfg.resume:
+        return
+    if not cfg.overwrite:
+        raise ConfigError(f"out_dir {cfg.out_dir} holds a previous run ({', '.join(found)}); continue it with "
+                          "--resume, or pass --overwrite to delete it and start over")
+    if may_delete:
+        if os.path.isdir(os.path.join(cfg.out_dir, "checkpoint")):
+            shutil.rmtree(os.path.join(cfg.out_dir, "checkpoint"))
+        for name in ("metrics.jsonl", "report.md", ERROR_LOG):
+            path = os.path.join(cfg.out_dir, name)
+            if os.path.lexists(path):
+                os.unlink(path)
+
+
 def train(cfg) -> dict:
-    """Run training with a validated :class:`~trainops.runtime.config.TrainConfig`; returns rank 0's summary."""
+    """Run training with a validated :class:`~trainops.runtime.config.TrainConfig`; returns rank 0's summary.
+
+    Before any worker starts: the config is checked against this machine (``preflight``),
+    ``out_dir`` is locked for the run's lifetime (by this launcher, or by rank 0 under
+    torchrun), a previous run there is refused without --resume / --overwrite, and with
+    --resume the whole checkpoint is verified and its config compared."""
+    from trainops.runtime.config import ConfigError, preflight
+
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+    preflight(cfg, under_torchrun)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    holds_lock = not under_torchrun or os.environ.get("RANK") == "0"
+    lock = lock_out_dir(cfg.out_dir) if holds_lock else None
+    try:
+        _check_previous_run(cfg, may_delete=holds_lock)
+        if cfg.resume:  # a damaged or mismatching checkpoint is refused before any worker starts
+            from trainops.runtime.checkpoint import check_resume_config, load_checkpoint, verify_checkpoint
+            world = int(os.environ.get("WORLD_SIZE", cfg.workers))
+            root = os.path.join(cfg.out_dir, "checkpoint")
+            meta = verify_checkpoint(root, world)
+            saved = load_checkpoint(root, 0, world, device=None)
+            check_resume_config(saved["config"], cfg.to_dict())
+            if meta["final"]:
+                raise ConfigError(f"--resume: the run in {cfg.out_dir} is already complete; use a new --out-dir")
+        return _run(cfg, under_torchrun)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _run(cfg, under_torchrun: bool) -> dict:
     import yaml
 
     from trainops.distributed import init_from_env, spawn
     from trainops.runtime.checkpoint import atomic_write_text
     from trainops.runtime.loop import run_worker
 
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    if cfg.resume:  # a mismatching checkpoint is refused before any worker starts
-        from trainops.runtime.checkpoint import check_resume_config, load_checkpoint
-        world = int(os.environ.get("WORLD_SIZE", cfg.workers))
-        saved = load_checkpoint(os.path.join(cfg.out_dir, "checkpoint"), 0, world)
-        check_resume_config(saved["config"], cfg.to_dict())
-    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
     if under_torchrun:
         rank, world = init_from_env(timeout_s=cfg.timeout_s)
         if rank == 0:
@@ -92,13 +176,10 @@ def main(argv=None) -> int:
         print(f"trainops train: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        msg = str(e)
-        if "ConfigError" in msg:  # raised inside a worker: show the message, not the traceback
-            line = [ln for ln in msg.splitlines() if "ConfigError" in ln][-1]
-            print(f"trainops train: error: {line.split('ConfigError: ', 1)[-1]}", file=sys.stderr)
-            return 2
-        print(f"trainops train: a worker failed; the last complete checkpoint in {cfg.out_dir}/checkpoint "
-              f"can be resumed with --resume.\n{msg}", file=sys.stderr)
+        return _worker_failed(cfg, e)
+    except OSError as e:  # e.g. out_dir not writable, disk full while writing config.yaml
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"trainops train: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     took = time.perf_counter() - start
     if summary.get("rank", 0) != 0:  # under torchrun: rank 0 speaks for the job
@@ -109,6 +190,61 @@ def main(argv=None) -> int:
         return 130
     print(f"trainops train: done in {took:.1f}s; report: {os.path.join(cfg.out_dir, 'report.md')}")
     return 0
+
+
+_RAISED = re.compile(r"(?:ConfigError|CheckpointError): (.*)")
+
+
+def _checkpoint_status(cfg) -> str:
+    """What --resume would find: a complete, verified checkpoint, or why there is none."""
+    from trainops.runtime.checkpoint import verify_checkpoint
+    from trainops.runtime.config import ConfigError
+
+    root = os.path.join(cfg.out_dir, "checkpoint")
+    try:
+        meta = verify_checkpoint(root)
+    except ConfigError as e:
+        if not os.path.lexists(os.path.join(root, "latest.json")):
+            return f"no checkpoint was saved in {root}, so there is nothing to resume (rerun with --overwrite)"
+        return f"there is no usable checkpoint to resume from: {str(e).removeprefix('--resume: ')}"
+    if meta["final"]:
+        return f"the final checkpoint (step {meta['step']}) in {root} is complete"
+    return f"the last complete checkpoint (step {meta['step']}) in {root} can be resumed with --resume"
+
+
+def _worker_summary(msg: str) -> list[str]:
+    """One line per failed worker: how it ended and the last line of its traceback."""
+    blocks, cur = [], None
+    for line in msg.splitlines():
+        if re.match(r"worker(\(s\))? \d", line):
+            cur = [line]
+            blocks.append(cur)
+        elif cur is not None and line.strip():
+            cur.append(line)
+    if not blocks:
+        lines = [ln for ln in msg.splitlines() if ln.strip()]
+        return [lines[-1] if lines else msg]
+    return [b[0].rstrip(":") + (f": {b[-1].strip()}" if len(b) > 1 else "") for b in blocks]
+
+
+def _worker_failed(cfg, e: RuntimeError) -> int:
+    msg = str(e)
+    raised = [m.group(1) for m in map(_RAISED.search, msg.splitlines()) if m]
+    if raised:  # a config or checkpoint error raised inside a worker: the message, not the traceback
+        print(f"trainops train: error: {raised[-1]}", file=sys.stderr)
+        return 2
+    log = os.path.join(cfg.out_dir, ERROR_LOG)
+    try:
+        with open(log, "w") as fh:
+            fh.write(msg + "\n")
+    except OSError:
+        log = None
+    lines = [f"trainops train: a worker failed; {_checkpoint_status(cfg)}."]
+    lines += [f"  {ln}" for ln in _worker_summary(msg)]
+    if log:
+        lines.append(f"  full worker tracebacks: {log}")
+    print("\n".join(lines), file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -7,9 +7,13 @@ apart. :func:`load_config` merges defaults < YAML file < command line and valida
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import re
 from dataclasses import dataclass, field
 
-__all__ = ["TrainConfig", "ConfigError", "load_config", "config_from_dict", "DOMAIN_NAMES", "RESUME_KEYS"]
+__all__ = ["TrainConfig", "ConfigError", "load_config", "config_from_dict", "preflight", "DOMAIN_NAMES",
+           "RESUME_KEYS", "MAX_SIZES", "MAX_TOKENS"]
 
 DOMAIN_NAMES = ("arith", "reverse", "sort", "grammar")
 LBL_SCOPES = ("micro_batch", "sequence", "global")
@@ -19,6 +23,21 @@ ADAPTERS = ("mora", "lora", "none")
 
 class ConfigError(ValueError):
     """A bad configuration: unknown key, invalid value, or a checkpoint from another config."""
+
+
+# Upper bounds of the sizes: a typo such as ``--seq-len 1200000`` fails at once with the key
+# named, not as an out-of-memory error or a hang inside the workers. Generous for the small
+# models this runtime trains.
+MAX_SIZES = {"workers": 256, "threads": 256, "seq_len": 4096, "batch_size": 8192, "eval_size": 65536,
+             "d_model": 8192, "n_layers": 128, "n_heads": 256, "num_experts": 1024, "top_k": 1024,
+             "ffn_size": 65536, "grad_accum": 4096, "adapter_rank": 1024, "mora_top_k": 65536,
+             "replay_capacity": 1_000_000, "sync_every": 1_000_000, "fragments": 1024, "block_size": 65536,
+             "pretrain_steps": 10**9, "task_steps": 10**9, "checkpoint_every": 10**9, "stop_after": 10**12,
+             "min_numel": 2**40}
+# Tokens (rows x seq_len) of one micro-batch, of the held-out set of one domain and of the
+# replay buffer of one worker.
+MAX_TOKENS = {"batch_size": 1 << 20, "eval_size": 1 << 22, "replay_capacity": 1 << 26}
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
 
 
 def _f(default, help: str, **kw):
@@ -78,20 +97,38 @@ class TrainConfig:
     # --- checkpoints -------------------------------------------------------------------
     checkpoint_every: int = _f(50, "save a checkpoint every N optimizer steps (0: only at the end / on signal)")
     resume: bool = _f(False, "continue from out_dir/checkpoint (the config must match the saved one)")
+    overwrite: bool = _f(False, "start over in an out_dir that holds a previous run (deletes its checkpoint and "
+                                "metrics); without it such an out_dir is refused")
     stop_after: int = _f(0, "testing aid: checkpoint and stop after this many steps in total (0: off)")
 
     def validate(self) -> "TrainConfig":
         def need(cond, key, what):
             if not cond:
                 raise ConfigError(f"{key}={getattr(self, key)!r}: {what}")
+        for f in dataclasses.fields(self):  # inf / nan pass "> 0" and fail inside the workers
+            if f.type in (float, "float"):
+                need(math.isfinite(getattr(self, f.name)), f.name, "must be a finite number")
+        need(bool(self.out_dir.strip()), "out_dir", "must not be empty")
         for key in ("workers", "threads", "seq_len", "batch_size", "eval_size", "d_model", "n_layers", "n_heads",
                     "num_experts", "top_k", "ffn_size", "grad_accum", "task_steps", "adapter_rank", "mora_top_k",
                     "replay_capacity", "sync_every", "fragments", "block_size"):
             need(getattr(self, key) >= 1, key, "must be >= 1")
         for key in ("pretrain_steps", "checkpoint_every", "stop_after", "min_numel", "lbl_coeff"):
             need(getattr(self, key) >= 0, key, "must be >= 0")
+        for key, most in MAX_SIZES.items():
+            need(getattr(self, key) <= most, key, f"must be <= {most}")
+        for key, most in MAX_TOKENS.items():
+            need(getattr(self, key) * self.seq_len <= most, key,
+                 f"x seq_len={self.seq_len} must be <= {most} tokens")
         for key in ("lr", "task_lr", "outer_lr", "mora_temperature", "timeout_s"):
             need(getattr(self, key) > 0, key, "must be > 0")
+        need(self.timeout_s <= MAX_TIMEOUT_S, "timeout_s", f"must be <= {MAX_TIMEOUT_S:.0f} (7 days)")
+        need(not (self.resume and self.overwrite), "overwrite", "contradicts --resume; give one of them")
+        try:
+            re.compile(self.adapter_targets)
+        except re.error as e:
+            raise ConfigError(f"adapter_targets={self.adapter_targets!r}: not a valid regular expression ({e})") \
+                from None
         need(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
         need(self.d_model % self.n_heads == 0, "d_model", f"must be divisible by n_heads={self.n_heads}")
         need(self.top_k <= self.num_experts, "top_k", f"must be <= num_experts={self.num_experts}")
@@ -118,6 +155,15 @@ class TrainConfig:
             if n not in DOMAIN_NAMES and not any(c in n for c in "/.*"):
                 raise ConfigError(f"tasks: unknown domain {n!r}; embedded domains are {', '.join(DOMAIN_NAMES)} "
                                   "(or give a text file path / glob)")
+        from trainops.runtime.domains import make_domains
+        try:  # builds each domain and samples from it: a seq_len too short for a domain fails here
+            make_domains(names, self.seq_len)
+        except ValueError as e:
+            if "needs seq_len" in str(e):
+                raise ConfigError(f"seq_len={self.seq_len}: {e}") from None
+            raise ConfigError(str(e) if str(e).startswith("tasks:") else f"tasks: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"tasks: cannot read {e.filename}: {e.strerror}") from None
         return self
 
     def task_list(self) -> list[str]:
@@ -128,7 +174,39 @@ class TrainConfig:
 
 
 # Keys that may differ between a checkpoint and the run that resumes it.
-RESUME_KEYS = ("resume", "progress", "timeout_s", "stop_after", "checkpoint_every", "out_dir")
+RESUME_KEYS = ("resume", "overwrite", "progress", "timeout_s", "stop_after", "checkpoint_every", "out_dir")
+
+
+def preflight(cfg: TrainConfig, under_torchrun: bool = False) -> None:
+    """Checks of a valid config against this machine and the model, run by the launcher
+    before any worker starts: CUDA present for ``--device cuda``, workers that fit the
+    machine, ``adapter_targets`` that match a layer of the model."""
+    import torch
+
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda': CUDA is not available here (torch "
+                          f"{torch.__version__}{'' if torch.version.cuda else ', built without CUDA'}); "
+                          "use --device cpu or --device auto")
+    if not under_torchrun:
+        on_gpu = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        if on_gpu and cfg.workers > torch.cuda.device_count():
+            raise ConfigError(f"workers={cfg.workers}: must be <= the {torch.cuda.device_count()} visible GPU(s) "
+                              "(one NCCL worker per GPU)")
+        cpus = os.cpu_count() or 1
+        if not on_gpu and cfg.workers * cfg.threads > 4 * cpus:
+            raise ConfigError(f"workers={cfg.workers}: workers x threads ({cfg.workers * cfg.threads}) must be <= "
+                              f"4 x the {cpus} CPUs here")
+    if cfg.adapter != "none":
+        from trainops.runtime.domains import VOCAB
+        from trainops.runtime.model import MoETransformer, _target_regex
+        with torch.device("meta"):
+            model = MoETransformer(cfg, VOCAB)
+        pattern = re.compile(_target_regex(cfg.adapter_targets))
+        names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        if not any(pattern.fullmatch(n) for n in names):
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+            raise ConfigError(f"adapter_targets={cfg.adapter_targets!r}: matches no layer of the model "
+                              f"(layer names: {', '.join(leaves)})")
 
 
 def _coerce(f: dataclasses.Field, value, source: str):
@@ -230,6 +308,13 @@ def load_config(argv: list[str]) -> TrainConfig:
                 loaded = yaml.safe_load(fh) or {}
         except OSError as e:
             raise ConfigError(f"--config {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"--config {path}: YAML syntax error{where}: {problem}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"--config {path}: not a text (UTF-8) file") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config {path}: must be a mapping of key: value")
         values.update(loaded)
