@@ -179,6 +179,16 @@ def _worker(rank, world):
     out["resume_identical"] = bool(torch.equal(straight, resumed))
     # 5. Resume from every step of a run with overlapping exchanges.
     out["resume_every_step"] = _resume_from_every_step(rank, task)
+    # A state dict from before local_params still loads; local_params of another model do not.
+    model, opt, dl = _build(0, fmt=None, sync_every=4)
+    state = dl.state_dict()
+    dl.load_state_dict({k: v for k, v in state.items() if k != "local_params"})
+    state["local_params"] = [[p.double() for p in frag] for frag in state["local_params"]]
+    try:
+        dl.load_state_dict(state)
+        out["bad_local_params"] = "loaded"
+    except ValueError as e:
+        out["bad_local_params"] = str(e)
     dist.barrier()
     return out
 
@@ -223,6 +233,7 @@ def test_resume_from_every_step_with_syncs_in_flight_is_bit_for_bit(results):
         assert got["in_flight"] == [[], [0], [0], [0, 1], [1], [0, 1], [0], [0, 1], [1], [0, 1], [0], [0, 1], [1],
                                     [0, 1]]
         assert not got["differ"], got["differ"]
+        assert "local_params do not match" in r["bad_local_params"]
 
 
 # --- argument checks (before any collective) ---------------------------------------------------
