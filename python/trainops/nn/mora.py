@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from trainops._validation import check_finite_float, check_int
+from trainops.nn._state import refuse
 from trainops.ops.mora import mora_routing
 
 __all__ = ["MoRALinear", "apply_mora", "mora_state_dict", "load_mora_state_dict", "mora_modules"]
@@ -58,23 +61,17 @@ class MoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
-        for name, v in (("rank", rank), ("top_k", top_k)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        if not (temperature > 0 and math.isfinite(temperature)):
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        args = self.check_args(rank, top_k, temperature, threshold, dropout, scaling, capacity)
         self.base = base
         for prm in base.parameters():
             prm.requires_grad_(False)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.rank, self.top_k = rank, top_k
-        self.temperature, self.threshold = float(temperature), float(threshold)
-        self.dropout, self.scaling = float(dropout), float(scaling)
+        self.rank, self.top_k = args["rank"], args["top_k"]
+        self.temperature, self.threshold = args["temperature"], args["threshold"]
+        self.dropout, self.scaling = args["dropout"], args["scaling"]
         self.check_nan = False
         w = base.weight
-        capacity = 4 * rank if capacity is None else int(capacity)
+        capacity = 4 * rank if capacity is None else capacity
         self.register_buffer("frozen_A", torch.zeros(capacity, self.in_features, device=w.device, dtype=w.dtype))
         self.register_buffer("frozen_B", torch.zeros(capacity, self.out_features, device=w.device, dtype=w.dtype))
         self.num_frozen = 0
@@ -84,6 +81,19 @@ class MoRALinear(nn.Module):
         self._init_ranks()
         self._stats: dict | None = None
         self._stats_label = 0
+
+    @staticmethod
+    def check_args(rank: int = 8, top_k: int = 8, temperature: float = 0.03, threshold: float = 0.2,
+                   dropout: float = 0.0, scaling: float = 1.0, capacity: int | None = None) -> dict:
+        """The constructor's arguments (after ``base``), checked: TypeError/ValueError naming
+        the argument; returns them as ints and floats."""
+        out = {"rank": check_int("rank", rank, lo=1), "top_k": check_int("top_k", top_k, lo=1),
+               "temperature": check_finite_float("temperature", temperature, lo=0.0, lo_open=True),
+               "threshold": check_finite_float("threshold", threshold),
+               "dropout": check_finite_float("dropout", dropout, lo=0.0, hi=1.0, hi_open=True),
+               "scaling": check_finite_float("scaling", scaling)}
+        out["capacity"] = None if capacity is None else check_int("capacity", capacity, lo=1)
+        return out
 
     @classmethod
     def from_linear(cls, base: nn.Linear, **kwargs) -> "MoRALinear":
@@ -122,9 +132,7 @@ class MoRALinear(nn.Module):
     @torch.no_grad()
     def add_task(self, rank: int | None = None) -> "MoRALinear":
         """Freeze every existing rank and append ``rank`` (default ``self.rank``) new trainable ones."""
-        rank = self.rank if rank is None else rank
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+        rank = self.rank if rank is None else check_int("rank", rank, lo=1)
         cur = self.lora_A.shape[0]
         self._reserve(self.num_frozen + cur)
         self.frozen_A[self.num_frozen: self.num_frozen + cur] = self.lora_A
@@ -213,27 +221,65 @@ class MoRALinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        key = prefix + "task_ranks"
-        if key in state_dict:
-            self._resize_to([int(r) for r in state_dict[key].tolist()])
-            state_dict = dict(state_dict)
-            state_dict.pop(key)
-            fa, fb = state_dict.get(prefix + "frozen_A"), state_dict.get(prefix + "frozen_B")
-            if fa is not None and fb is not None and fa.shape[0] == self.num_frozen:
-                self.frozen_A[: self.num_frozen].copy_(fa)
-                self.frozen_B[: self.num_frozen].copy_(fb)
-                state_dict.pop(prefix + "frozen_A")
-                state_dict.pop(prefix + "frozen_B")
-            elif fa is not None:
-                error_msgs.append(f"{prefix}frozen_A has {fa.shape[0]} ranks but task_ranks says {self.num_frozen}")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+        sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        try:
+            plan = self._check_adapter_state(sub, prefix)
+        except ValueError as e:  # nothing of this layer (base included) is loaded; torch raises
+            refuse(state_dict, prefix, error_msgs, [str(e)])
+            return
+        self._apply_adapter_state(*plan)
+        handled = set(_ADAPTER_KEYS)
+        rest = {k: v for k, v in state_dict.items() if k[len(prefix):] not in handled}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        missing_keys[:] = [k for k in missing_keys if k not in (prefix + "frozen_A", prefix + "frozen_B")]
+        missing_keys[:] = [k for k in missing_keys if k[len(prefix):] not in handled]
+        missing_keys.extend(prefix + k for k in ("lora_A", "lora_B") if k not in sub)
+
+    def _check_adapter_state(self, sub: dict, where: str = "") -> tuple[list[int], dict]:
+        """(task layout, adapter tensors) that loading ``sub`` (this layer's entries, keys
+        without prefix) would apply; ValueError naming the entry when one does not fit. Changes
+        nothing: check every layer, then :meth:`_apply_adapter_state` each."""
+        ranks = list(self.task_ranks)
+        if "task_ranks" in sub:
+            t = sub["task_ranks"]
+            if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() == 0 or t.is_floating_point() \
+                    or t.is_complex() or t.dtype == torch.bool:
+                raise ValueError(f"{where}task_ranks must be a non-empty 1-D integer tensor")
+            ranks = [int(r) for r in t.tolist()]
+            if min(ranks) < 1:
+                raise ValueError(f"{where}task_ranks must be positive, got {ranks}")
+            absent = [k for k in ("frozen_A", "frozen_B", "lora_A", "lora_B") if k not in sub]
+            if absent:
+                raise ValueError(f"{where}task_ranks comes without {absent}: the layer cannot be resized")
+        F, cur = sum(ranks[:-1]), ranks[-1]
+        shapes = {"frozen_A": (F, self.in_features), "frozen_B": (F, self.out_features),
+                  "lora_A": (cur, self.in_features), "lora_B": (self.out_features, cur)}
+        shapes.update({f"base.{k}": tuple(v.shape) for k, v in self.base.state_dict().items()})
+        tensors = {}
+        for k, shape in shapes.items():
+            if k not in sub:
+                continue
+            v = sub[k]
+            if not isinstance(v, torch.Tensor) or not v.is_floating_point() or tuple(v.shape) != shape \
+                    or v.device.type == "meta":
+                got = f"{v.dtype} {tuple(v.shape)} on {v.device}" if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"{where}{k} must be a floating-point tensor of shape {shape} with data "
+                                 f"(task_ranks {ranks}), got {got}")
+            if not k.startswith("base."):
+                tensors[k] = v
+        return ranks, tensors
+
+    @torch.no_grad()
+    def _apply_adapter_state(self, ranks: list[int], tensors: dict) -> None:
+        """Apply what :meth:`_check_adapter_state` returned (cannot fail on a checked state)."""
+        self._resize_to(ranks)
+        F = self.num_frozen
+        for k, v in tensors.items():
+            dst = getattr(self, k)
+            (dst[:F] if k.startswith("frozen_") else dst).copy_(v)
 
     @torch.no_grad()
     def _resize_to(self, task_ranks: list[int]) -> None:
-        if not task_ranks or min(task_ranks) < 1:
-            raise ValueError(f"task_ranks must be a non-empty list of positive ints, got {task_ranks}")
         F = sum(task_ranks[:-1])
         self._reserve(F)
         self.num_frozen = F
@@ -279,6 +325,7 @@ def apply_mora(model: nn.Module, target_modules, **kwargs) -> nn.Module:
     non-adapter parameter gets ``requires_grad=False``. Returns ``model`` (changed in place).
     """
     match = _matcher(target_modules)
+    MoRALinear.check_args(**kwargs)  # before the model is touched: a bad argument changes nothing
     targets = [(name, mod) for name, mod in model.named_modules()
                if name and isinstance(mod, nn.Linear) and match(name)]
     if not targets:
@@ -314,23 +361,34 @@ def mora_state_dict(model: nn.Module) -> dict:
 
 
 def load_mora_state_dict(model: nn.Module, state_dict: dict, strict: bool = True) -> nn.Module:
-    """Load adapters saved by :func:`mora_state_dict` (resizing each layer to its saved tasks)."""
-    mods = dict(mora_modules(model))
-    seen = set()
-    for name, m in mods.items():
+    """Load adapters saved by :func:`mora_state_dict` (resizing each layer to its saved tasks).
+
+    Every layer's entries are checked (task layout, shapes, floating dtypes; with ``strict``
+    also missing and unknown keys, including any ``base.*`` weights) before any layer is
+    changed: a load that fails leaves the whole model as it was. Non-strict loads skip layers
+    without entries and ignore unknown keys.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
+    plans, seen = [], set()
+    for name, m in mora_modules(model):
         sub = {k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(name + ".")}
         if not sub:
             if strict:
                 raise KeyError(f"no adapter tensors for MoRA layer {name!r} in state_dict")
             continue
         seen.update(f"{name}.{k}" for k in sub)
-        missing, unexpected = m.load_state_dict(sub, strict=False)
-        missing = [k for k in missing if not k.startswith("base.")]
+        missing = [k for k in _ADAPTER_KEYS if k not in sub]
+        unexpected = sorted(set(sub) - set(_ADAPTER_KEYS))
         if strict and (missing or unexpected):
             raise KeyError(f"MoRA layer {name!r}: missing {missing}, unexpected {unexpected}")
+        adapter = {k: v for k, v in sub.items() if k in _ADAPTER_KEYS}
+        plans.append((m, m._check_adapter_state(adapter, f"{name}.")))
     extra = set(state_dict) - seen
     if strict and extra:
         raise KeyError(f"state_dict keys with no MoRA layer: {sorted(extra)[:5]}")
+    for m, plan in plans:
+        m._apply_adapter_state(*plan)
     return model
 
 
