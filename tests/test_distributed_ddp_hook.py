@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import trainops.distributed.all_reduce as all_reduce_mod
 from trainops.distributed import QuantizedCommState, quantized_comm_hook, spawn
 
 
@@ -50,6 +51,23 @@ def _train(ddp, opt, steps, start, rank):
     return losses
 
 
+def _count_calls(name, undo=False):
+    """Count calls of ``trainops.distributed.all_reduce.<name>`` (``undo``: restore the original)."""
+    fn = getattr(all_reduce_mod, name)
+    if undo:
+        setattr(all_reduce_mod, name, fn.__wrapped__)
+        return None
+    counter = {"n": 0}
+
+    def counted(*args, **kwargs):
+        counter["n"] += 1
+        return fn(*args, **kwargs)
+
+    counted.__wrapped__ = fn
+    setattr(all_reduce_mod, name, counted)
+    return counter
+
+
 def _worker(rank, world):
     torch.set_num_threads(1)
     out = {}
@@ -61,9 +79,12 @@ def _worker(rank, world):
     opt = torch.optim.Adam(ddp.parameters(), lr=0.01)
     out["eval_before"] = _eval(model)
     equal = []
+    checks, calls = _count_calls("_agree"), _count_calls("_two_shot")
     for step in range(12):
         _train(ddp, opt, 1, step, rank)
         equal.append(_replicas_equal(model))
+    out["agreement_checks"], out["reductions"] = checks["n"], calls["n"]
+    _count_calls("_agree", undo=True), _count_calls("_two_shot", undo=True)
     out["equal"] = equal
     out["eval_after"] = _eval(model)
     sd = state.state_dict()
@@ -126,6 +147,38 @@ def test_replicas_identical_and_training(results):
         assert all(r["equal"]) and r["equal2"]
         assert r["eval_after"] < 0.5 * r["eval_before"]
         assert r["bytes"] > 0
+
+
+def test_settings_checked_across_ranks_once(results):
+    """DDP guarantees the buckets agree; the hook's own settings are checked on the first bucket only."""
+    for r in results:
+        assert r["reductions"] > 12  # several buckets per step
+        assert r["agreement_checks"] == 1
+
+
+def _fmt_mismatch_worker(rank, world, async_comm):
+    torch.set_num_threads(1)
+    model = _model()
+    ddp = DDP(model, bucket_cap_mb=0.01)
+    state = QuantizedCommState(module=model, fmt="int8" if rank == 1 else "fp4_e3m0", block_size=64, min_numel=0,
+                               async_comm=async_comm)
+    ddp.register_comm_hook(state, quantized_comm_hook)
+    before = _flat_params(model)
+    x, y = _batch(rank, 0)
+    try:
+        torch.nn.functional.mse_loss(ddp(x), y).backward()
+        return None
+    except Exception as e:  # DDP may wrap the hook's ValueError
+        return str(e), bool(torch.equal(before, _flat_params(model)))
+
+
+@pytest.mark.parametrize("async_comm", [True, False], ids=["async", "inline"])
+def test_fmt_mismatch_raises_on_every_rank(async_comm):
+    results = spawn(_fmt_mismatch_worker, 2, async_comm, backend="gloo", timeout_s=60)
+    for r in results:
+        assert r is not None, "ranks with different formats must fail the backward pass"
+        assert "fmt: rank 0 = 'fp4_e3m0', rank 1 = 'int8'" in r[0]
+        assert r[1]
 
 
 def test_error_feedback_per_parameter(results):

@@ -23,6 +23,18 @@ and ``fmt=None`` go through ``dist.all_reduce`` in full precision: below that si
 the call is latency-bound and quantizing saves no time. These calls are counted
 apart in :class:`~trainops.distributed.stats.CommStats` (``full_precision_calls``),
 so a fallback is never silent.
+
+Agreement: every call starts with one small all-gather of a fixed-size int64 header
+(numel, dtype, op, nan_policy, fmt, block_size, min_numel). Ranks that disagree would
+otherwise run mismatched collectives (an abort inside gloo, a wrong result, or a wait
+until the process-group timeout); instead every rank raises the same ValueError naming
+each differing argument and every rank's value, before anything is modified. The header
+is the same size on every rank, so its own collective cannot mismatch.
+
+All or nothing: ``tensor`` and ``error_feedback`` are written only once the call has
+succeeded. The new residual is computed into a temporary and committed at the end; the
+NaN/Inf verdict is taken from the reduced data, which is identical on every rank, so
+either every rank commits or every rank raises with nothing changed.
 """
 from __future__ import annotations
 
@@ -31,7 +43,8 @@ import torch.distributed as dist
 
 from trainops.distributed import async_work
 from trainops.distributed.stats import CommStats, comm_stats, ring_all_reduce_bytes
-from trainops.formats import FLOAT_DTYPES, check_block_size, check_nan_policy, get_format, packed_bytes
+from trainops.formats import FLOAT_DTYPES, FORMATS, NAN_POLICIES, check_block_size, check_nan_policy, get_format, \
+    packed_bytes
 from trainops.ops.quantize import QuantizedTensor, dequantize, dequantize_accumulate, quantize, quantize_error_feedback
 
 __all__ = ["quantized_all_reduce", "DEFAULT_MIN_NUMEL", "chunk_layout"]
@@ -85,6 +98,48 @@ def _check_args(tensor, op, group, fmt, block_size, error_feedback, min_numel, n
         raise ValueError("this rank is not a member of group")
 
 
+# The header: one int64 per field, the same length on every rank. A field a rank leaves out
+# (block_size and min_numel without fmt) is -1. Codes index these tuples, the same on every rank.
+_HEADER_VERSION = 1
+_HEADER_FIELDS = ("version", "numel", "dtype", "op", "nan_policy", "fmt", "block_size", "min_numel")
+_FMT_CODES = tuple(FORMATS)
+_DECODE = {
+    "dtype": lambda c: str(FLOAT_DTYPES[c]).replace("torch.", "") if 0 <= c < len(FLOAT_DTYPES) else c,
+    "op": lambda c: repr(_OPS[c]) if 0 <= c < len(_OPS) else c,
+    "nan_policy": lambda c: repr(NAN_POLICIES[c]) if 0 <= c < len(NAN_POLICIES) else c,
+    "fmt": lambda c: repr(_FMT_CODES[c]) if 0 <= c < len(_FMT_CODES) else "None" if c == -1 else c,
+}
+
+
+def _header(tensor, op, fmt, block_size, min_numel, nan_policy) -> list[int]:
+    quantized = fmt is not None
+    return [_HEADER_VERSION, tensor.numel(), FLOAT_DTYPES.index(tensor.dtype), _OPS.index(op),
+            NAN_POLICIES.index(nan_policy), _FMT_CODES.index(fmt) if quantized else -1,
+            block_size if quantized else -1, min_numel if quantized else -1]
+
+
+def _agree(tensor, op, group, fmt, block_size, min_numel, nan_policy) -> None:
+    """All-gather the call's header; raise the same ValueError on every rank if the ranks differ."""
+    mine = torch.tensor(_header(tensor, op, fmt, block_size, min_numel, nan_policy), dtype=torch.int64,
+                        device=tensor.device)
+    world = dist.get_world_size(group)
+    everyone = torch.empty(world * mine.numel(), dtype=torch.int64, device=tensor.device)
+    _all_gather_single(everyone, mine, group=group)
+    rows = everyone.view(world, -1).tolist()
+    diffs = []
+    for i, field in enumerate(_HEADER_FIELDS):
+        values = [row[i] for row in rows]
+        # block_size and min_numel matter only when every rank quantizes; else fmt differs
+        if len(set(values)) > 1 and not (field in ("block_size", "min_numel") and -1 in values):
+            show = _DECODE.get(field, lambda c: c)
+            diffs.append(f"{field}: " + ", ".join(f"rank {r} = {show(v)}" for r, v in enumerate(values)))
+    if diffs:
+        raise ValueError(
+            "quantized_all_reduce: the ranks of the group called it with different arguments (every rank "
+            "must pass the same; nothing was changed): " + "; ".join(diffs)
+        )
+
+
 def _raise_non_finite(nbad: int, unit: str = "element") -> None:
     raise ValueError(
         f"quantized_all_reduce: the reduced result holds NaN/Inf ({nbad} {unit}(s)): some rank's input "
@@ -97,17 +152,21 @@ def _full_precision(tensor, op, group, error_feedback, nan_policy, stats):
     if error_feedback is not None:
         # Exact exchange: the whole accumulated residual goes out, nothing is left behind.
         work = tensor.reshape(-1).float() + error_feedback
-        error_feedback.zero_()
+    elif nan_policy == "raise" or not tensor.is_contiguous():
+        work = tensor.reshape(-1).clone()  # reduced apart: a raise below leaves tensor unchanged
     else:
-        work = tensor if tensor.is_contiguous() else tensor.contiguous()
+        work = tensor
     dist.all_reduce(work, op=dist.ReduceOp.SUM, group=group)
     if op == "avg":
         work.div_(world)
-    if work is not tensor:
-        tensor.copy_(work.view(tensor.shape))
     stats.record(ring_all_reduce_bytes(work.numel() * work.element_size(), world), tensor.numel(), quantized=False)
+    # Every rank holds the same sum, so every rank reaches the same verdict before committing.
     if nan_policy == "raise" and not torch.isfinite(work).all():
         _raise_non_finite(int((~torch.isfinite(work)).sum()))
+    if error_feedback is not None:
+        error_feedback.zero_()
+    if work is not tensor:
+        tensor.copy_(work.view(tensor.shape))
 
 
 def _pack(q: QuantizedTensor, rows: int, code_bytes: int, nscales: int) -> torch.Tensor:
@@ -149,8 +208,11 @@ def _two_shot(tensor, op, group, fmt, block_size, error_feedback, stochastic, se
     seed1 = None if seed is None else (seed * 1_000_003 + 104_729 * rank) % 2**62
     # NaN/Inf always travel (as NaN blocks) so that every rank sees them and raises
     # together below; raising before the collective would leave the other ranks waiting.
+    residual = None
     if error_feedback is not None:
-        q = quantize_error_feedback(tensor, error_feedback, fmt, block_size, stochastic=stochastic, seed=seed1,
+        # The new residual goes to a temporary, committed to error_feedback only on success.
+        residual = error_feedback.clone()
+        q = quantize_error_feedback(tensor, residual, fmt, block_size, stochastic=stochastic, seed=seed1,
                                     nan_policy="propagate")
     else:
         q = quantize(tensor, fmt, block_size, stochastic=stochastic, seed=seed1, nan_policy="propagate")
@@ -182,6 +244,8 @@ def _two_shot(tensor, op, group, fmt, block_size, error_feedback, stochastic, se
     bad_blocks = ~torch.isfinite(full.scales)
     if nan_policy == "raise" and bad_blocks.any():
         _raise_non_finite(int(bad_blocks.sum()), unit="block")
+    if residual is not None:
+        error_feedback.copy_(residual)
     if tensor.dtype == torch.float32 and tensor.is_contiguous():
         # Decode straight into the caller's buffer (0 + v == v bit for bit): a fresh
         # output the size of the message costs page faults and an extra copy.
@@ -205,6 +269,7 @@ def quantized_all_reduce(
     seed: int | None = None,
     nan_policy: str = "raise",
     stats: CommStats | None = None,
+    verify: bool = True,
 ):
     """All-reduce ``tensor`` in place through blockwise quantization; bit-identical on every rank.
 
@@ -216,7 +281,7 @@ def quantized_all_reduce(
     residual is sent too and ``error_feedback`` is zeroed).
 
     NaN/Inf: with ``nan_policy="raise"`` every rank raises ValueError when any rank's
-    input is not finite (``tensor`` is left unchanged on the quantized path); with
+    input is not finite (``tensor`` and ``error_feedback`` are left unchanged); with
     ``"propagate"`` the affected blocks become NaN on every rank.
 
     ``async_op=True`` returns an :class:`~trainops.distributed.async_work.AsyncWork`
@@ -224,17 +289,27 @@ def quantized_all_reduce(
     the group's background thread, in submission order. Do not touch ``tensor`` or use
     ``group`` from another thread until ``wait()`` returns. Returns None otherwise.
     Bytes sent are added to ``stats`` (default: :func:`~trainops.distributed.comm_stats`).
+
+    Ranks that pass different numel, dtype, op, nan_policy, fmt, block_size or min_numel
+    all raise the same ValueError naming the differences (at ``wait()`` with
+    ``async_op=True``), with ``tensor`` and ``error_feedback`` unchanged. ``verify=False``
+    skips that check (one small all-gather per call): only for callers that guarantee
+    agreement otherwise, and the same on every rank (the DDP hook checks its settings on
+    the first bucket and relies on DDP for the buckets' sizes and dtypes). On any error,
+    ``tensor`` and ``error_feedback`` are left as they were.
     """
     _check_args(tensor, op, group, fmt, block_size, error_feedback, min_numel, nan_policy)
     stats = comm_stats() if stats is None else stats
     if stochastic and seed is None:
         # Drawn here, in the caller's thread, so torch.manual_seed makes it reproducible.
         seed = int(torch.randint(0, 2**62, (1,)).item())
-    if fmt is None or tensor.numel() < min_numel:
-        job = lambda: _full_precision(tensor, op, group, error_feedback, nan_policy, stats)  # noqa: E731
-    else:
-        job = lambda: _two_shot(tensor, op, group, fmt, block_size, error_feedback,  # noqa: E731
-                                stochastic, seed, nan_policy, stats)
+    def job():
+        if verify:
+            _agree(tensor, op, group, fmt, block_size, min_numel, nan_policy)
+        if fmt is None or tensor.numel() < min_numel:
+            _full_precision(tensor, op, group, error_feedback, nan_policy, stats)
+        else:
+            _two_shot(tensor, op, group, fmt, block_size, error_feedback, stochastic, seed, nan_policy, stats)
     if async_op:
         return async_work.submit(group, job, tensor.device)
     if async_work.has_worker(group):

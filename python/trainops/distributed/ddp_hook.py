@@ -14,6 +14,14 @@ so residuals are stored as one flat fp32 buffer per bucket keyed by the bucket's
 parameters, and a bucket with a new layout takes over the residual slices of its
 parameters from the old buckets or from a loaded ``state_dict``. Nothing is reset.
 
+Agreement across ranks: :func:`quantized_all_reduce` checks that the ranks pass the same
+arguments with one small all-gather per call. DDP already guarantees that every rank's
+bucket has the same size and dtype (it verifies the parameters' shapes across ranks at
+construction and rebuilds buckets identically on every rank), so the hook checks only
+on the first bucket after the state's settings (fmt, block_size, min_numel, nan_policy)
+were set or changed: a rank with another format raises the same ValueError as its peers
+in the first backward pass, and later buckets skip the extra collective.
+
 Buckets are reduced on a background thread over a process group of their own (created
 here, on every rank), so communication overlaps the rest of the backward pass and never
 interleaves with DDP's own collectives.
@@ -75,6 +83,13 @@ class QuantizedCommState:
         self._errors: dict[tuple, torch.Tensor] = {}  # bucket key -> flat fp32 residual
         self._slots: dict[str, tuple] = {}  # param key -> (bucket key, offset, numel)
         self._loaded: dict[str, torch.Tensor] = {}  # residuals from load_state_dict not yet claimed
+        self._agreed = None  # the settings last checked against the other ranks
+
+    def _needs_agreement(self) -> bool:
+        """True on the first bucket with the current settings (then checked across ranks)."""
+        settings = (self.fmt, self.block_size, self.min_numel, self.nan_policy)
+        fresh, self._agreed = self._agreed != settings, settings
+        return fresh
 
     # --- residual bookkeeping ---------------------------------------------------------------
 
@@ -159,12 +174,12 @@ def quantized_comm_hook(state: QuantizedCommState, bucket: dist.GradBucket) -> t
     err = None
     if state.error_feedback and state.fmt is not None and buffer.numel() >= state.min_numel:
         err = state.bucket_error(bucket.parameters(), buffer)
+    kwargs = dict(min_numel=state.min_numel, nan_policy=state.nan_policy, stats=state.stats,
+                  verify=state._needs_agreement())
     work = quantized_all_reduce(buffer, "avg", state.comm_group, state.fmt, state.block_size, err,
-                                async_op=True, min_numel=state.min_numel, nan_policy=state.nan_policy,
-                                stats=state.stats) if state.async_comm else None
+                                async_op=True, **kwargs) if state.async_comm else None
     if work is None:
-        quantized_all_reduce(buffer, "avg", state.comm_group, state.fmt, state.block_size, err,
-                             min_numel=state.min_numel, nan_policy=state.nan_policy, stats=state.stats)
+        quantized_all_reduce(buffer, "avg", state.comm_group, state.fmt, state.block_size, err, **kwargs)
         fut = torch.futures.Future()
         fut.set_result(buffer)
         return fut
