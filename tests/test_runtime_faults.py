@@ -402,3 +402,36 @@ def test_lock_names_the_holder(tmp_path, capsys):
         holder.kill()
         holder.wait()
     assert sorted(os.listdir(out)) == [".lock"]  # nothing written by the refused run
+
+
+def test_worker_failure_messages(tmp_path, capsys):
+    """What a person reads after a failure: the checkpoint's real state, one line per worker;
+    a config or checkpoint error raised inside a worker is its one line only."""
+    from trainops.runtime.cli import _worker_failed
+    out = str(tmp_path)
+    cfg = config_from_dict({**TINY, "out_dir": out})
+    tb = ("worker 1 (pid 41) was killed by signal SIGKILL\nworker 0 (pid 40) failed:\nTraceback (most recent call "
+          "last):\n  File \"loop.py\", line 1, in run_worker\nRuntimeError: Connection closed by peer\nGLHF!\n")
+    assert _worker_failed(cfg, RuntimeError(tb)) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (f"trainops train: a worker failed; no checkpoint was saved in {out}/checkpoint, so there is "
+                      "nothing to resume (rerun with --overwrite).")
+    assert err[1:3] == ["  worker 1 (pid 41) was killed by signal SIGKILL",
+                        "  worker 0 (pid 40) failed: RuntimeError: Connection closed by peer"]
+    assert open(os.path.join(out, "worker_errors.log")).read() == tb + "\n"
+    root = os.path.join(out, "checkpoint")
+    _save_both(root, 2)
+    assert _worker_failed(cfg, RuntimeError(tb)) == 1
+    assert capsys.readouterr().err.startswith(
+        f"trainops train: a worker failed; the last complete checkpoint (step 2) in {root} can be resumed with --resume.")
+    with open(os.path.join(root, "step-2", rank_file(1)), "r+b") as fh:
+        fh.seek(200)
+        fh.write(b"\xff" * 64)
+    assert _worker_failed(cfg, RuntimeError(tb)) == 1
+    assert capsys.readouterr().err.startswith(
+        "trainops train: a worker failed; there is no usable checkpoint to resume from: "
+        f"{root}/step-2/rank1.safetensors does not match its sha256 in the manifest (damaged).")
+    inner = tb + ("worker 1 failed:\nTraceback (most recent call last):\ntrainops.runtime.checkpoint.CheckpointError: "
+                  "--resume: x/rank1.safetensors is missing\n")
+    assert _worker_failed(cfg, RuntimeError(inner)) == 2
+    assert capsys.readouterr().err == "trainops train: error: --resume: x/rank1.safetensors is missing\n"

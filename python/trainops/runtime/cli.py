@@ -224,7 +224,13 @@ def _worker_summary(msg: str) -> list[str]:
     if not blocks:
         lines = [ln for ln in msg.splitlines() if ln.strip()]
         return [lines[-1] if lines else msg]
-    return [b[0].rstrip(":") + (f": {b[-1].strip()}" if len(b) > 1 else "") for b in blocks]
+
+    def raised(lines):  # the exception line of a traceback: unindented "pkg.ErrorName: message"
+        found = [ln for ln in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b", ln)]
+        text = (found or lines)[-1].strip()
+        return text if len(text) <= 300 else text[:297] + "..."
+
+    return [b[0].rstrip(":") + (f": {raised(b[1:])}" if len(b) > 1 else "") for b in blocks]
 
 
 def _worker_failed(cfg, e: RuntimeError) -> int:
