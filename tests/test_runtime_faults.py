@@ -246,8 +246,10 @@ def test_sigkill_at_each_point_of_a_checkpoint_write(tmp_path, point):
     assert verify_checkpoint(root, 2)["step"] == expect
     for r in range(2):
         assert torch.equal(load_checkpoint(root, r, 2)["w"], _state(r, expect)["w"])
-    _save_both(root, 6)
-    assert sorted(os.listdir(root)) == ["latest.json", "step-6"] and _temporaries(root) == []
+    _save_both(root, 4)  # the killed save's step again: what it left in step-4 is removed too
+    assert sorted(os.listdir(root)) == ["latest.json", "step-4"] and _temporaries(root) == []
+    assert sorted(os.listdir(os.path.join(root, "step-4"))) == ["manifest.json", rank_file(0), rank_file(1)]
+    assert torch.equal(load_checkpoint(root, 1, 2)["w"], _state(1, 4)["w"])
 
 
 @pytest.fixture

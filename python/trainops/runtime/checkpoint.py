@@ -329,7 +329,10 @@ def save_checkpoint(root: str, global_step: int, rank: int, state: dict, barrier
                           json.dumps({"format": FORMAT, "step": global_step, "dir": name, "final": final,
                                       "world_size": world,
                                       "manifest_sha256": hashlib.sha256(manifest.encode()).hexdigest()}))
-        for old in os.listdir(root):  # older checkpoints, partial ones, temporaries of killed saves
+        # older checkpoints, partial ones, temporaries of killed saves (here or in a step
+        # directory a killed save of the same step left; every rank's own write is done)
+        leftovers = [os.path.join(name, f) for f in os.listdir(step_dir) if ".tmp" in f]
+        for old in os.listdir(root) + leftovers:
             path = os.path.join(root, old)
             if old != name and (_NAME.fullmatch(old) or ".tmp" in old):
                 if os.path.isdir(path) and not os.path.islink(path):
