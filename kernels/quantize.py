@@ -5,6 +5,8 @@ Per block of ``B`` elements (see :mod:`trainops.formats` for the code tables):
 
     scale = absmax / max_code,  y = min(|x| / scale, max_code),  code = round(y) on the grid
 
+(scale one ulp smaller where max_code * scale would overflow to Inf, so codes decode finite)
+
 with round-to-nearest (ties to the even code) or unbiased stochastic rounding from a
 counter-based hash (u_i = lowbias32(i xor key)). Error feedback (EF-SGD, Seide et al.
 2014; Karimireddy et al. 2019) fuses e ← e + g; q = Q(e); e ← e − deQ(q) in one pass.
@@ -122,6 +124,14 @@ def _fp8_value(c7):
 
 
 @triton.jit
+def _block_scale(absmax, MAX_CODE: tl.constexpr):
+    """absmax / max_code, one ulp smaller where max_code * that overflows fp32 (quant::block_scale)."""
+    s = absmax / MAX_CODE
+    top = s * MAX_CODE
+    return tl.where(top > 3.4028234663852886e38, (s.to(tl.int32, bitcast=True) - 1).to(tl.float32, bitcast=True), s)
+
+
+@triton.jit
 def _encode(v, a, scale_safe, u, FMT: tl.constexpr, MAX_CODE: tl.constexpr, STOCHASTIC: tl.constexpr):
     """Raw code (byte or nibble, int32) of v with |v| = a."""
     y = tl.minimum(a / scale_safe, MAX_CODE)
@@ -166,7 +176,7 @@ def _quantize_kernel(x_ptr, err_ptr, data_ptr, scale_ptr, n, n_blocks, key,
         v = v + tl.load(err_ptr + offs, mask=mask, other=0.0)
     a = tl.abs(v)
     bad = tl.max(tl.where(a <= 3.4028234663852886e38, 0, 1), axis=1)  # NaN fails the compare too
-    scale = tl.max(tl.where(a <= 3.4028234663852886e38, a, 0.0), axis=1) / MAX_CODE
+    scale = _block_scale(tl.max(tl.where(a <= 3.4028234663852886e38, a, 0.0), axis=1), MAX_CODE)
     finite = bad == 0
     ok = finite & (scale > 0.0)
     if STOCHASTIC:

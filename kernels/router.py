@@ -139,8 +139,10 @@ def _router_bwd_kernel(gw_ptr, gp_ptr, gz_ptr, x_ptr, i_ptr, mask_ptr, dx_ptr, T
             gdot += tl.load(gw_ptr + rows * K + j, mask=rmask, other=0.0) * g
         gsum = tl.where(rmask, gsum, 1.0)
         gdot = gdot / gsum
+    bad = tl.zeros((BT,), tl.int32)
     for j in tl.static_range(K):
         idx = tl.load(i_ptr + rows * K + j, mask=rmask, other=0)
+        bad = bad | ((idx < 0) | (idx >= E)).to(tl.int32)
         gwj = tl.load(gw_ptr + rows * K + j, mask=rmask, other=0.0)
         if RENORM:
             gwj = (gwj - gdot) / gsum
@@ -152,6 +154,10 @@ def _router_bwd_kernel(gw_ptr, gp_ptr, gz_ptr, x_ptr, i_ptr, mask_ptr, dx_ptr, T
     if WITH_Z:
         gz = tl.load(gz_ptr)
         dx += tl.where(valid, 2.0 * gz * lse, 0.0)[:, None] * sm
+    # Indices only meet column ids in compares (nothing is addressed by them); a row naming an
+    # expert outside [0, E) (a caller's bad input: the forward never makes one) gets a NaN
+    # gradient row, visible without a host sync, instead of a silently wrong one.
+    dx = tl.where(bad[:, None] != 0, float("nan"), dx)
     tl.store(dx_ptr + rows[:, None] * E + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=tile_mask)
 
 

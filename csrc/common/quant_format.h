@@ -5,7 +5,8 @@
 // kernels/quantize.py and the reference in trainops/reference/quantize.py implement
 // exactly the same arithmetic, so all three produce the same bytes.
 //
-// Per block: scale = absmax / max_code, y = |x| / scale clamped to max_code, then
+// Per block: scale = absmax / max_code (one ulp less where max_code * scale would overflow:
+// block_scale), y = |x| / scale clamped to max_code, then
 // y is rounded onto the format's magnitude grid (round to nearest, ties to the even
 // code) or, stochastically, to one of its two neighbours with probability
 // proportional to the distance (unbiased). The sign is kept apart; a zero magnitude
@@ -96,6 +97,16 @@ inline float bits_float(uint32_t b) {
   float v;
   std::memcpy(&v, &b, sizeof(v));
   return v;
+}
+
+// The block's scale: absmax / max_code, one ulp smaller when max_code * that rounds to +Inf
+// (absmax within a rounding of FLT_MAX), so every code decodes to a finite value. One ulp is
+// enough: s <= (absmax / max_code)(1 + 2^-24) and ulp(s) > s * 2^-24 give
+// (s - ulp(s)) * max_code < absmax <= FLT_MAX. Any other absmax keeps the plain quotient.
+inline float block_scale(float absmax, float max_code) {
+  const float s = absmax / max_code;
+  const float top = s * max_code;
+  return top > 3.40282346638528859812e+38f ? bits_float(float_bits(s) - 1u) : s;
 }
 
 // 2^e for e in the normal range, exactly.

@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../common/op_checks.h"
 #include "../common/quant_format.h"
 #include "quantize_fp4_avx2.h"
 
@@ -101,7 +102,7 @@ void quantize_kernel(const scalar_t* x, float* error, int64_t n, int64_t block_s
         }
       }
       const bool finite = absmax_bits < 0x7F800000u;
-      float scale = quant::bits_float(absmax_bits) / max_code;
+      float scale = quant::block_scale(quant::bits_float(absmax_bits), max_code);
       uint8_t* out = kFour ? data + start / 2 : data + start;
       const int64_t out_len = kFour ? (len + 1) / 2 : len;
       if (!finite || scale == 0.0f) {
@@ -203,7 +204,11 @@ void dequantize_kernel(const uint8_t* data, int64_t data_stride, const float* sc
     case Format::FP4_E2M1: { constexpr Format F = Format::FP4_E2M1; __VA_ARGS__(); break; } \
   }
 
+// numel up to 2^62: packed sizes and block counts stay far from int64 overflow.
+constexpr int64_t kMaxNumel = int64_t{1} << 62;
+
 void check_input(const at::Tensor& x, const char* name) {
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "trainops: '", name, "' must be a CPU tensor here, got ", x.device());
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
                        x.scalar_type() == at::kHalf,
                    "trainops: '", name, "' must be float32, bfloat16 or float16, got ", x.scalar_type());
@@ -222,6 +227,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& x, at::Tensor
   auto scales = at::empty({num_blocks(n, block_size)}, x.options().dtype(at::kFloat));
   float* err = nullptr;
   if (error != nullptr) {
+    checks::on_device(*error, x.device(), "quantize_error_feedback", "error");
     TORCH_CHECK_TYPE(error->scalar_type() == at::kFloat, "trainops: 'error' must be float32, got ",
                      error->scalar_type());
     TORCH_CHECK_VALUE(error->is_contiguous() && error->numel() == n,
@@ -257,6 +263,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_error_feedback_cpu(const at::Tensor&
 
 void check_packed(const at::Tensor& data, const at::Tensor& scales, Format f, int64_t n,
                   int64_t block_size, int64_t chunks) {
+  TORCH_CHECK_VALUE(data.device().is_cpu(), "trainops: 'data' must be a CPU tensor here, got ", data.device());
+  TORCH_CHECK_VALUE(scales.device() == data.device(), "trainops: 'scales' is on ", scales.device(), " but 'data' is on ",
+                    data.device());
   TORCH_CHECK_TYPE(data.scalar_type() == at::kByte, "trainops: 'data' must be uint8, got ", data.scalar_type());
   TORCH_CHECK_TYPE(scales.scalar_type() == at::kFloat, "trainops: 'scales' must be float32, got ",
                    scales.scalar_type());
@@ -272,7 +281,7 @@ at::Tensor dequantize_cpu(const at::Tensor& data, const at::Tensor& scales, c10:
                           int64_t block_size, int64_t numel, at::ScalarType dtype) {
   const Format f = parse_format(std::string(fmt));
   check_block_size(block_size);
-  TORCH_CHECK_VALUE(numel >= 0, "trainops: 'numel' must be >= 0, got ", numel);
+  TORCH_CHECK_VALUE(numel >= 0 && numel <= kMaxNumel, "trainops: 'numel' must be in [0, 2^62], got ", numel);
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
                    "trainops: 'dtype' must be float32, bfloat16 or float16, got ", dtype);
   check_packed(data, scales, f, numel, block_size, 1);
@@ -290,13 +299,21 @@ void dequantize_accumulate_cpu(at::Tensor out, const at::Tensor& data, const at:
                                c10::string_view fmt, int64_t block_size) {
   const Format f = parse_format(std::string(fmt));
   check_block_size(block_size);
+  TORCH_CHECK_VALUE(out.device().is_cpu(), "trainops: 'out' must be a CPU tensor here, got ", out.device());
   TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat, "trainops: 'out' must be float32, got ", out.scalar_type());
   TORCH_CHECK_VALUE(out.is_contiguous(), "trainops: 'out' must be contiguous");
   TORCH_CHECK_VALUE(data.dim() == 2 && scales.dim() == 2 && data.size(0) == scales.size(0),
-                    "trainops: 'data' and 'scales' must be 2-D [chunks, ...] with the same number of chunks");
+                    "trainops: 'data' and 'scales' must be 2-D [chunks, ...] with the same number of chunks, got ",
+                    data.sizes(), " and ", scales.sizes());
   const int64_t n = out.numel();
   const int64_t chunks = data.size(0);
+  TORCH_CHECK_VALUE(data.size(1) == packed_bytes(f, n) && scales.size(1) == num_blocks(n, block_size),
+                    "trainops: 'data' / 'scales' must be [chunks, ", packed_bytes(f, n), "] / [chunks, ",
+                    num_blocks(n, block_size), "] for ", n, " elements, got ", data.sizes(), " / ", scales.sizes());
   check_packed(data, scales, f, n, block_size, chunks);
+  // out + (a sum over no chunks) is out: left untouched (the kernel loads out into its
+  // accumulator at the first chunk; with none it would write zeros).
+  if (chunks == 0) return;
   TRAINOPS_DISPATCH_FORMAT(f, F, [&] {
     dequantize_kernel<F, true>(data.const_data_ptr<uint8_t>(), packed_bytes(f, n),
                                scales.const_data_ptr<float>(), num_blocks(n, block_size), chunks, n,

@@ -16,6 +16,7 @@
 #include <limits>
 #include <vector>
 
+#include "../common/op_checks.h"
 #include "../common/replay_common.h"
 
 namespace trainops {
@@ -40,6 +41,8 @@ std::vector<Field> collect_fields(const std::vector<at::Tensor>& storage, const 
   for (size_t f = 0; f < storage.size(); ++f) {
     const at::Tensor& s = storage[f];
     const at::Tensor& o = out[f];
+    checks::on_device(s, at::kCPU, "replay_sample", "storage");
+    checks::on_device(o, at::kCPU, "replay_sample", "out");
     TORCH_CHECK_VALUE(s.dim() >= 1 && s.size(0) == capacity && s.is_contiguous(), "trainops.replay_sample: storage[",
                       f, "] must be contiguous with ", capacity, " rows");
     TORCH_CHECK_VALUE(o.dim() == s.dim() && o.size(0) == rows && o.is_contiguous(), "trainops.replay_sample: out[", f,
@@ -100,14 +103,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> replay_sample_cpu(
   std::vector<bool> ragged;
   for (size_t f = 0; f < ragged_list.size(); ++f) ragged.push_back(ragged_list.get(f));
   TORCH_CHECK_VALUE(!storage.empty(), "trainops.replay_sample: 'storage' must hold at least one field");
+  checks::dim_at_least(storage[0], 1, "replay_sample", "storage[0]");
   const int64_t capacity = storage[0].size(0);
+  checks::replay_sample_scalars(capacity, size, n_fresh, n_replay, mode, replacement, beta);
   const int64_t rows = n_fresh + n_replay;
-  TORCH_CHECK_VALUE(size > 0 && size <= capacity, "trainops.replay_sample: 'size' must be in [1, ", capacity,
-                    "], got ", size, " (empty buffer?)");
-  TORCH_CHECK_VALUE(n_fresh >= 0 && n_replay >= 0, "trainops.replay_sample: n_fresh and n_replay must be >= 0");
-  TORCH_CHECK_VALUE(replacement || n_replay <= size, "trainops.replay_sample: cannot draw ", n_replay,
-                    " rows without replacement from ", size, " stored items");
-  TORCH_CHECK_VALUE(mode >= replay::kUniform && mode <= replay::kTable, "trainops.replay_sample: unknown mode ", mode);
   const std::vector<Field> fields = collect_fields(storage, out, ragged, capacity, rows);
 
   replay::WeightSource src{mode, nullptr, nullptr, nullptr, 0, now};
@@ -116,17 +115,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> replay_sample_cpu(
                       "trainops.replay_sample: mode 1 needs 'weights' and 'block_stats'");
     TORCH_CHECK_TYPE(weights->scalar_type() == at::kFloat && weights->is_contiguous() && weights->numel() == capacity,
                      "trainops.replay_sample: 'weights' must be contiguous float32 [capacity]");
+    checks::on_device(*weights, at::kCPU, "replay_sample", "weights");
+    checks::on_device(*block_stats, at::kCPU, "replay_sample", "block_stats");
     src.weights = weights->const_data_ptr<float>();
   }
   if (mode == replay::kRecency || mode == replay::kTable) {
     TORCH_CHECK_VALUE(slot_key.has_value() && slot_key->scalar_type() == at::kLong && slot_key->is_contiguous() &&
                           slot_key->numel() == capacity,
                       "trainops.replay_sample: modes 2 and 3 need 'slot_key' as contiguous int64 [capacity]");
+    checks::on_device(*slot_key, at::kCPU, "replay_sample", "slot_key");
     src.key = slot_key->const_data_ptr<int64_t>();
   }
   if (mode == replay::kTable) {
     TORCH_CHECK_VALUE(table.has_value() && table->scalar_type() == at::kDouble && table->is_contiguous(),
                       "trainops.replay_sample: mode 3 needs 'table' as contiguous float64");
+    checks::on_device(*table, at::kCPU, "replay_sample", "table");
     src.table = table->const_data_ptr<double>();
     src.table_size = table->numel();
   }
@@ -135,6 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> replay_sample_cpu(
     TORCH_CHECK_VALUE(lengths.has_value() && lengths->scalar_type() == at::kInt && lengths->is_contiguous() &&
                           lengths->numel() == capacity,
                       "trainops.replay_sample: ragged fields need 'lengths' as contiguous int32 [capacity]");
+    checks::on_device(*lengths, at::kCPU, "replay_sample", "lengths");
     len_ptr = lengths->const_data_ptr<int32_t>();
   }
 
@@ -163,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> replay_sample_cpu(
     TORCH_CHECK_VALUE(block_stats->scalar_type() == at::kDouble && block_stats->is_contiguous() &&
                           block_stats->dim() == 2 && block_stats->size(0) == 2 &&
                           block_stats->size(1) == (capacity + kBlock - 1) / kBlock,
-                      "trainops.replay_sample: 'block_stats' must be contiguous float64 [2, ceil(capacity / 64)]");
+                      "trainops.replay_sample: 'block_stats' must be contiguous float64 [2, ceil(capacity / 32)]");
     const double* bs = block_stats->const_data_ptr<double>();
     const int64_t stride = block_stats->size(1);
     std::copy(bs, bs + nb, bsum.begin());

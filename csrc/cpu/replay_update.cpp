@@ -11,6 +11,7 @@
 #include <limits>
 #include <vector>
 
+#include "../common/op_checks.h"
 #include "../common/replay_common.h"
 
 namespace trainops {
@@ -22,6 +23,7 @@ constexpr int64_t kFifo = 0;
 constexpr int64_t kReservoir = 1;
 
 void check_state(const at::Tensor& t, at::ScalarType dtype, int64_t capacity, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "trainops: '", name, "' must be a CPU tensor, got ", t.device());
   TORCH_CHECK_TYPE(t.scalar_type() == dtype, "trainops: '", name, "' must be ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.is_contiguous() && t.numel() == capacity, "trainops: '", name,
                     "' must be contiguous with capacity (", capacity, ") elements");
@@ -74,11 +76,16 @@ at::Tensor replay_insert_cpu(at::TensorList storage, at::TensorList batch, at::T
                              at::Tensor keys, int64_t mode, int64_t size, int64_t cursor, int64_t step, int64_t seed) {
   TORCH_CHECK_VALUE(!storage.empty() && storage.size() == batch.size(),
                     "trainops.replay_insert: 'storage' and 'batch' must list the same, non-empty set of fields");
-  TORCH_CHECK_VALUE(mode == kFifo || mode == kReservoir, "trainops.replay_insert: unknown mode ", mode);
+  checks::dim_at_least(storage[0], 1, "replay_insert", "storage[0]");
+  checks::dim_at_least(batch[0], 1, "replay_insert", "batch[0]");
   const int64_t capacity = storage[0].size(0);
   const int64_t n = batch[0].size(0);
-  TORCH_CHECK_VALUE(size >= 0 && size <= capacity && cursor >= size, "trainops.replay_insert: bad size/cursor");
+  checks::replay_insert_scalars(capacity, n, mode, size, cursor);
   for (size_t f = 0; f < storage.size(); ++f) {
+    checks::on_device(storage[f], at::kCPU, "replay_insert", "storage");
+    checks::on_device(batch[f], at::kCPU, "replay_insert", "batch");
+    checks::dim_at_least(storage[f], 1, "replay_insert", "storage");
+    checks::dim_at_least(batch[f], 1, "replay_insert", "batch");
     TORCH_CHECK_VALUE(storage[f].is_contiguous() && storage[f].size(0) == capacity && batch[f].is_contiguous() &&
                           batch[f].size(0) == n && batch[f].dim() == storage[f].dim(),
                       "trainops.replay_insert: field ", f, " must be contiguous [capacity, ...] / [n, ...]");
@@ -129,6 +136,7 @@ at::Tensor replay_update_priorities_cpu(at::Tensor priorities, at::Tensor weight
                                         const at::Tensor& values, const std::optional<at::Tensor>& expected,
                                         double alpha, double eps, int64_t size) {
   const int64_t capacity = priorities.numel();
+  checks::replay_update_scalars(capacity, size, indices.numel(), alpha, eps);
   check_state(priorities, at::kFloat, capacity, "priorities");
   check_state(weights, at::kFloat, capacity, "weights");
   check_state(winner, at::kInt, capacity, "winner");
@@ -137,6 +145,9 @@ at::Tensor replay_update_priorities_cpu(at::Tensor priorities, at::Tensor weight
   TORCH_CHECK_VALUE(block_stats.scalar_type() == at::kDouble && block_stats.is_contiguous() &&
                         block_stats.dim() == 2 && block_stats.size(0) == 2 && block_stats.size(1) == nbc,
                     "trainops.replay_update_priorities: 'block_stats' must be contiguous float64 [2, ", nbc, "]");
+  checks::on_device(block_stats, at::kCPU, "replay_update_priorities", "block_stats");
+  checks::on_device(indices, at::kCPU, "replay_update_priorities", "indices");
+  checks::on_device(values, at::kCPU, "replay_update_priorities", "values");
   TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong && values.scalar_type() == at::kFloat,
                    "trainops.replay_update_priorities: 'indices' must be int64 and 'values' float32");
   TORCH_CHECK_VALUE(indices.dim() == 1 && values.dim() == 1 && indices.numel() == values.numel() &&
@@ -145,6 +156,7 @@ at::Tensor replay_update_priorities_cpu(at::Tensor priorities, at::Tensor weight
   const int64_t n = indices.numel();
   const int64_t* exp = nullptr;
   if (expected.has_value()) {
+    checks::on_device(*expected, at::kCPU, "replay_update_priorities", "expected_generations");
     TORCH_CHECK_VALUE(expected->scalar_type() == at::kLong && expected->is_contiguous() && expected->numel() == n,
                       "trainops.replay_update_priorities: 'expected_generations' must be int64 like 'indices'");
     exp = expected->const_data_ptr<int64_t>();
@@ -159,7 +171,8 @@ at::Tensor replay_update_priorities_cpu(at::Tensor priorities, at::Tensor weight
   bool* app = applied.data_ptr<bool>();
 
   // Checked before anything is written, so a bad call leaves the buffer unchanged. (Indices
-  // outside [0, size) are not errors here: like stale entries they are ignored.)
+  // outside [0, size) are not errors here: like stale entries they are ignored, and reported as
+  // not applied. size <= capacity is checked above, so every slot written exists.)
   for (int64_t j = 0; j < n; ++j) {
     TORCH_CHECK_VALUE(val[j] >= 0.0f && val[j] <= std::numeric_limits<float>::max(),
                       "trainops.replay_update_priorities: priorities must be finite and >= 0, got ", val[j],

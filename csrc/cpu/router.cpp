@@ -21,6 +21,7 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include "../common/op_checks.h"
 #include "buffer_pool.h"
 #include "router_rows.h"
 #include "router_rows_avx2.h"
@@ -112,12 +113,14 @@ void load_row(const scalar_t* src, int64_t E, float* dst) {
 
 void check_common(const at::Tensor& logits, int64_t k, const std::string& score, const c10::optional<at::Tensor>& mask) {
   TORCH_CHECK_VALUE(logits.dim() == 2, "trainops: 'logits' must be 2-D [tokens, experts], got ", logits.dim(), "-D");
+  checks::on_device(logits, at::kCPU, "router_topk", "logits");
   TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16 ||
                        logits.scalar_type() == at::kHalf,
                    "trainops: 'logits' must be float32, bfloat16 or float16, got ", logits.scalar_type());
   TORCH_CHECK_VALUE(k >= 1 && k <= logits.size(1), "trainops: 'k' must be in [1, experts=", logits.size(1), "], got ", k);
   TORCH_CHECK_VALUE(score == "softmax" || score == "sigmoid", "trainops: 'score' must be softmax or sigmoid, got ", score);
   if (mask.has_value()) {
+    checks::on_device(*mask, at::kCPU, "router_topk", "mask");
     TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, "trainops: 'mask' must be bool, got ", mask->scalar_type());
     TORCH_CHECK_VALUE(mask->dim() == 1 && mask->size(0) == logits.size(0), "trainops: 'mask' must have shape [",
                       logits.size(0), "], got ", mask->sizes());
@@ -133,9 +136,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
   const int64_t T = logits.size(0), E = logits.size(1);
   at::Tensor bias;
   if (expert_bias.has_value()) {
+    checks::on_device(*expert_bias, at::kCPU, "router_topk", "expert_bias");
+    TORCH_CHECK_TYPE(at::isFloatingType(expert_bias->scalar_type()), "trainops: 'expert_bias' must be a float tensor, got ",
+                     expert_bias->scalar_type());
     TORCH_CHECK_VALUE(expert_bias->dim() == 1 && expert_bias->size(0) == E, "trainops: 'expert_bias' must have shape [",
                       E, "], got ", expert_bias->sizes());
     bias = expert_bias->to(at::kFloat).contiguous();
+    // Always checked (E values): a NaN bias would make every comparison of the top-k false and
+    // the selection meaningless; an infinite one pins or bans an expert for every token.
+    const float* bp = bias.const_data_ptr<float>();
+    for (int64_t e = 0; e < E; ++e) {
+      TORCH_CHECK_VALUE(std::isfinite(bp[e]), "trainops: 'expert_bias' must be finite, got ", bp[e], " at expert ", e);
+    }
   }
   const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
   auto f32 = logits.options().dtype(at::kFloat);
@@ -267,17 +279,35 @@ at::Tensor router_topk_backward_cpu(const at::Tensor& grad_weights_in, const at:
                                     const at::Tensor& indices_in, const c10::optional<at::Tensor>& mask_in,
                                     c10::string_view score_sv, bool renormalize, bool with_z) {
   const std::string score(score_sv);
+  const char* op = "router_topk_backward";
+  TORCH_CHECK_VALUE(logits_in.dim() == 2, "trainops: 'logits' must be 2-D [tokens, experts], got ", logits_in.dim(), "-D");
   TORCH_CHECK_VALUE(indices_in.dim() == 2 && indices_in.size(0) == logits_in.size(0),
-                    "trainops: 'indices' must be [tokens, k]");
+                    "trainops: 'indices' must be [tokens=", logits_in.size(0), ", k], got ", indices_in.sizes());
   const int64_t k = indices_in.size(1);
   check_common(logits_in, k, score, mask_in);
   const at::Tensor logits = logits_in.contiguous();
   const int64_t T = logits.size(0), E = logits.size(1);
-  TORCH_CHECK_VALUE(grad_weights_in.sizes() == indices_in.sizes(), "trainops: 'grad_weights' must be [tokens, k]");
-  TORCH_CHECK_VALUE(grad_prob_sum_in.numel() == E, "trainops: 'grad_prob_sum' must have ", E, " elements");
+  checks::on_device(indices_in, at::kCPU, op, "indices");
+  TORCH_CHECK_TYPE(indices_in.scalar_type() == at::kLong || indices_in.scalar_type() == at::kInt,
+                   "trainops: 'indices' must be int64 or int32, got ", indices_in.scalar_type());
+  auto check_grad = [&](const at::Tensor& t, const char* name) {
+    checks::on_device(t, at::kCPU, op, name);
+    TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "trainops: '", name, "' must be a float tensor, got ",
+                     t.scalar_type());
+  };
+  check_grad(grad_weights_in, "grad_weights");
+  check_grad(grad_prob_sum_in, "grad_prob_sum");
+  check_grad(grad_z_sum, "grad_z_sum");
+  TORCH_CHECK_VALUE(grad_weights_in.sizes() == indices_in.sizes(), "trainops: 'grad_weights' must be [tokens, k] like "
+                    "'indices' (", indices_in.sizes(), "), got ", grad_weights_in.sizes());
+  TORCH_CHECK_VALUE(grad_prob_sum_in.dim() == 1 && grad_prob_sum_in.numel() == E, "trainops: 'grad_prob_sum' must be [",
+                    E, "], got ", grad_prob_sum_in.sizes());
+  TORCH_CHECK_VALUE(grad_z_sum.numel() == 1, "trainops: 'grad_z_sum' must hold one value, got ", grad_z_sum.numel());
   const at::Tensor gw_t = grad_weights_in.to(at::kFloat).contiguous();
   const at::Tensor gp_t = grad_prob_sum_in.to(at::kFloat).contiguous();
   const at::Tensor idx_t = indices_in.to(at::kLong).contiguous();
+  // The kernels read and write row entries at these indices: range-checked first (T x k reads).
+  checks::indices_in_range(idx_t.const_data_ptr<int64_t>(), idx_t.numel(), E, op, "indices");
   const float gz = with_z ? grad_z_sum.to(at::kFloat).item<float>() : 0.0f;
   const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
   at::Tensor grad = pooled_empty({T, E}, logits.scalar_type());

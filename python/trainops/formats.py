@@ -1,7 +1,9 @@
 """Quantization formats: code tables and block-layout arithmetic shared by every layer.
 
 Per block of ``block_size`` elements of the flattened input:
-``scale = absmax / max_code``; ``y = min(|x| / scale, max_code)`` is rounded onto the
+``scale = absmax / max_code`` (in fp32; one ulp smaller in the one case where
+``max_code * scale`` would round to Inf, absmax within a rounding of FLT_MAX, so every code
+decodes to a finite value); ``y = min(|x| / scale, max_code)`` is rounded onto the
 format's magnitude grid (round to nearest, ties to the even code; or stochastically,
 unbiased) and the sign is stored apart (zero is always stored as +0).
 

@@ -10,6 +10,7 @@
 #include <initializer_list>
 #include <vector>
 
+#include "../../common/op_checks.h"
 #include "../../common/replay_common.h"
 #include "../replay.h"
 
@@ -42,12 +43,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> replay_sample_cuda(
                     TRAINOPS_REPLAY_MAX_FIELDS, " fields");
   const at::Device dev = storage[0].device();
   c10::cuda::CUDAGuard guard(dev);
+  checks::dim_at_least(storage[0], 1, "replay_sample", "storage[0]");
   const int64_t capacity = storage[0].size(0);
+  checks::replay_sample_scalars(capacity, size, n_fresh, n_replay, mode, replacement, beta);
   const int64_t rows = n_fresh + n_replay;
-  TORCH_CHECK_VALUE(size > 0 && size <= capacity, "trainops.replay_sample: 'size' must be in [1, capacity]");
   TORCH_CHECK_VALUE(size < (int64_t{1} << 31), "trainops.replay_sample: at most 2^31 - 1 stored items on CUDA");
-  TORCH_CHECK_VALUE(replacement || n_replay <= size, "trainops.replay_sample: n_replay exceeds the stored items");
-  TORCH_CHECK_VALUE(mode >= 0 && mode <= 3, "trainops.replay_sample: unknown mode ", mode);
+  TORCH_CHECK_VALUE(n_replay < (int64_t{1} << 31), "trainops.replay_sample: at most 2^31 - 1 draws on CUDA");
 
   TrainopsReplaySampleArgs a{};
   a.n_fields = static_cast<int32_t>(storage.size());
@@ -56,16 +57,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> replay_sample_cuda(
     const at::Tensor& o = out[f];
     check_on(s, dev, "storage");
     check_on(o, dev, "out");
-    TORCH_CHECK_VALUE(s.is_contiguous() && o.is_contiguous() && s.size(0) == capacity && o.size(0) == rows &&
-                          s.scalar_type() == o.scalar_type() && s.numel() / capacity == o.numel() / std::max<int64_t>(rows, 1),
+    TORCH_CHECK_VALUE(s.dim() >= 1 && o.dim() == s.dim() && s.is_contiguous() && o.is_contiguous() &&
+                          s.size(0) == capacity && o.size(0) == rows && s.scalar_type() == o.scalar_type() &&
+                          s.sizes().slice(1) == o.sizes().slice(1),
                       "trainops.replay_sample: storage[", f, "] / out[", f, "] shapes or dtypes do not match");
+    TORCH_CHECK_VALUE(!ragged.get(f) || s.dim() == 2, "trainops.replay_sample: ragged field ", f,
+                      " must be [capacity, L]");
     a.fields[f].src = s.const_data_ptr();
     a.fields[f].dst = o.data_ptr();
     a.fields[f].elem_bytes = s.element_size();
     a.fields[f].row_bytes = (s.numel() / capacity) * s.element_size();
     a.fields[f].ragged = ragged.get(f) ? 1 : 0;
     if (ragged.get(f)) {
-      TORCH_CHECK_VALUE(lengths.has_value() && lengths->scalar_type() == at::kInt && lengths->numel() == capacity,
+      TORCH_CHECK_VALUE(lengths.has_value() && lengths->scalar_type() == at::kInt && lengths->numel() == capacity &&
+                            lengths->is_contiguous(),
                         "trainops.replay_sample: ragged fields need int32 'lengths' [capacity]");
       check_on(*lengths, dev, "lengths");
       a.lengths = lengths->const_data_ptr<int32_t>();
@@ -75,8 +80,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> replay_sample_cuda(
   if (mode == 1) {
     TORCH_CHECK_VALUE(weights.has_value() && block_stats.has_value() && weights->scalar_type() == at::kFloat &&
                           block_stats->scalar_type() == at::kDouble && weights->numel() == capacity &&
-                          block_stats->dim() == 2 && block_stats->size(1) == (capacity + kBlock - 1) / kBlock &&
-                          block_stats->is_contiguous(),
+                          weights->is_contiguous() && block_stats->dim() == 2 && block_stats->size(0) == 2 &&
+                          block_stats->size(1) == (capacity + kBlock - 1) / kBlock && block_stats->is_contiguous(),
                       "trainops.replay_sample: mode 1 needs float32 weights and float64 block_stats");
     check_on(*weights, dev, "weights");
     check_on(*block_stats, dev, "block_stats");
@@ -128,8 +133,11 @@ at::Tensor replay_insert_cuda(at::TensorList storage, at::TensorList batch, at::
                     "trainops.replay_insert: storage and batch must list the same fields (at most 16)");
   const at::Device dev = storage[0].device();
   c10::cuda::CUDAGuard guard(dev);
+  checks::dim_at_least(storage[0], 1, "replay_insert", "storage[0]");
+  checks::dim_at_least(batch[0], 1, "replay_insert", "batch[0]");
   const int64_t capacity = storage[0].size(0);
   const int64_t n = batch[0].size(0);
+  checks::replay_insert_scalars(capacity, n, mode, size, cursor);
   TORCH_CHECK_VALUE(capacity < (int64_t{1} << 31) && n < (int64_t{1} << 31),
                     "trainops.replay_insert: capacity and batch must be below 2^31 on CUDA");
   TrainopsReplayInsertArgs a{};
@@ -137,9 +145,10 @@ at::Tensor replay_insert_cuda(at::TensorList storage, at::TensorList batch, at::
   for (size_t f = 0; f < storage.size(); ++f) {
     check_on(storage[f], dev, "storage");
     check_on(batch[f], dev, "batch");
-    TORCH_CHECK_VALUE(storage[f].is_contiguous() && batch[f].is_contiguous() && batch[f].size(0) == n &&
+    TORCH_CHECK_VALUE(storage[f].dim() >= 1 && batch[f].dim() == storage[f].dim() && storage[f].is_contiguous() &&
+                          batch[f].is_contiguous() && storage[f].size(0) == capacity && batch[f].size(0) == n &&
                           storage[f].scalar_type() == batch[f].scalar_type() &&
-                          storage[f].numel() / capacity == batch[f].numel() / std::max<int64_t>(n, 1),
+                          storage[f].sizes().slice(1) == batch[f].sizes().slice(1),
                       "trainops.replay_insert: field ", f, " does not match the storage");
     a.fields[f].src = batch[f].const_data_ptr();
     a.fields[f].dst = storage[f].data_ptr();
@@ -150,9 +159,9 @@ at::Tensor replay_insert_cuda(at::TensorList storage, at::TensorList batch, at::
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&generations, &stamps, &keys}) check_on(*t, dev, "state");
   TORCH_CHECK_VALUE(generations.scalar_type() == at::kLong && stamps.scalar_type() == at::kLong &&
                         keys.scalar_type() == at::kDouble && generations.numel() == capacity &&
-                        stamps.numel() == capacity && keys.numel() == capacity,
+                        stamps.numel() == capacity && keys.numel() == capacity && generations.is_contiguous() &&
+                        stamps.is_contiguous() && keys.is_contiguous(),
                     "trainops.replay_insert: generations/stamps int64 and keys float64, [capacity] each");
-  TORCH_CHECK_VALUE(mode == 0 || mode == 1, "trainops.replay_insert: unknown mode ", mode);
   at::Tensor slots = at::empty({n}, generations.options());
   a.generations = generations.data_ptr<int64_t>();
   a.stamps = stamps.data_ptr<int64_t>();
@@ -178,6 +187,7 @@ at::Tensor replay_update_priorities_cuda(at::Tensor priorities, at::Tensor weigh
   const at::Device dev = priorities.device();
   c10::cuda::CUDAGuard guard(dev);
   const int64_t capacity = priorities.numel();
+  checks::replay_update_scalars(capacity, size, indices.numel(), alpha, eps);
   for (const at::Tensor* t :
        std::initializer_list<const at::Tensor*>{&weights, &block_stats, &winner, &generations, &indices, &values}) {
     check_on(*t, dev, "replay_update_priorities argument");
@@ -188,11 +198,16 @@ at::Tensor replay_update_priorities_cuda(at::Tensor priorities, at::Tensor weigh
                         values.scalar_type() == at::kFloat,
                     "trainops.replay_update_priorities: wrong dtypes");
   TORCH_CHECK_VALUE(weights.numel() == capacity && winner.numel() == capacity && generations.numel() == capacity &&
-                        block_stats.dim() == 2 && block_stats.size(1) == (capacity + kBlock - 1) / kBlock &&
-                        indices.numel() == values.numel() && indices.is_contiguous() && values.is_contiguous(),
-                    "trainops.replay_update_priorities: wrong shapes");
+                        block_stats.dim() == 2 && block_stats.size(0) == 2 &&
+                        block_stats.size(1) == (capacity + kBlock - 1) / kBlock && indices.numel() == values.numel() &&
+                        priorities.is_contiguous() && weights.is_contiguous() && winner.is_contiguous() &&
+                        generations.is_contiguous() && block_stats.is_contiguous() && indices.is_contiguous() &&
+                        values.is_contiguous(),
+                    "trainops.replay_update_priorities: wrong shapes (contiguous [capacity] state, block_stats [2, ",
+                    (capacity + kBlock - 1) / kBlock, "], indices and values of one length)");
+  // Index values are not read on the host (a sync): the kernels ignore entries outside [0, size)
+  // (reported as not applied), and size <= capacity (checked above) keeps every write in bounds.
   const int64_t n = indices.numel();
-  TORCH_CHECK_VALUE(n < (int64_t{1} << 31), "trainops.replay_update_priorities: at most 2^31 - 1 entries");
   at::Tensor applied = at::empty({n}, indices.options().dtype(at::kBool));
   TrainopsReplayUpdateArgs a{};
   a.priorities = priorities.data_ptr<float>();

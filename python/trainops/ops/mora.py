@@ -121,6 +121,67 @@ def _bwd_aten(dy, x, A_f, B_f, A, B, p, idx, rho, top_k, temperature, threshold,
     return dx, dA, dB
 
 
+# --- checks of the registered ops' arguments ------------------------------------------------
+# torch.ops.trainops.mora_fwd / mora_bwd can be called directly, bypassing mora(): every
+# implementation (ATen on CPU, Triton on CUDA, the fakes) runs these first.
+
+def _check_op_scalars(top_k, temperature, threshold, scaling, dropout_p):
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, torch.SymInt)) or top_k < 1:
+        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+    _check_number(temperature, "temperature", positive=True)
+    _check_number(threshold, "threshold")
+    _check_number(scaling, "scaling", finite=True)
+    _check_number(dropout_p, "dropout_p", unit=True)
+
+
+def _check_op_banks(x, A_f, B_f, A, B):
+    """x [T, D]; A_f [F, D], B_f [N, F]; A [Rt, D], B [N, Rt]; one device; F + Rt >= 1.
+    Returns (T, R)."""
+    act = _ACT_DTYPES + ((torch.float64,) if isinstance(x, torch.Tensor) and x.device.type != "cuda" else ())
+    _check_tensor(x, "x", act)
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [tokens, in_features], got shape {tuple(x.shape)}")
+    _check_tensor(A, "A", (torch.float32, x.dtype), x.device)
+    for name, t in (("A_f", A_f), ("B_f", B_f), ("B", B)):
+        _check_tensor(t, name, (A.dtype,), x.device)
+    T, D = x.shape
+    F, Rt, N = A_f.shape[0] if A_f.dim() else 0, A.shape[0] if A.dim() else 0, B.shape[0] if B.dim() else 0
+    for name, t, shape in (("A_f", A_f, (F, D)), ("B_f", B_f, (N, F)), ("A", A, (Rt, D)), ("B", B, (N, Rt))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {list(shape)}, got {tuple(t.shape)}")
+    if F + Rt == 0:
+        raise ValueError("A_f and A have no ranks")
+    return T, F + Rt
+
+
+def _check_op_args(x, A_f, B_f, A, B, top_k, temperature, threshold, scaling, dropout_p):
+    _check_op_scalars(top_k, temperature, threshold, scaling, dropout_p)
+    return _check_op_banks(x, A_f, B_f, A, B)
+
+
+def _check_bwd_args(dy, x, A_f, B_f, A, B, p, idx, rho, top_k, temperature, threshold, scaling, dropout_p,
+                    check_values=True):
+    T, R = _check_op_args(x, A_f, B_f, A, B, top_k, temperature, threshold, scaling, dropout_p)
+    ct = _compute_dtype(x)
+    _check_tensor(dy, "dy", _ACT_DTYPES + (torch.float64,), x.device)
+    if tuple(dy.shape) != (T, B.shape[0]):
+        raise ValueError(f"dy must have shape [{T}, {B.shape[0]}], got {tuple(dy.shape)}")
+    _check_tensor(p, "p", (ct,), x.device)
+    _check_tensor(rho, "rho", (ct,), x.device)
+    _check_tensor(idx, "idx", (torch.int64,), x.device)
+    k = num_selected(top_k, R)
+    for name, t, shape in (("p", p, (T, R)), ("idx", idx, (T, k)), ("rho", rho, (T,))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {list(shape)}, got {tuple(t.shape)}")
+    # idx addresses columns of p on the CPU path (gather / scatter): range-checked there. The
+    # Triton backward rebuilds the top-k set by comparing column ids with idx (no memory is
+    # addressed by an index value), so an out-of-range entry on CUDA selects no rank; it is not
+    # checked there, which would need a host sync.
+    if check_values and x.device.type == "cpu" and idx.numel() and not bool(((idx >= 0) & (idx < R)).all()):
+        raise IndexError(f"idx must hold rank indices in [0, {R}), got values in "
+                         f"[{int(idx.min())}, {int(idx.max())}]")
+
+
 # --- registered ops -------------------------------------------------------------------------
 
 @torch.library.custom_op("trainops::mora_fwd", mutates_args=())
@@ -128,6 +189,7 @@ def mora_fwd(x: torch.Tensor, A_f: torch.Tensor, B_f: torch.Tensor, A: torch.Ten
              top_k: int, temperature: float, threshold: float, training: bool, scaling: float,
              dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """MoRA forward on x [T, D]: (delta [T, N], p [T, R], top-k indices [T, k] int64, ρ [T])."""
+    _check_op_args(x, A_f, B_f, A, B, top_k, temperature, threshold, scaling, dropout_p)
     return _fwd_aten(x, A_f, B_f, A, B, top_k, temperature, threshold, training, scaling, dropout_p, seed)
 
 
@@ -138,6 +200,7 @@ def mora_bwd(dy: torch.Tensor, x: torch.Tensor, A_f: torch.Tensor, B_f: torch.Te
              seed: int, need_dx: bool, need_dA: bool, need_dB: bool
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MoRA backward: (dx, dA, dB) for the trainable ranks; empty tensors where not needed."""
+    _check_bwd_args(dy, x, A_f, B_f, A, B, p, idx, rho, top_k, temperature, threshold, scaling, dropout_p)
     dx, dA, dB = _bwd_aten(dy, x, A_f, B_f, A, B, p, idx, rho, top_k, temperature, threshold, training,
                            scaling, dropout_p, seed, need_dx, need_dA, need_dB)
     return _or_empty(dx, x), _or_empty(dA, A), _or_empty(dB, B)
@@ -149,8 +212,7 @@ def _or_empty(t, like):
 
 @mora_fwd.register_fake
 def _(x, A_f, B_f, A, B, top_k, temperature, threshold, training, scaling, dropout_p, seed):
-    T = x.shape[0]
-    R = A_f.shape[0] + A.shape[0]
+    T, R = _check_op_args(x, A_f, B_f, A, B, top_k, temperature, threshold, scaling, dropout_p)
     ct = _compute_dtype(x)
     k = num_selected(top_k, R)
     return (x.new_empty(T, B.shape[0]), x.new_empty(T, R, dtype=ct), x.new_empty(T, k, dtype=torch.int64),
@@ -160,6 +222,8 @@ def _(x, A_f, B_f, A, B, top_k, temperature, threshold, training, scaling, dropo
 @mora_bwd.register_fake
 def _(dy, x, A_f, B_f, A, B, p, idx, rho, top_k, temperature, threshold, training, scaling, dropout_p, seed,
       need_dx, need_dA, need_dB):
+    _check_bwd_args(dy, x, A_f, B_f, A, B, p, idx, rho, top_k, temperature, threshold, scaling, dropout_p,
+                    check_values=False)  # a fake has no values
     return (torch.empty_like(x) if need_dx else x.new_empty(0),
             torch.empty_like(A) if need_dA else A.new_empty(0),
             torch.empty_like(B) if need_dB else B.new_empty(0))
@@ -188,6 +252,7 @@ if HAS_TRITON:
     def _(x, A_f, B_f, A, B, top_k, temperature, threshold, training, scaling, dropout_p, seed):
         from trainops.kernels import mora as km
 
+        _check_op_args(x, A_f, B_f, A, B, top_k, temperature, threshold, scaling, dropout_p)
         return km.mora_forward(x, A_f, B_f, A, B, top_k, temperature, threshold, training, scaling,
                                dropout_p, seed)
 
@@ -196,6 +261,7 @@ if HAS_TRITON:
           seed, need_dx, need_dA, need_dB):
         from trainops.kernels import mora as km
 
+        _check_bwd_args(dy, x, A_f, B_f, A, B, p, idx, rho, top_k, temperature, threshold, scaling, dropout_p)
         dx, dA, dB = km.mora_backward(dy, x, A_f, B_f, A, B, p, idx, rho, top_k, temperature, threshold,
                                       training, scaling, dropout_p, seed, need_dx, need_dA, need_dB)
         return _or_empty(dx, x), _or_empty(dA, A), _or_empty(dB, B)
@@ -213,12 +279,14 @@ def _check_tensor(t, name, dtypes, device=None):
         raise ValueError(f"{name} is on {t.device} but x is on {device}")
 
 
-def _check_number(v, name, *, positive=False, unit=False):
+def _check_number(v, name, *, positive=False, unit=False, finite=False):
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(v).__name__}")
     v = float(v)
     if math.isnan(v):
         raise ValueError(f"{name} is NaN")
+    if finite and not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
     if positive and not (v > 0.0 and math.isfinite(v)):
         raise ValueError(f"{name} must be a finite number > 0, got {v}")
     if unit and not 0.0 <= v < 1.0:
@@ -255,7 +323,7 @@ def _validate(x, A, B, frozen_A, frozen_B, top_k, temperature, threshold, scalin
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     temperature = _check_number(temperature, "temperature", positive=True)
     threshold = _check_number(threshold, "threshold")
-    scaling = _check_number(scaling, "scaling")
+    scaling = _check_number(scaling, "scaling", finite=True)
     dropout_p = _check_number(dropout_p, "dropout_p", unit=True)
     if check_nan:
         for name, t in (("x", x), ("A", A), ("B", B), ("frozen_A", frozen_A), ("frozen_B", frozen_B)):

@@ -7,6 +7,7 @@ rounding with the same seed.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,8 @@ from trainops.formats import (
     num_blocks,
     packed_bytes,
 )
+
+_FLT_MAX = torch.finfo(torch.float32).max
 
 __all__ = ["QuantizedTensor", "quantize", "dequantize", "dequantize_accumulate", "quantize_error_feedback"]
 
@@ -107,6 +110,25 @@ def quantize(
     return QuantizedTensor(data, scales, f.name, block_size, x.shape, x.dtype)
 
 
+def _check_error_feedback_finite(x: torch.Tensor, error: torch.Tensor) -> None:
+    """nan_policy="raise" for error feedback: x, the residual and their sum x + error must be
+    finite, checked before the kernel so a bad step leaves the residual untouched.
+
+    One host read of two maxima; the exact elementwise sum is formed only when the maxima show
+    that it could overflow (|x_i| + |e_i| <= max|x| + max|e| <= FLT_MAX cannot round to Inf).
+    """
+    amax = torch.stack([x.detach().abs().amax().float(), error.detach().abs().amax()]).tolist()
+    if not math.isfinite(amax[0]):
+        # Checked before the kernel so a bad gradient leaves the residual untouched.
+        raise ValueError("x contains NaN or Inf; pass nan_policy='propagate' to let such blocks decode to NaN")
+    if not math.isfinite(amax[1]):
+        raise ValueError("error (the error-feedback residual) contains NaN or Inf; reset it (error.zero_()) or pass "
+                         "nan_policy='propagate'")
+    if amax[0] + amax[1] > _FLT_MAX and not bool(torch.isfinite(x.float() + error.view(x.shape)).all()):
+        raise ValueError("x + error overflows float32 (Inf) in some element; pass nan_policy='propagate' to let "
+                         "such blocks decode to NaN")
+
+
 def quantize_error_feedback(
     x: torch.Tensor,
     error: torch.Tensor,
@@ -120,8 +142,9 @@ def quantize_error_feedback(
     """Fused error feedback in one pass: e ← e + x; q = Q(e); e ← e − deQ(q); returns q.
 
     ``error`` is an fp32 buffer with as many elements as ``x`` (contiguous), updated in
-    place. With ``nan_policy="raise"`` a non-finite ``x`` raises before anything is
-    changed; with ``"propagate"`` its blocks decode to NaN and keep their residual.
+    place. With ``nan_policy="raise"`` NaN/Inf in ``x`` or in ``error``, or an ``x + error``
+    that overflows, raises ValueError before anything is changed; with ``"propagate"`` the
+    affected blocks decode to NaN and keep their residual.
     """
     f = _check_quantize_args(x, fmt, block_size, nan_policy)
     if not isinstance(error, torch.Tensor):
@@ -133,9 +156,8 @@ def quantize_error_feedback(
     if error.device != x.device:
         raise ValueError(f"error is on {error.device} but x is on {x.device}")
     _extension.require("quantize_error_feedback")
-    if nan_policy == "raise" and not torch.isfinite(x).all():
-        # Checked before the kernel so a bad gradient leaves the residual untouched.
-        raise ValueError("x contains NaN or Inf; pass nan_policy='propagate' to let such blocks decode to NaN")
+    if nan_policy == "raise":
+        _check_error_feedback_finite(x, error)
     seed = resolve_seed(stochastic, seed)
     data, scales = torch.ops.trainops.quantize_error_feedback(
         x.reshape(-1).contiguous(), error.view(-1), f.name, block_size, bool(stochastic), seed
@@ -150,6 +172,7 @@ def dequantize(q: QuantizedTensor, *, dtype: torch.dtype | None = None) -> torch
     dtype = q.dtype if dtype is None else dtype
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    _check_packed_op(q.data, q.scales, q.fmt, q.block_size, q.numel)
     _extension.require("dequantize")
     flat = torch.ops.trainops.dequantize(q.data, q.scales, q.fmt, q.block_size, q.numel, dtype)
     return flat.view(q.shape)
@@ -160,7 +183,8 @@ def dequantize_accumulate(out: torch.Tensor, data: torch.Tensor, scales: torch.T
     """out ← out + Σ_c deQ(data[c], scales[c]) in fp32, chunks added in order (deterministic).
 
     ``out``: contiguous fp32 with n elements; ``data``: uint8 [C, bytes(n)];
-    ``scales``: fp32 [C, ceil(n / block_size)]. Returns ``out``.
+    ``scales``: fp32 [C, ceil(n / block_size)]. Returns ``out``. With C = 0 chunks the sum is
+    empty and ``out`` is returned unchanged (on every backend).
     """
     if not isinstance(out, torch.Tensor) or out.dtype != torch.float32:
         raise TypeError(f"out must be a float32 tensor, got {getattr(out, 'dtype', type(out).__name__)}")
@@ -187,27 +211,91 @@ def dequantize_accumulate(out: torch.Tensor, data: torch.Tensor, scales: torch.T
     return out
 
 
+# --- checks of the registered ops' arguments -----------------------------------------------------
+# The raw ops (torch.ops.trainops.*) can be called directly. The C++ CPU kernels check their
+# arguments themselves (csrc/cpu/quantize.cpp); these are the same checks for the other
+# implementations of the schemas: the fakes (meta / torch.compile) and the Triton kernels on CUDA.
+
+_MAX_NUMEL = 2**62
+
+
+def _check_flat_input_op(x, fmt, block_size, error=None):
+    _check_float_tensor(x, "x")
+    get_format(fmt)
+    check_block_size(block_size)
+    if x.dim() != 1 or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous 1-D tensor (the wrappers flatten it), got shape {tuple(x.shape)}")
+    if error is not None:
+        if error.device != x.device:
+            raise ValueError(f"error is on {error.device} but x is on {x.device}")
+        if error.dtype != torch.float32:
+            raise TypeError(f"error must be float32, got {error.dtype}")
+        if not error.is_contiguous() or error.numel() != x.numel():
+            raise ValueError(f"error must be contiguous with as many elements as x ({x.numel()}), got {error.numel()}")
+
+
+def _check_packed_op(data, scales, fmt, block_size, numel, chunks=None, out=None):
+    """data uint8 / scales fp32 of ``chunks`` chunks (None: one, flat) of ``numel`` elements."""
+    f = get_format(fmt)
+    check_block_size(block_size)
+    for name, t in (("data", data), ("scales", scales)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if data.dtype != torch.uint8:
+        raise TypeError(f"data must be uint8, got {data.dtype}")
+    if scales.dtype != torch.float32:
+        raise TypeError(f"scales must be float32, got {scales.dtype}")
+    ref_name, device = ("data", data.device) if out is None else ("out", out.device)
+    for name, t in (("data", data), ("scales", scales)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {device}")
+    if isinstance(numel, bool) or not isinstance(numel, (int, torch.SymInt)) or not 0 <= numel <= _MAX_NUMEL:
+        raise ValueError(f"numel must be an int in [0, 2^62], got {numel!r}")
+    nbytes, nb = packed_bytes(f, numel), num_blocks(numel, block_size)
+    if chunks is None:
+        if data.numel() != nbytes or scales.numel() != nb:
+            raise ValueError(f"data / scales hold {data.numel()} / {scales.numel()} values; expected {nbytes} / {nb} "
+                             f"for {numel} elements")
+    elif data.shape != (chunks, nbytes) or scales.shape != (chunks, nb):
+        raise ValueError(f"data / scales must have shapes [{chunks}, {nbytes}] / [{chunks}, {nb}] for {numel} "
+                         f"elements, got {tuple(data.shape)} / {tuple(scales.shape)}")
+
+
+def _check_accumulate_op(out, data, scales, fmt, block_size):
+    if not isinstance(out, torch.Tensor) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise TypeError(f"out must be a contiguous float32 tensor, got {getattr(out, 'dtype', type(out).__name__)}")
+    if not isinstance(data, torch.Tensor) or data.dim() != 2:
+        raise ValueError("data must be 2-D [chunks, bytes]")
+    _check_packed_op(data, scales, fmt, block_size, out.numel(), chunks=data.shape[0], out=out)
+
+
 # --- registration: fake tensors (torch.compile, meta) and the Triton kernels on CUDA ------------
 
 def _register() -> None:
     @torch.library.register_fake("trainops::quantize")
     def _(x, fmt, block_size, stochastic, seed):
+        _check_flat_input_op(x, fmt, block_size)
         n = x.numel()
         return (x.new_empty(packed_bytes(fmt, n), dtype=torch.uint8),
                 x.new_empty(num_blocks(n, block_size), dtype=torch.float32))
 
     @torch.library.register_fake("trainops::quantize_error_feedback")
     def _(x, error, fmt, block_size, stochastic, seed):
+        _check_flat_input_op(x, fmt, block_size, error)
         n = x.numel()
         return (x.new_empty(packed_bytes(fmt, n), dtype=torch.uint8),
                 x.new_empty(num_blocks(n, block_size), dtype=torch.float32))
 
     @torch.library.register_fake("trainops::dequantize")
     def _(data, scales, fmt, block_size, numel, dtype):
+        _check_packed_op(data, scales, fmt, block_size, numel)
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
         return data.new_empty(numel, dtype=dtype)
 
     @torch.library.register_fake("trainops::dequantize_accumulate")
     def _(out, data, scales, fmt, block_size):
+        _check_accumulate_op(out, data, scales, fmt, block_size)
         return None
 
     if HAS_TRITON:
@@ -217,16 +305,23 @@ def _register() -> None:
         _register.lib = lib  # keep the registrations alive
 
         def quantize_cuda(x, fmt, block_size, stochastic, seed):
+            _check_flat_input_op(x, fmt, block_size)
             return triton_quantize.quantize(x, fmt, block_size, stochastic, seed)
 
         def quantize_error_feedback_cuda(x, error, fmt, block_size, stochastic, seed):
+            _check_flat_input_op(x, fmt, block_size, error)
             return triton_quantize.quantize(x, fmt, block_size, stochastic, seed, error=error)
 
         def dequantize_cuda(data, scales, fmt, block_size, numel, dtype):
-            return triton_quantize.dequantize(data, scales, fmt, block_size, numel, dtype=dtype)
+            _check_packed_op(data, scales, fmt, block_size, numel)
+            if dtype not in FLOAT_DTYPES:
+                raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+            return triton_quantize.dequantize(data.contiguous(), scales.contiguous(), fmt, block_size, numel,
+                                              dtype=dtype)
 
         def dequantize_accumulate_cuda(out, data, scales, fmt, block_size):
-            triton_quantize.dequantize(data, scales, fmt, block_size, out.numel(), out=out)
+            _check_accumulate_op(out, data, scales, fmt, block_size)
+            triton_quantize.dequantize(data.contiguous(), scales.contiguous(), fmt, block_size, out.numel(), out=out)
 
         lib.impl("quantize", quantize_cuda, "CUDA")
         lib.impl("quantize_error_feedback", quantize_error_feedback_cuda, "CUDA")

@@ -8,6 +8,7 @@ user-facing API.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -153,7 +154,7 @@ def replay_insert(storage: Sequence[torch.Tensor], batch: Sequence[torch.Tensor]
     _check_tensor(generations, "generations", torch.int64, device, cap)
     _check_tensor(stamps, "stamps", torch.int64, device, cap)
     _check_tensor(keys, "keys", torch.float64, device, cap)
-    check_int("size", size, 0)
+    check_int("size", size, 0, cap)
     check_int("cursor", cursor, size)
     _require("replay_insert", device)
     return torch.ops.trainops.replay_insert(list(storage), [b.contiguous() for b in batch], generations, stamps,
@@ -190,8 +191,16 @@ def replay_update_priorities(priorities: torch.Tensor, weights: torch.Tensor, bl
     if values.numel() != indices.numel():
         raise ValueError(f"priorities has {values.numel()} values for {indices.numel()} indices")
     if expected_generations is not None:
-        _check_tensor(expected_generations, "generation", torch.int64, device, indices.numel())
+        _check_tensor(expected_generations, "expected_generations", torch.int64, device, indices.numel())
         expected_generations = expected_generations.reshape(-1).contiguous()
+    # Slots >= size are empty and slots >= capacity do not exist: size <= capacity bounds every
+    # write (indices outside [0, size) are ignored, reported as not applied).
+    check_int("size", size, 0, cap)
+    alpha, eps = float(alpha), float(eps)
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be finite, got {alpha}")
+    if not (math.isfinite(eps) and eps >= 0.0):
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
     # The CPU kernel checks values and indices itself before writing; on CUDA that would need a
     # host sync inside the op, so the check (one host read) happens here.
     if validate and device.type != "cpu" and values.numel() and not bool(((values >= 0) & (values < float("inf"))).all()):
@@ -208,9 +217,18 @@ def replay_update_priorities(priorities: torch.Tensor, weights: torch.Tensor, bl
 
 
 def _register() -> None:
+    # The fakes check the scalar arguments as the kernels do (csrc/common/op_checks.h), so a
+    # traced or meta call fails like an eager one.
     @torch.library.register_fake("trainops::replay_sample")
     def _(storage, out, lengths, ragged, weights, block_stats, slot_key, table, weight_mode, size, n_fresh, n_replay,
           now, beta, batch_max, replacement, seed, offset):
+        cap, _ = _check_storage(storage)
+        check_int("size", size, 1, cap)
+        check_int("n_fresh", n_fresh, 0)
+        check_int("n_replay", n_replay, 0, None if replacement else size)
+        check_int("weight_mode", weight_mode, 0, 3)
+        if not (math.isfinite(beta) and beta >= 0.0):
+            raise ValueError(f"beta must be finite and >= 0, got {beta}")
         rows = n_fresh + n_replay
         s = storage[0]
         return (s.new_empty(rows, dtype=torch.int64), s.new_empty(rows, dtype=torch.float32),
@@ -218,10 +236,15 @@ def _register() -> None:
 
     @torch.library.register_fake("trainops::replay_insert")
     def _(storage, batch, generations, stamps, keys, eviction, size, cursor, step, seed):
+        cap, _ = _check_storage(storage)
+        check_int("eviction", eviction, 0, 1)
+        check_int("size", size, 0, cap)
+        check_int("cursor", cursor, size)
         return generations.new_empty(batch[0].shape[0])
 
     @torch.library.register_fake("trainops::replay_update_priorities")
     def _(priorities, weights, block_stats, winner, generations, indices, values, expected, alpha, eps, size):
+        check_int("size", size, 0, priorities.numel())
         return indices.new_empty(indices.shape[0], dtype=torch.bool)
 
 

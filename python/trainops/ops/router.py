@@ -24,7 +24,7 @@ _SCORES = ("softmax", "sigmoid")
 _FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _check(logits, k, score, expert_bias, mask):
+def _check(logits, k, score, expert_bias, mask, allow_empty=False):
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dtype not in _FLOAT:
@@ -34,9 +34,9 @@ def _check(logits, k, score, expert_bias, mask):
     if logits.device.type not in ("cpu", "cuda"):
         raise ValueError(f"logits must be on a CPU or CUDA device, got {logits.device}")
     T, E = logits.shape
-    if T == 0 or E == 0:
+    if E == 0 or (T == 0 and not allow_empty):
         raise ValueError(f"logits is empty (shape {tuple(logits.shape)}): nothing to route")
-    if isinstance(k, bool) or not isinstance(k, int):
+    if isinstance(k, bool) or not isinstance(k, (int, torch.SymInt)):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if not 1 <= k <= E:
         raise ValueError(f"k must be in [1, num_experts={E}], got {k}")
@@ -66,18 +66,28 @@ _NOT_FINITE = ("logits contains NaN or Inf (the router scores are not finite); "
                "check the router input or pass check_finite=False")
 
 
-def _check_finite(total: torch.Tensor) -> None:
+_BIAS_NOT_FINITE = "expert_bias contains NaN or Inf (the expert selection would be meaningless)"
+
+
+def _check_finite(total: torch.Tensor, expert_bias: torch.Tensor | None = None) -> None:
     """Raise when ``total`` (a sum that every non-finite score reaches) is NaN or Inf.
 
     Eager: one host read, ValueError. Under torch.compile a host read breaks the graph at
     every call, so on CPU the check is an in-graph assert instead (RuntimeError with the same
     message). On CUDA such an assert would be a device-side assert, which leaves the CUDA
     context unusable, so there the host read (and its graph break) stays; pass
-    check_finite=False to compile the router into the surrounding graph."""
+    check_finite=False to compile the router into the surrounding graph.
+
+    ``expert_bias`` joins the same host read (its sum times 0 is NaN exactly when it holds NaN or
+    Inf); which of the two failed is told apart only on the error path."""
+    if expert_bias is not None:
+        total = total + expert_bias.detach().float().sum() * 0.0
     if torch.compiler.is_compiling() and total.device.type == "cpu":
         torch._assert_async(torch.isfinite(total), _NOT_FINITE)
         return
     if not math.isfinite(total.item()):
+        if expert_bias is not None and not bool(torch.isfinite(expert_bias).all()):
+            raise ValueError(_BIAS_NOT_FINITE)
         raise ValueError(_NOT_FINITE)
 
 
@@ -96,9 +106,12 @@ def router_topk(logits: torch.Tensor, k: int, *, score: str = "softmax", renorma
         mask: [T] bool/int, nonzero = valid token. Padding rows are routed but excluded
             from ``counts``, ``prob_sum`` and the z-loss.
         z_loss: also return the router z-loss, mean over valid tokens of logsumexp(x)².
-        check_finite: raise ValueError when NaN/Inf logits make the outputs non-finite
-            (one small device-to-host check; under torch.compile on CPU an in-graph assert
-            that raises RuntimeError, see ``_check_finite``).
+        check_finite: raise ValueError when NaN/Inf logits make the outputs non-finite, or
+            when ``expert_bias`` holds NaN/Inf (one small device-to-host check for both; under
+            torch.compile on CPU an in-graph assert that raises RuntimeError, see
+            ``_check_finite``). A non-finite ``expert_bias`` is rejected on CPU whatever
+            ``check_finite`` says (the C++ kernel checks its E values); on CUDA only with
+            ``check_finite`` (the Triton op does no host read).
 
     Returns:
         ``(weights fp32 [T,k], indices int64 [T,k], counts int64 [E], prob_sum fp32 [E])``
@@ -120,7 +133,7 @@ def router_topk(logits: torch.Tensor, k: int, *, score: str = "softmax", renorma
     # so its E entries decide; padding rows only reach the weights.
     # (A Python float check: torch.isfinite is several dispatched ops, ~80 us on CPU.)
     if check_finite:
-        _check_finite(prob_sum.sum() if mask is None else weights.sum() + prob_sum.sum())
+        _check_finite(prob_sum.sum() if mask is None else weights.sum() + prob_sum.sum(), expert_bias)
     if not z_loss:
         return weights, indices, counts, prob_sum
     n_valid = (counts.sum() // k).clamp_min(1)
@@ -129,9 +142,38 @@ def router_topk(logits: torch.Tensor, k: int, *, score: str = "softmax", renorma
 
 # --- registration: fake tensors, Triton on CUDA (autograd: csrc/autograd/router.cpp) --------------
 
+def _check_op(logits, k, score, expert_bias, mask):
+    """The checks of the raw op (torch.ops.trainops.router_topk), as the C++ CPU kernel does
+    them, for the fakes and the Triton kernels: mask must be bool [T] here (the wrapper converts)."""
+    _check(logits, k, score, expert_bias, mask, allow_empty=True)  # an empty batch is valid for the op
+    if mask is not None and (mask.dtype != torch.bool or mask.dim() != 1):
+        raise TypeError(f"mask must be a bool tensor [tokens], got {mask.dtype} of shape {tuple(mask.shape)}")
+
+
+def _check_backward_op(grad_weights, grad_prob_sum, grad_z_sum, logits, indices, mask, score):
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 2 or not isinstance(logits, torch.Tensor) \
+            or logits.dim() != 2 or indices.shape[0] != logits.shape[0]:
+        raise ValueError("indices must be [tokens, k] and logits [tokens, experts]")
+    _check_op(logits, indices.shape[1], score, None, mask)
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"indices must be int64 or int32, got {indices.dtype}")
+    T, E = logits.shape
+    for name, t, shape in (("grad_weights", grad_weights, tuple(indices.shape)), ("grad_prob_sum", grad_prob_sum, (E,)),
+                           ("grad_z_sum", grad_z_sum, None), ("indices", indices, None)):
+        if t.device != logits.device:
+            raise ValueError(f"{name} is on {t.device} but logits is on {logits.device}")
+        if name != "indices" and not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a float tensor, got {t.dtype}")
+        if shape is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {list(shape)}, got {tuple(t.shape)}")
+    if grad_z_sum.numel() != 1:
+        raise ValueError(f"grad_z_sum must hold one value, got {grad_z_sum.numel()}")
+
+
 def _register() -> None:
     @torch.library.register_fake("trainops::router_topk")
     def _(logits, k, score, renormalize, expert_bias, mask, with_z):
+        _check_op(logits, k, score, expert_bias, mask)
         T, E = logits.shape
         return (logits.new_empty(T, k, dtype=torch.float32), logits.new_empty(T, k, dtype=torch.int64),
                 logits.new_empty(E, dtype=torch.int64), logits.new_empty(E, dtype=torch.float32),
@@ -139,15 +181,28 @@ def _register() -> None:
 
     @torch.library.register_fake("trainops::router_topk_backward")
     def _(grad_weights, grad_prob_sum, grad_z_sum, logits, indices, mask, score, renormalize, with_z):
+        _check_backward_op(grad_weights, grad_prob_sum, grad_z_sum, logits, indices, mask, score)
         return torch.empty_like(logits)
 
     if HAS_TRITON:
         from trainops.kernels import router as triton_router
 
+        def router_topk_cuda(logits, k, score, renormalize, expert_bias, mask, with_z):
+            _check_op(logits, k, score, expert_bias, mask)
+            return triton_router.router_topk(logits, k, score, renormalize, expert_bias, mask, with_z)
+
+        def router_topk_backward_cuda(grad_weights, grad_prob_sum, grad_z_sum, logits, indices, mask, score,
+                                      renormalize, with_z):
+            # Index values are not checked on the host (a sync): the kernel turns the gradient
+            # row of a token with an index outside [0, E) into NaN (kernels/router.py).
+            _check_backward_op(grad_weights, grad_prob_sum, grad_z_sum, logits, indices, mask, score)
+            return triton_router.router_topk_backward(grad_weights, grad_prob_sum, grad_z_sum, logits, indices, mask,
+                                                      score, renormalize, with_z)
+
         lib = torch.library.Library("trainops", "IMPL")
         _register.lib = lib  # keep the registrations alive
-        lib.impl("router_topk", triton_router.router_topk, "CUDA")
-        lib.impl("router_topk_backward", triton_router.router_topk_backward, "CUDA")
+        lib.impl("router_topk", router_topk_cuda, "CUDA")
+        lib.impl("router_topk_backward", router_topk_backward_cuda, "CUDA")
 
 
 if _extension.HAS_C:

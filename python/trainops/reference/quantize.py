@@ -82,6 +82,14 @@ def signed_values(fmt_name: str) -> torch.Tensor:
     return torch.where(codes >= 8, -mag, mag)
 
 
+def block_scale(absmax: torch.Tensor, max_code: float) -> torch.Tensor:
+    """absmax / max_code in fp32, one ulp smaller where max_code * that rounds to +Inf (absmax
+    within a rounding of FLT_MAX), so that every code of the block decodes to a finite value."""
+    s = absmax / max_code
+    over = (s * max_code) > _FLT_MAX
+    return torch.where(over, (s.view(torch.int32) - 1).view(torch.float32), s)
+
+
 def _blocks(flat: torch.Tensor, block_size: int) -> torch.Tensor:
     n = flat.numel()
     padded = torch.zeros(num_blocks(n, block_size) * block_size, dtype=flat.dtype)
@@ -122,7 +130,7 @@ def quantize(x, fmt="fp4_e3m0", block_size=128, stochastic=False, seed=0, error=
     v = _blocks(flat.cpu(), block_size)
     a = v.abs()
     finite = (a <= _FLT_MAX).all(dim=1)
-    scale = a.amax(dim=1) / f.max_code
+    scale = block_scale(a.amax(dim=1), f.max_code)
     ok = finite & (scale > 0)
     safe = torch.where(ok, scale, 1.0)
     y = torch.minimum(a / safe[:, None], torch.tensor(f.max_code))
@@ -157,7 +165,8 @@ def dequantize(data, scales, fmt, block_size, numel, dtype=torch.float32):
 
 
 def dequantize_accumulate(out, data, scales, fmt, block_size):
-    """out += Σ_c dequantize(data[c], scales[c]) in fp32, chunks added in order c = 0, 1, ..."""
+    """out += Σ_c dequantize(data[c], scales[c]) in fp32, chunks added in order c = 0, 1, ...
+    (no chunks: ``out`` unchanged)."""
     acc = out.cpu().clone()
     for c in range(data.shape[0]):
         acc = acc + dequantize(data[c], scales[c], fmt, block_size, out.numel())
