@@ -189,3 +189,164 @@ def test_mora_module_load_state_dict_bad_layout_changes_nothing():
     assert_unchanged(m, before)
     m.load_state_dict(src.state_dict())
     assert m.task_ranks == [2, 3] and torch.equal(m.lora_A, src.lora_A)
+
+
+# ----------------------------------------------------------------------------- router / LBL / MoE arguments
+
+E, K, H = 6, 2, 8
+
+
+@pytest.mark.parametrize("kw,error,pattern", [
+    (dict(coeff=NAN), ValueError, "coeff"), (dict(coeff=INF), ValueError, "coeff"),
+    (dict(coeff=-1.0), ValueError, "coeff"), (dict(coeff="0.01"), TypeError, "coeff"),
+    (dict(coeff=None), TypeError, "coeff"),
+    (dict(num_experts=0), ValueError, "num_experts"), (dict(num_experts=6.0), TypeError, "num_experts"),
+    (dict(num_experts=True), TypeError, "num_experts"),
+    (dict(top_k=0), ValueError, "top_k"), (dict(top_k=E + 1), ValueError, "top_k"),
+    (dict(top_k=1.5), TypeError, "top_k"),
+    (dict(scope={"global": NAN}), ValueError, "scope weight"), (dict(scope={"global": INF}), ValueError, "scope weight"),
+    (dict(scope={"micro_batch": -1.0}), ValueError, "scope weight"),
+])
+def test_load_balancing_loss_refuses_hostile_arguments(kw, error, pattern):
+    args = {"num_experts": E, "top_k": K, "coeff": 0.01, **kw}
+    with pytest.raises(error, match=pattern):
+        LoadBalancingLoss(**args)
+
+
+ROUTER_BAD = [
+    (dict(lbl_coeff=NAN), ValueError, "lbl_coeff"),  # NaN > 0 is False: the loss was silently off
+    (dict(lbl_coeff=INF), ValueError, "lbl_coeff"), (dict(lbl_coeff=-0.1), ValueError, "lbl_coeff"),
+    (dict(z_loss_coeff=NAN), ValueError, "z_loss_coeff"), (dict(z_loss_coeff=INF), ValueError, "z_loss_coeff"),
+    (dict(bias_update_rate=NAN), ValueError, "bias_update_rate"),
+    (dict(bias_update_rate=INF), ValueError, "bias_update_rate"),
+    (dict(bias_update_rate=-1e-3), ValueError, "bias_update_rate"),
+    (dict(top_k=0), ValueError, "top_k"), (dict(top_k=E + 1), ValueError, "top_k"),
+    (dict(num_experts=0), ValueError, "num_experts"), (dict(hidden_size=0), ValueError, "hidden_size"),
+    (dict(hidden_size="8"), TypeError, "hidden_size"), (dict(score="relu"), ValueError, "score"),
+    (dict(renormalize="yes"), TypeError, "renormalize"), (dict(aux_free_bias=1), TypeError, "aux_free_bias"),
+]
+
+
+@pytest.mark.parametrize("kw,error,pattern", ROUTER_BAD)
+def test_top_k_router_refuses_hostile_arguments(kw, error, pattern):
+    args = {"hidden_size": H, "num_experts": E, "top_k": K, **kw}
+    with pytest.raises(error, match=pattern):
+        TopKRouter(args.pop("hidden_size"), args.pop("num_experts"), args.pop("top_k"), **args)
+
+
+@pytest.mark.parametrize("kw,error,pattern", ROUTER_BAD[:8] + [(dict(ffn_size=0), ValueError, "ffn_size")])
+def test_moe_layer_refuses_hostile_arguments(kw, error, pattern):
+    args = {"ffn_size": 5, **kw}
+    with pytest.raises(error, match=pattern):
+        MoELayer(H, args.pop("ffn_size"), E, K, **args)
+
+
+# ----------------------------------------------------------------------------- router / LBL / MoE state loading
+
+def trained(module, seed):
+    """``module`` with non-default state: random weights, counts from two training forwards."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_()
+    module.train()
+    for _ in range(2):
+        module(torch.randn(2, 5, H))
+    return module
+
+
+def lbl_state(seed):
+    lbl = LoadBalancingLoss(E, K, 0.01, scope="global")
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(2):
+        lbl(torch.randint(0, 9, (E,), generator=g), torch.rand(E, generator=g))
+    return lbl
+
+
+def snap_with_ring(module):
+    snap = bitwise_snapshot(module)
+    snap["_ring"] = [int(m._snap_len) for m in module.modules() if isinstance(m, LoadBalancingLoss)]
+    return snap
+
+
+def assert_unchanged_with_ring(module, snap):
+    assert [int(m._snap_len) for m in module.modules() if isinstance(m, LoadBalancingLoss)] == snap.pop("_ring")
+    assert_unchanged(module, snap)
+
+
+def set_(key, fn):
+    def f(sd):
+        sd[key] = fn(sd[key])
+    return f
+
+
+LBL_BAD = [
+    ("acc_counts_negative", set_("acc_counts", lambda t: t - 100), "acc_counts must be >= 0"),
+    ("acc_counts_float", set_("acc_counts", lambda t: t.float() + 0.5), "acc_counts must be an integer"),
+    ("acc_counts_shape", set_("acc_counts", lambda t: t[:-1]), "acc_counts must be"),
+    ("acc_tokens_negative", set_("acc_tokens", lambda t: -t), "acc_tokens must be >= 0"),
+    ("acc_tokens_shape", set_("acc_tokens", lambda t: t.reshape(1)), "acc_tokens must be"),
+    ("acc_tokens_list", set_("acc_tokens", lambda t: [int(t)]), "acc_tokens must be a tensor"),
+]
+
+
+@pytest.mark.parametrize("corrupt,pattern", [pytest.param(c, p, id=i) for i, c, p in LBL_BAD])
+def test_bad_load_balancing_state_changes_nothing(corrupt, pattern):
+    target = lbl_state(0)
+    sd = {k: v.clone() for k, v in lbl_state(1).state_dict().items()}
+    corrupt(sd)
+    before = snap_with_ring(target)
+    with pytest.raises(RuntimeError, match=pattern):
+        target.load_state_dict(sd)
+    assert_unchanged_with_ring(target, before)
+
+
+def test_load_balancing_state_loads_and_forgets_old_snapshots():
+    target, src = lbl_state(0), lbl_state(1)
+    assert int(target._snap_len) == 2
+    target.load_state_dict(src.state_dict())
+    assert torch.equal(target.acc_counts, src.acc_counts) and int(target._snap_len) == 0
+
+
+def router():
+    return TopKRouter(H, E, K, aux_free_bias=True, lbl_coeff=0.01, scope="micro_batch")
+
+
+def moe():
+    return MoELayer(H, 5, E, K, aux_free_bias=True, lbl_coeff=0.01, scope="global")
+
+
+MODULE_BAD = [
+    (router, "weight_shape", set_("weight", lambda t: t[:, :-1]), "weight must be"),
+    (router, "weight_int", set_("weight", lambda t: t.long()), "weight must be a floating-point"),
+    (router, "bias_nan", set_("expert_bias", lambda t: t.index_fill(0, torch.tensor([1]), NAN)), "must be finite"),
+    (router, "bias_inf", set_("expert_bias", lambda t: t.index_fill(0, torch.tensor([1]), INF)), "must be finite"),
+    (router, "bias_shape", set_("expert_bias", lambda t: t[:-1]), "expert_bias must be"),
+    (router, "load_negative", set_("load", lambda t: t - 1000), "load must be >= 0"),
+    (router, "load_float", set_("load", lambda t: t.float()), "load must be an integer"),
+    (router, "lbl_counts_negative", set_("lbl.acc_counts", lambda t: t - 1000), "acc_counts must be >= 0"),
+    (router, "lbl_tokens_shape", set_("lbl.acc_tokens", lambda t: t.reshape(1)), "acc_tokens must be"),
+    (moe, "down_shape", set_("down", lambda t: t[:-1]), "down must be"),
+    (moe, "gate_up_meta", set_("gate_up", lambda t: t.to("meta")), "gate_up must be"),
+    (moe, "router_bias_nan", set_("router.expert_bias", lambda t: t * NAN), "must be finite"),
+    (moe, "router_lbl_tokens_negative", set_("router.lbl.acc_tokens", lambda t: t - 10**6), "acc_tokens must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("make,corrupt,pattern", [pytest.param(m, c, p, id=f"{m.__name__}-{i}")
+                                                  for m, i, c, p in MODULE_BAD])
+def test_bad_router_or_moe_state_changes_nothing(make, corrupt, pattern):
+    target = trained(make(), 0)
+    sd = {k: v.clone() for k, v in trained(make(), 1).state_dict().items()}
+    make().load_state_dict(sd)  # the uncorrupted state loads
+    corrupt(sd)
+    before = snap_with_ring(target)
+    with pytest.raises(RuntimeError, match=pattern):
+        target.load_state_dict(sd)
+    assert_unchanged_with_ring(target, before)
+    wrapped = nn.Sequential(nn.Linear(2, 2), make())  # also inside a model
+    before = snap_with_ring(wrapped[1])
+    with pytest.raises(RuntimeError, match=pattern):
+        wrapped.load_state_dict({**{f"0.{k}": v for k, v in wrapped[0].state_dict().items()},
+                                 **{f"1.{k}": v for k, v in sd.items()}})
+    assert_unchanged_with_ring(wrapped[1], before)

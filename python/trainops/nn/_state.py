@@ -61,7 +61,7 @@ def refuse(state_dict: dict, prefix: str, error_msgs: list, problems: list[str])
 
 class CheckedLoad:
     """Mixin for an ``nn.Module``: its subtree's entries are checked before any is loaded;
-    ``_after_load()`` runs once this module's own entries were applied."""
+    ``_after_load()`` runs once some of this module's own entries were applied."""
 
     _STATE_CHECKS: dict = {}
 
@@ -71,9 +71,12 @@ class CheckedLoad:
         if problems:
             refuse(state_dict, prefix, error_msgs, problems)
             return
+        own = [prefix + k for k, v in [*self._parameters.items(), *self._buffers.items()]
+               if v is not None and k not in self._non_persistent_buffers_set]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        self._after_load()
+        if any(k in state_dict for k in own):
+            self._after_load()
 
     def _after_load(self) -> None:
         pass

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from trainops._validation import check_finite_float, check_int
+from trainops.nn._state import CheckedLoad, nonnegative
 from trainops.nn.global_counts import (SNAPSHOTS, accumulate_global, all_reduce_counts, count_buffer, group_name,
                                       in_backward)
 from trainops.reference.router import probability, router_scores
@@ -31,7 +33,7 @@ def _parse_scope(scope) -> dict[str, float]:
     if isinstance(scope, str):
         scopes = {scope: 1.0}
     elif isinstance(scope, Mapping):
-        scopes = {str(k): float(v) for k, v in scope.items()}
+        scopes = {str(k): check_finite_float(f"scope weight of {k!r}", v, lo=0.0) for k, v in scope.items()}
     else:
         raise TypeError(f"scope must be a str or a mapping scope -> weight, got {type(scope).__name__}")
     if not scopes:
@@ -42,7 +44,7 @@ def _parse_scope(scope) -> dict[str, float]:
     return scopes
 
 
-class LoadBalancingLoss(nn.Module):
+class LoadBalancingLoss(CheckedLoad, nn.Module):
     """Auxiliary load-balancing loss of one MoE layer.
 
     Args:
@@ -55,17 +57,20 @@ class LoadBalancingLoss(nn.Module):
             ``None``: the default group when torch.distributed is initialized.
 
     The accumulated global counts are buffers (``acc_counts``, ``acc_tokens``), so they are
-    saved in ``state_dict``. A forward that runs during backward (activation recomputation)
-    reuses the statistics of its original forward instead of adding the counts again.
+    saved in ``state_dict``; loading checks them (shape, integer, >= 0) before copying either,
+    and forgets the recomputation snapshots of earlier forwards. A forward that runs during
+    backward (activation recomputation) reuses the statistics of its original forward instead
+    of adding the counts again.
     """
+
+    _STATE_CHECKS = {"acc_counts": nonnegative, "acc_tokens": nonnegative}
 
     def __init__(self, num_experts: int, top_k: int, coeff: float, scope="global", group=None):
         super().__init__()
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
-        self.num_experts, self.top_k, self.coeff = num_experts, top_k, float(coeff)
+        check_int("num_experts", num_experts, lo=1)
+        check_int("top_k (at most num_experts)", top_k, lo=1, hi=num_experts)
+        self.num_experts, self.top_k = num_experts, top_k
+        self.coeff = check_finite_float("coeff", coeff, lo=0.0)
         self.scopes = _parse_scope(scope)
         self.group = group
         self.register_buffer("acc_counts", torch.zeros(num_experts, dtype=torch.int64))
@@ -85,6 +90,9 @@ class LoadBalancingLoss(nn.Module):
     @property
     def scope(self):
         return next(iter(self.scopes)) if len(self.scopes) == 1 else dict(self.scopes)
+
+    def _after_load(self) -> None:
+        self._snap_len.zero_()  # snapshots of forwards before the load no longer match its counts
 
     def reset(self) -> None:
         """Start a new global batch (call after each optimizer step)."""

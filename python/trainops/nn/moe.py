@@ -8,12 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainops._validation import check_int
+from trainops.nn._state import CheckedLoad
 from trainops.nn.router import TopKRouter
 
 __all__ = ["MoELayer"]
 
 
-class MoELayer(nn.Module):
+class MoELayer(CheckedLoad, nn.Module):
     """y = Σ_j w_j · down_e(act(gate_e(x)) ⊙ up_e(x)) over the token's top-k experts e = i_j.
 
     Dropless: every token reaches its K experts (no capacity factor). Router keyword
@@ -24,6 +26,8 @@ class MoELayer(nn.Module):
     def __init__(self, hidden_size: int, ffn_size: int, num_experts: int, top_k: int, *,
                  activation=F.silu, device=None, dtype=None, **router_kwargs):
         super().__init__()
+        for name, v in (("hidden_size", hidden_size), ("ffn_size", ffn_size), ("num_experts", num_experts)):
+            check_int(name, v, lo=1)
         self.hidden_size, self.ffn_size, self.num_experts, self.top_k = hidden_size, ffn_size, num_experts, top_k
         self.activation = activation
         self.router = TopKRouter(hidden_size, num_experts, top_k, device=device, dtype=dtype, **router_kwargs)

@@ -8,6 +8,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from trainops._validation import check_finite_float, check_int
+from trainops.nn._state import CheckedLoad, finite, nonnegative
 from trainops.nn.global_counts import add_unless_recomputing
 from trainops.nn.load_balancing import LoadBalancingLoss
 from trainops.ops.router import router_topk
@@ -15,7 +17,7 @@ from trainops.ops.router import router_topk
 __all__ = ["TopKRouter"]
 
 
-class TopKRouter(nn.Module):
+class TopKRouter(CheckedLoad, nn.Module):
     """Linear router → fused scores/top-k/statistics → (weights, indices, aux_loss).
 
     Args:
@@ -30,16 +32,32 @@ class TopKRouter(nn.Module):
 
     ``forward(x, mask=None, seq_len=None)``: x [..., hidden]; mask [...] nonzero = real token.
     Returns weights fp32 [T, K], indices int64 [T, K], aux_loss (fp32 scalar).
+
+    ``load_state_dict`` checks the router's entries and its loss's (shapes, finite bias,
+    loads and counts >= 0) before copying any of them.
     """
+
+    _STATE_CHECKS = {"expert_bias": finite, "load": nonnegative}
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, *, score: str = "softmax",
                  renormalize: bool = True, lbl_coeff: float = 0.01, scope="global", group=None,
                  z_loss_coeff: float = 0.0, aux_free_bias: bool = False, bias_update_rate: float = 1e-3,
                  device=None, dtype=None):
         super().__init__()
+        check_int("hidden_size", hidden_size, lo=1)
+        check_int("num_experts", num_experts, lo=1)
+        check_int("top_k (at most num_experts)", top_k, lo=1, hi=num_experts)
+        if score not in ("softmax", "sigmoid"):
+            raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
+        for name, flag in (("renormalize", renormalize), ("aux_free_bias", aux_free_bias)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        lbl_coeff = check_finite_float("lbl_coeff", lbl_coeff, lo=0.0)
         self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
         self.score, self.renormalize = score, renormalize
-        self.z_loss_coeff, self.bias_update_rate, self.group = float(z_loss_coeff), float(bias_update_rate), group
+        self.z_loss_coeff = check_finite_float("z_loss_coeff", z_loss_coeff, lo=0.0)
+        self.bias_update_rate = check_finite_float("bias_update_rate", bias_update_rate, lo=0.0)
+        self.group = group
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         self.lbl = LoadBalancingLoss(num_experts, top_k, lbl_coeff, scope, group) if lbl_coeff > 0 else None
