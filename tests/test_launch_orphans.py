@@ -13,16 +13,9 @@ import time
 import torch
 import torch.distributed as dist
 
+from test_launch_liveness import _gone
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
-
-
-def _gone(pid):
-    """True once ``pid`` no longer runs (absent, or a zombie not yet reaped by its new parent)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
 
 
 def _wait_for(predicate, timeout_s, what):
