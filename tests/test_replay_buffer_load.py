@@ -99,12 +99,6 @@ def replace(name, fn):
     return f
 
 
-def delete(name):
-    def f(s):
-        del s[name]
-    return f
-
-
 NAN, INF = float("nan"), float("inf")
 # (kinds it applies to, id, corruption, message pattern); slot 0 is stored, slot 35 is empty (size 30)
 ALL = tuple(KINDS)
