@@ -291,8 +291,10 @@ class ReplayBuffer:
         """Set the priorities of sampled slots; returns which entries were applied (bool).
 
         Entries with index -1 (fresh rows), with a ``generation`` that no longer matches the slot
-        (the slot was overwritten since sampling) or superseded by a later entry for the same
-        slot (duplicates: the last one wins) are ignored.
+        (the slot was overwritten since sampling), naming a slot not stored yet (>= size) or
+        superseded by a later entry for the same slot (duplicates: the last one wins) are ignored.
+        Indices below -1 or >= capacity, NaN, infinite or negative priorities, and priorities or
+        generations whose number differs from the indices' raise ValueError; nothing is written.
         """
         if not isinstance(indices, torch.Tensor):
             raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
