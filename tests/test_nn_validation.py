@@ -204,7 +204,8 @@ E, K, H = 6, 2, 8
     (dict(num_experts=True), TypeError, "num_experts"),
     (dict(top_k=0), ValueError, "top_k"), (dict(top_k=E + 1), ValueError, "top_k"),
     (dict(top_k=1.5), TypeError, "top_k"),
-    (dict(scope={"global": NAN}), ValueError, "scope weight"), (dict(scope={"global": INF}), ValueError, "scope weight"),
+    (dict(scope={"global": NAN}), ValueError, "scope weight"),
+    (dict(scope={"global": INF}), ValueError, "scope weight"),
     (dict(scope={"micro_batch": -1.0}), ValueError, "scope weight"),
 ])
 def test_load_balancing_loss_refuses_hostile_arguments(kw, error, pattern):

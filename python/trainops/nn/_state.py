@@ -29,7 +29,8 @@ def _problem(src, dst: torch.Tensor, check) -> str | None:
     if not isinstance(src, torch.Tensor):
         return f"must be a tensor, got {type(src).__name__}"
     if src.device.type == "meta" or tuple(src.shape) != tuple(dst.shape) \
-            or src.is_floating_point() != dst.is_floating_point() or (src.dtype == torch.bool) != (dst.dtype == torch.bool):
+            or src.is_floating_point() != dst.is_floating_point() \
+            or (src.dtype == torch.bool) != (dst.dtype == torch.bool):
         kind = "a floating-point" if dst.is_floating_point() else f"an integer ({dst.dtype})"
         return (f"must be {kind} tensor of shape {tuple(dst.shape)} with data, "
                 f"got {src.dtype} {tuple(src.shape)} on {src.device}")

@@ -526,7 +526,8 @@ class ReplayBuffer:
         for name, v in (("size", size), ("cursor", cursor), ("step", step), ("rng_offset", offset)):
             need(0 <= v < 2**62, f"counter {name} must be in [0, 2^62)")
         need(size == min(cursor, cap), f"size must be min(cursor, capacity={cap})")
-        need(step <= cursor and (step == 0) == (cursor == 0), "step (add calls) must be in [1, cursor] once items were added")
+        need(step <= cursor and (step == 0) == (cursor == 0),
+             "step (add calls) must be in [1, cursor] once items were added")
         t = {k: v.cpu() for k, v in tensors.items()}
         stored, empty = slice(0, size), slice(size, cap)
         gen = t["generations"][stored]
