@@ -64,6 +64,16 @@ def _dtype_from_name(name: str) -> torch.dtype:
     return dtype
 
 
+def _safetensors():
+    """The safetensors package (buffer files are safetensors; it is not a core dependency)."""
+    try:
+        import safetensors
+        import safetensors.torch  # noqa: F401
+    except ImportError:
+        raise ImportError("ReplayBuffer.save/load need the safetensors package: pip install safetensors") from None
+    return safetensors
+
+
 class _Exponent:
     """A finite float >= 0, checked on every assignment (``buffer.beta = ...`` anneals beta)."""
 
@@ -569,8 +579,7 @@ class ReplayBuffer:
         """Write the state to ``path``, a ``.safetensors`` file (tensors, and the config as JSON
         metadata; no pickle). Read it back with :meth:`load`."""
         path = self._checked_path(path)
-        from safetensors.torch import save_file
-
+        save_file = _safetensors().torch.save_file
         state = self.state_dict()
         cfg = state.pop("config")
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
@@ -586,15 +595,14 @@ class ReplayBuffer:
     @classmethod
     def _read(cls, path) -> dict:
         """The state stored in ``path`` (safetensors: tensors plus JSON config metadata)."""
-        from safetensors import SafetensorError, safe_open
-
         path = cls._checked_path(path)
+        st = _safetensors()
         try:
-            with safe_open(path, framework="pt") as f:
+            with st.safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}
                 cfg = json.loads(meta["trainops.replay"])
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, KeyError, json.JSONDecodeError) as e:
+        except (st.SafetensorError, KeyError, json.JSONDecodeError) as e:
             raise ValueError(f"{path} is not a readable trainops replay buffer file: {e}") from None
         if not isinstance(cfg, dict) or cfg.get("format") != _FORMAT:
             raise ValueError(f"{path} is not a trainops replay buffer file")
