@@ -258,7 +258,10 @@ def help_text() -> str:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         typ = f.type if isinstance(f.type, str) else f.type.__name__
-        lines.append(f"  {flag} {typ.upper():5s} {f.metadata['help']} (default: {f.default!r})")
+        most = f", at most {MAX_SIZES[f.name]}" if f.name in MAX_SIZES else ""
+        lines.append(f"  {flag} {typ.upper():5s} {f.metadata['help']} (default: {f.default!r}{most})")
+    lines.append("\nFloats must be finite. Rows x seq_len at most: "
+                 + ", ".join(f"{k} {v}" for k, v in MAX_TOKENS.items()) + " tokens.")
     return "\n".join(lines)
 
 
