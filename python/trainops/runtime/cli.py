@@ -6,6 +6,7 @@ process is one worker and joins the group with :func:`trainops.distributed.init_
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -48,9 +49,11 @@ def lock_out_dir(out_dir: str) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
         os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise ConfigError(f"out_dir {out_dir}: cannot lock {path} ({e.strerror})") from None
         raise ConfigError(f"out_dir {out_dir} is in use by another trainops train (pid {holder or 'unknown'}); "
                           "wait for it to end or choose another --out-dir") from None
     os.ftruncate(fd, 0)
