@@ -133,6 +133,16 @@ def test_model_optimizer_rng_replay_state_dicts_round_trip_and_load():
     assert torch.equal(a, torch.rand(3))
 
 
+@pytest.mark.gpu
+def test_cuda_tensors_come_back_on_cuda():
+    x = torch.randn(5, 7, device="cuda").t()
+    state = {"a": x, "opt": {0: {"step": torch.tensor(3.0, device="cuda")}}, "cpu": torch.arange(3)}
+    out = state_from_bytes(state_to_bytes(state))
+    assert out["a"].device.type == "cuda" and torch.equal(out["a"], x) and out["cpu"].device.type == "cpu"
+    assert out["opt"][0]["step"].device.type == "cuda"
+    assert state_from_bytes(state_to_bytes(state), device=None)["a"].device.type == "cpu"
+
+
 @pytest.mark.parametrize("bad, where", [
     ({"x": {1, 2}}, "state/x"), ({"m": [object()]}, "state/m/0"), ({"f": lambda: 0}, "state/f"),
     ({"s": torch.zeros(2).to_sparse()}, "state/s"),
