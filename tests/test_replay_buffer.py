@@ -313,9 +313,10 @@ def test_hostile_constructor_options_are_refused(kw, error, pattern):
     ([8], [1.0], None, "capacity"),
     ([0, 1], [1.0], None, "one value per item"),
     ([0, 1], [1.0, 2.0], [0], "one value per item"),
+    ([0], [1e30], None, "overflows float32"),  # finite, but 1e30^alpha is not a float32
 ])
 def test_bad_priority_updates_change_nothing(indices, priorities, generation, pattern):
-    buf = ReplayBuffer(8, spec(), sampler="prioritized", seed=0)
+    buf = ReplayBuffer(8, spec(), sampler="prioritized", seed=0, alpha=2.0)
     buf.add(items(0, 8), priority=torch.arange(1, 9).float())
     before = {k: getattr(buf, k).clone() for k in ("priorities", "weights", "block_stats", "max_priority")}
     if isinstance(priorities, list):
@@ -327,4 +328,8 @@ def test_bad_priority_updates_change_nothing(indices, priorities, generation, pa
         assert torch.equal(getattr(buf, k), v), k
     with pytest.raises(ValueError, match="finite|Inf"):
         buf.add(items(0, 1), priority=float("inf"))
+    with pytest.raises(ValueError, match="overflows float32"):
+        buf.add(items(0, 1), priority=1e30)
     assert torch.equal(buf.priorities, before["priorities"])
+    buf.update_priorities(torch.tensor([0]), torch.tensor([1e15]))  # 1e30 fits a float32: kept, and saved
+    buf.load_state_dict(buf.state_dict())                            # states stay loadable

@@ -27,6 +27,7 @@ import torch
 from trainops._validation import check_finite_float, check_int
 from trainops.ops import replay as rops
 from trainops.reference.replay import block_stats as _block_stats
+from trainops.reference.replay import priority_weight as _priority_weight
 
 __all__ = ["ReplayBuffer", "ReplayBatch", "GroupBatch", "SAMPLERS", "EVICTIONS"]
 
@@ -286,9 +287,13 @@ class ReplayBuffer:
         self.step += 1
         return slots
 
-    @staticmethod
-    def _check_priorities(p: torch.Tensor) -> None:
-        if p.numel() == 0 or bool(((p >= 0) & (p < float("inf"))).all()):  # one host read when all is well
+    def _check_priorities(self, p: torch.Tensor) -> None:
+        """Finite, >= 0, and a finite stored weight max(p, eps)^alpha (float32: p = 1e30 with
+        alpha = 2 would store an infinite weight and break sampling)."""
+        if p.numel() == 0:
+            return
+        w = _priority_weight(p, self.alpha, self.priority_eps)
+        if bool(((p >= 0) & (p < float("inf")) & (w < float("inf"))).all()):  # one host read when all is well
             return
         if bool(torch.isnan(p).any()):
             raise ValueError("priorities contain NaN")
@@ -296,6 +301,8 @@ class ReplayBuffer:
             raise ValueError("priorities must be >= 0 (got a negative value)")
         if bool(torch.isinf(p).any()):
             raise ValueError("priorities must be finite (got Inf)")
+        raise ValueError(f"priorities too large: max(p, priority_eps)^alpha (alpha={self.alpha}) overflows float32 "
+                         f"for p = {float(p.max())}")
 
     def update_priorities(self, indices: torch.Tensor, priorities, generation=None) -> torch.Tensor:
         """Set the priorities of sampled slots; returns which entries were applied (bool).
@@ -318,8 +325,7 @@ class ReplayBuffer:
             generation = self._per_item(generation, n, torch.int64, "generation")
         if n and bool(((indices < -1) | (indices >= self.capacity)).any()):
             raise ValueError(f"indices must be -1 (fresh rows) or slots in [0, capacity={self.capacity})")
-        if self.device.type != "cpu":  # the CPU kernel checks the values itself, before writing
-            self._check_priorities(prio)
+        self._check_priorities(prio)
         applied = rops.replay_update_priorities(self.priorities, self.weights, self.block_stats, self._winner,
                                                 self.generations, indices, prio, generation, alpha=self.alpha,
                                                 eps=self.priority_eps, size=self.size, validate=False)
