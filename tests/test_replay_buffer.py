@@ -237,6 +237,11 @@ def test_ragged_rows_and_without_replacement():
         assert torch.equal(row[:n], tokens[slot, :n]) and bool((row[n:] == 0).all())
     with pytest.raises(ValueError, match="without replacement"):
         buf.sample(11, replacement=False)
+    before = buf.state_dict()["storage.length"].clone()
+    for bad in (9, -1):  # a length the rows cannot hold: refused (the buffer's state stays loadable)
+        with pytest.raises(ValueError, match="lengths in 'length' must be in \\[0, 8\\]"):
+            buf.add({"tokens": tokens[:2], "length": torch.tensor([3, bad], dtype=torch.int32)})
+    assert torch.equal(buf.storage["length"], before) and buf.cursor == 10
 
 
 def test_errors():

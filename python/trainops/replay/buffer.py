@@ -267,6 +267,10 @@ class ReplayBuffer:
             tasks = batch[self.task_field]
             if bool(((tasks < 0) | (tasks >= self.max_tasks)).any()):
                 raise ValueError(f"task ids in {self.task_field!r} must be in [0, max_tasks={self.max_tasks})")
+        for field, length_field in self.ragged.items():
+            L, lengths = self.spec[field][0][0], batch[length_field]
+            if bool(((lengths < 0) | (lengths > L)).any()):
+                raise ValueError(f"lengths in {length_field!r} must be in [0, {L}] (the length of {field!r})")
         fields = [batch[f].contiguous() for f in self.spec]
         slots = rops.replay_insert(list(self.storage.values()), fields, self.generations, self.stamps, self.keys,
                                    eviction=self.eviction, size=self.size, cursor=self.cursor, step=self.step,
