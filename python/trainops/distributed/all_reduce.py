@@ -181,7 +181,8 @@ def _full_precision(tensor, op, group, error_feedback, nan_policy, stats):
         # Exact exchange: the whole accumulated residual goes out, nothing is left behind.
         work = tensor.reshape(-1).float() + error_feedback
     elif nan_policy == "raise" or not tensor.is_contiguous():
-        work = tensor.reshape(-1).clone()  # reduced apart: a raise below leaves tensor unchanged
+        # Reduced apart (one copy; small messages, or fmt=None): a raise below leaves tensor unchanged.
+        work = tensor.reshape(-1).clone()
     else:
         work = tensor
     dist.all_reduce(work, op=dist.ReduceOp.SUM, group=group)

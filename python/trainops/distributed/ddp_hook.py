@@ -20,7 +20,9 @@ bucket has the same size and dtype (it verifies the parameters' shapes across ra
 construction and rebuilds buckets identically on every rank), so the hook checks only
 on the first bucket after the state's settings (fmt, block_size, min_numel, nan_policy)
 were set or changed: a rank with another format raises the same ValueError as its peers
-in the first backward pass, and later buckets skip the extra collective.
+in the first backward pass, and later buckets skip the extra collective. That error, like
+any failed backward under DDP, ends the job: a rank cannot re-check later without its
+peers doing the same in step, so the check is not repeated until the settings change.
 
 Buckets are reduced on a background thread over a process group of their own (created
 here, on every rank), so communication overlaps the rest of the backward pass and never
