@@ -220,3 +220,25 @@ def test_aten_matches_reference_random_shapes(T, D, N, F, Rt, top_k, training, s
     out.backward(dy)
     for got, want in ((out, exp_out), (x.grad, exp_dx), (A.grad, exp_dA), (B.grad, exp_dB)):
         close(got.detach(), want, 1e-9)
+
+
+def test_raw_ops_validate_scalars_and_indices():
+    x, Af, Bf, A, B = make(4, 8, 6, 2, 3, requires_grad=False)
+    args = [x, Af, Bf, A, B, 2, 0.1, 0.2, True, 1.0, 0.0, 0]
+    for pos, value, match in ((9, float("inf"), "scaling"), (9, float("nan"), "scaling"), (6, float("nan"), "temperature"),
+                              (6, 0.0, "temperature"), (7, float("nan"), "threshold"), (10, 1.0, "dropout_p"),
+                              (5, 0, "top_k")):
+        bad = list(args)
+        bad[pos] = value
+        with pytest.raises(ValueError, match=match):
+            torch.ops.trainops.mora_fwd(*bad)
+    with pytest.raises(ValueError, match="scaling must be finite"):
+        mora(x, A, B, scaling=float("inf"))
+    with pytest.raises(ValueError, match="B_f must have shape"):
+        torch.ops.trainops.mora_fwd(x, Af, Bf[:, :1], A, B, 2, 0.1, 0.2, True, 1.0, 0.0, 0)
+    out, p, idx, rho = torch.ops.trainops.mora_fwd(*args)
+    bad_idx = idx.clone()
+    bad_idx[1, 0] = p.shape[1]
+    with pytest.raises(IndexError, match="idx"):
+        torch.ops.trainops.mora_bwd(torch.randn_like(out), x, Af, Bf, A, B, p, bad_idx, rho, 2, 0.1, 0.2, True, 1.0,
+                                    0.0, 0, True, True, True)

@@ -278,3 +278,76 @@ def test_bits_per_element():
     q = ops.quantize(torch.randn(1024), "fp4_e3m0", 128)
     assert q.bits_per_element == 4.25
     assert q.nbytes == 512 + 8 * 4
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+def test_block_at_flt_max_decodes_finite(fmt):
+    # absmax / max_code * max_code rounded to +Inf for int8 (and other formats): such a block
+    # decoded to +-Inf. The scale is one ulp smaller in that case, in C++, Triton and reference.
+    flt_max = torch.finfo(torch.float32).max
+    x = torch.randn(48, generator=torch.Generator().manual_seed(0)) * 1e37
+    x[3], x[20], x[40] = flt_max, -flt_max, flt_max
+    q = ops.quantize(x, fmt, 16)
+    data, scales = ref.quantize(x, fmt, 16)
+    assert torch.equal(q.data, data) and torch.equal(q.scales, scales)
+    out = ops.dequantize(q)
+    assert bool(torch.isfinite(out).all())
+    assert float(out[3]) <= flt_max and float(out[20]) < 0
+    e = torch.zeros(48)
+    q2 = ops.quantize_error_feedback(x, e, fmt, 16)
+    assert torch.equal(q2.data, data) and bool(torch.isfinite(e).all())
+    pytest.importorskip("triton")
+    from trainops.kernels import quantize as tq
+
+    t_data, t_scales = tq.quantize(x, fmt, 16, False, 0)
+    assert torch.equal(t_data, data) and torch.equal(t_scales, scales)
+    assert bool(torch.isfinite(tq.dequantize(t_data, t_scales, fmt, 16, 48)).all())
+
+
+def test_dequantize_rejects_mixed_devices():
+    # data on the CPU and scales elsewhere dispatched to the fake, which returned an
+    # uninitialized CPU tensor.
+    q = ops.quantize(torch.randn(100), "int8", 64)
+    with pytest.raises(ValueError, match="scales is on meta but data is on cpu"):
+        torch.ops.trainops.dequantize(q.data, q.scales.to("meta"), "int8", 64, 100, torch.float32)
+    with pytest.raises(ValueError, match="scales is on meta"):
+        ops.dequantize(ops.QuantizedTensor(q.data, q.scales.to("meta"), "int8", 64, q.shape, q.dtype))
+    with pytest.raises(ValueError, match="data is on meta but out is on cpu"):
+        torch.ops.trainops.dequantize_accumulate(torch.zeros(100), q.data[None].to("meta"), q.scales[None], "int8", 64)
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_dequantize_accumulate_zero_chunks_leaves_out(raw):
+    out = torch.randn(100)
+    before = out.clone()
+    fn = torch.ops.trainops.dequantize_accumulate if raw else ops.dequantize_accumulate
+    fn(out, torch.empty(0, 100, dtype=torch.uint8), torch.empty(0, 2), "int8", 64)
+    assert torch.equal(out, before)
+
+
+def test_error_feedback_raise_checks_residual_and_overflow():
+    x = torch.randn(64)
+    for where, value, match in (("error", float("nan"), "error"), ("error", float("inf"), "error"),
+                                ("both", 3e38, "overflows")):
+        error = torch.zeros(64)
+        error[5] = value
+        xx = x.clone()
+        if where == "both":
+            xx[5] = value
+        before = error.clone()
+        with pytest.raises(ValueError, match=match):
+            ops.quantize_error_feedback(xx, error, "int8", 16)
+        assert torch.equal(error.nan_to_num(), before.nan_to_num())  # untouched
+    # Large but not overflowing: accepted (the exact sum is formed only when it could overflow).
+    error = torch.zeros(64)
+    error[5] = 3e38
+    xx = x.clone()
+    xx[6] = 3e38
+    ops.quantize_error_feedback(xx, error, "int8", 16)
+    # propagate: the overflowing block decodes to NaN and keeps its residual.
+    error = torch.zeros(64)
+    error[5] = 3e38
+    xx = x.clone()
+    xx[5] = 3e38
+    q = ops.quantize_error_feedback(xx, error, "int8", 16, nan_policy="propagate")
+    assert bool(q.scales[0].isnan()) and float(error[5]) == float(torch.tensor(3e38))

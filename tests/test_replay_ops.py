@@ -232,3 +232,38 @@ if given is not None:
         assert torch.equal(idx, r_idx)
         torch.testing.assert_close(w, r_w, rtol=1e-6, atol=0)
         assert torch.equal(out[0], r_out[0])
+
+
+def test_update_priorities_size_beyond_capacity_raises():
+    # size > capacity used to make indices in [capacity, size) valid: the CPU kernel wrote past
+    # priorities, weights, winner and block_stats (heap overflow; scripts/asan_check.sh).
+    cap = 8
+    prio, w, bs, winner, gens = _update_state(cap, cap)
+    state = [t.clone() for t in (prio, w, bs, winner)]
+    for size in (cap + 8, -1):
+        with pytest.raises(ValueError, match="'size' must be in"):
+            torch.ops.trainops.replay_update_priorities(prio, w, bs, winner, torch.zeros(cap, dtype=torch.long),
+                                                        torch.tensor([cap + 3, 2 * cap]), torch.tensor([1.0, 2.0]),
+                                                        None, 0.6, 1e-6, size)
+        with pytest.raises(ValueError, match="size must be"):
+            rops.replay_update_priorities(prio, w, bs, winner, gens, torch.tensor([cap + 3]), torch.tensor([1.0]),
+                                          alpha=0.6, size=size)
+    for before, after in zip(state, (prio, w, bs, winner)):
+        assert torch.equal(before, after)
+
+
+def test_insert_and_sample_raw_ops_reject_bad_sizes():
+    storage = [torch.zeros(0, 2)]
+    empty = torch.zeros(0, dtype=torch.long)
+    with pytest.raises(ValueError, match="capacity 0"):  # FIFO slot = cursor % capacity
+        torch.ops.trainops.replay_insert(storage, [torch.ones(3, 2)], empty, empty, empty.double(), 0, 0, 0, 0, 0)
+    storage = [torch.zeros(4, 2)]
+    gens = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="overflows"):
+        torch.ops.trainops.replay_insert(storage, [torch.ones(3, 2)], gens, gens.clone(), gens.double(), 0, 0,
+                                         2**63 - 2, 0, 0)
+    out = [torch.empty(2, 2)]
+    for beta in (float("nan"), -1.0):
+        with pytest.raises(ValueError, match="beta"):
+            torch.ops.trainops.replay_sample(storage, out, None, [False], None, None, None, None, 0, 4, 0, 2, 0, beta,
+                                             False, True, 0, 0)

@@ -287,3 +287,27 @@ def test_saturated_and_masked_experts(E, k):
     got = router_topk(off, k)
     assert torch.equal(got[1], ref.router_topk(off, k)[1])
     assert not bool((got[1] % 3 == 0).any())
+
+
+@pytest.mark.parametrize("bad", [12, -1, 2**40])
+def test_backward_rejects_out_of_range_indices(bad):
+    # The raw backward op used to read and write the row at any index (an index >= E read out
+    # of bounds: ASan SEGV). Now an IndexError naming the argument.
+    x = torch.randn(5, 12)
+    idx = router_topk(x, 2)[1].clone()
+    idx[3, 1] = bad
+    with pytest.raises(IndexError, match="'indices'"):
+        torch.ops.trainops.router_topk_backward(torch.randn(5, 2), torch.randn(12), torch.randn(()), x, idx, None,
+                                                "softmax", True, True)
+    with pytest.raises(TypeError, match="indices"):
+        torch.ops.trainops.router_topk_backward(torch.randn(5, 2), torch.randn(12), torch.randn(()), x, idx.float(),
+                                                None, "softmax", True, True)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_expert_bias_raises(value):
+    bias = torch.zeros(12)
+    bias[5] = value
+    for check_finite in (True, False):
+        with pytest.raises(ValueError, match="expert_bias"):
+            router_topk(torch.randn(10, 12), 2, expert_bias=bias, check_finite=check_finite)
