@@ -329,3 +329,33 @@ def test_bad_lbl_router_or_moe_state_changes_nothing(make, corrupt, pattern):
         wrapped.load_state_dict({**{f"0.{k}": v for k, v in wrapped[0].state_dict().items()},
                                  **{f"1.{k}": v for k, v in sd.items()}})
     assert_unchanged_with_ring(wrapped[1], before)
+
+
+@pytest.mark.parametrize("make,name,value,error", [
+    (lambda: MoRALinear(nn.Linear(4, 3)), "scaling", INF, ValueError),
+    (lambda: MoRALinear(nn.Linear(4, 3)), "temperature", 0.0, ValueError),
+    (lambda: MoRALinear(nn.Linear(4, 3)), "threshold", NAN, ValueError),
+    (lambda: MoRALinear(nn.Linear(4, 3)), "dropout", 1.0, ValueError),
+    (lambda: MoRALinear(nn.Linear(4, 3)), "scaling", "2", TypeError),
+    (lambda: LoadBalancingLoss(E, K, 0.01), "coeff", NAN, ValueError),
+    (lambda: TopKRouter(H, E, K), "z_loss_coeff", INF, ValueError),
+    (lambda: TopKRouter(H, E, K), "bias_update_rate", -1.0, ValueError),
+])
+def test_hostile_values_assigned_later_are_refused(make, name, value, error):
+    module = make()
+    before = getattr(module, name)
+    with pytest.raises(error, match=name):
+        setattr(module, name, value)
+    assert getattr(module, name) == before
+    setattr(module, name, 0.5)  # a valid value is taken, as a float
+    assert getattr(module, name) == 0.5
+
+
+def test_mora_linear_compiles_with_checked_attributes():
+    m = MoRALinear(nn.Linear(4, 3), rank=2, top_k=2).eval()
+    nn.init.normal_(m.lora_B)
+    x = torch.randn(5, 4)
+    compiled = torch.compile(m, backend="eager")
+    torch.testing.assert_close(compiled(x), m(x), rtol=0, atol=0)
+    m.scaling = 2.0  # a changed attribute is seen by the compiled module
+    torch.testing.assert_close(compiled(x), m(x), rtol=0, atol=0)

@@ -47,3 +47,25 @@ def check_finite_float(name: str, value, lo: float | None = None, hi: float | No
                 ([f"{'<' if hi_open else '<='} {hi}"] if hi is not None else [])
         raise ValueError(f"{name} must be {' and '.join(parts)}, got {value}")
     return value
+
+
+class CheckedFloat:
+    """A class attribute whose every assignment goes through :func:`check_finite_float` with
+    the given bounds (the constructor's and later ones alike, e.g. ``module.scaling = x``).
+    ``Owner.attr.check(value)`` checks without assigning."""
+
+    def __init__(self, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+                 hi_open: bool = False):
+        self.bounds = {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open}
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def check(self, value) -> float:
+        return check_finite_float(self.name, value, **self.bounds)
+
+    def __get__(self, obj, cls=None):
+        return self if obj is None else obj.__dict__[self.name]
+
+    def __set__(self, obj, value):
+        obj.__dict__[self.name] = self.check(value)

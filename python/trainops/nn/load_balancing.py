@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from trainops._validation import check_finite_float, check_int
+from trainops._validation import CheckedFloat, check_finite_float, check_int
 from trainops.nn._state import CheckedLoad, nonnegative
 from trainops.nn.global_counts import (SNAPSHOTS, accumulate_global, all_reduce_counts, count_buffer, group_name,
                                       in_backward)
@@ -64,13 +64,14 @@ class LoadBalancingLoss(CheckedLoad, nn.Module):
     """
 
     _STATE_CHECKS = {"acc_counts": nonnegative, "acc_tokens": nonnegative}
+    coeff = CheckedFloat(lo=0.0)  # checked on every assignment
 
     def __init__(self, num_experts: int, top_k: int, coeff: float, scope="global", group=None):
         super().__init__()
         check_int("num_experts", num_experts, lo=1)
         check_int("top_k (at most num_experts)", top_k, lo=1, hi=num_experts)
         self.num_experts, self.top_k = num_experts, top_k
-        self.coeff = check_finite_float("coeff", coeff, lo=0.0)
+        self.coeff = coeff
         self.scopes = _parse_scope(scope)
         self.group = group
         self.register_buffer("acc_counts", torch.zeros(num_experts, dtype=torch.int64))

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from trainops._validation import check_finite_float, check_int
+from trainops._validation import CheckedFloat, check_int
 from trainops.nn._state import refuse
 from trainops.ops.mora import mora_routing
 
@@ -56,6 +56,11 @@ class MoRALinear(nn.Module):
     are selected (and, at eval, not pruned); see :meth:`activation_stats`.
     """
 
+    # checked on every assignment, also after construction
+    temperature = CheckedFloat(lo=0.0, lo_open=True)
+    threshold, scaling = CheckedFloat(), CheckedFloat()
+    dropout = CheckedFloat(lo=0.0, hi=1.0, hi_open=True)
+
     def __init__(self, base: nn.Linear, rank: int = 8, top_k: int = 8, temperature: float = 0.03,
                  threshold: float = 0.2, dropout: float = 0.0, scaling: float = 1.0, capacity: int | None = None):
         super().__init__()
@@ -87,11 +92,10 @@ class MoRALinear(nn.Module):
                    dropout: float = 0.0, scaling: float = 1.0, capacity: int | None = None) -> dict:
         """The constructor's arguments (after ``base``), checked: TypeError/ValueError naming
         the argument; returns them as ints and floats."""
+        cls = MoRALinear
         out = {"rank": check_int("rank", rank, lo=1), "top_k": check_int("top_k", top_k, lo=1),
-               "temperature": check_finite_float("temperature", temperature, lo=0.0, lo_open=True),
-               "threshold": check_finite_float("threshold", threshold),
-               "dropout": check_finite_float("dropout", dropout, lo=0.0, hi=1.0, hi_open=True),
-               "scaling": check_finite_float("scaling", scaling)}
+               "temperature": cls.temperature.check(temperature), "threshold": cls.threshold.check(threshold),
+               "dropout": cls.dropout.check(dropout), "scaling": cls.scaling.check(scaling)}
         out["capacity"] = None if capacity is None else check_int("capacity", capacity, lo=1)
         return out
 

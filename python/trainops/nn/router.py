@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from trainops._validation import check_finite_float, check_int
+from trainops._validation import CheckedFloat, check_finite_float, check_int
 from trainops.nn._state import CheckedLoad, finite, nonnegative
 from trainops.nn.global_counts import add_unless_recomputing
 from trainops.nn.load_balancing import LoadBalancingLoss
@@ -38,6 +38,7 @@ class TopKRouter(CheckedLoad, nn.Module):
     """
 
     _STATE_CHECKS = {"expert_bias": finite, "load": nonnegative}
+    z_loss_coeff, bias_update_rate = CheckedFloat(lo=0.0), CheckedFloat(lo=0.0)  # checked on every assignment
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, *, score: str = "softmax",
                  renormalize: bool = True, lbl_coeff: float = 0.01, scope="global", group=None,
@@ -55,8 +56,7 @@ class TopKRouter(CheckedLoad, nn.Module):
         lbl_coeff = check_finite_float("lbl_coeff", lbl_coeff, lo=0.0)
         self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
         self.score, self.renormalize = score, renormalize
-        self.z_loss_coeff = check_finite_float("z_loss_coeff", z_loss_coeff, lo=0.0)
-        self.bias_update_rate = check_finite_float("bias_update_rate", bias_update_rate, lo=0.0)
+        self.z_loss_coeff, self.bias_update_rate = z_loss_coeff, bias_update_rate
         self.group = group
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))

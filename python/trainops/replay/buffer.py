@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from trainops._validation import check_finite_float, check_int
+from trainops._validation import CheckedFloat, check_finite_float, check_int
 from trainops.ops import replay as rops
 from trainops.reference.replay import block_stats as _block_stats
 from trainops.reference.replay import priority_weight as _priority_weight
@@ -75,19 +75,6 @@ def _safetensors():
     return safetensors
 
 
-class _Exponent:
-    """A finite float >= 0, checked on every assignment (``buffer.beta = ...`` anneals beta)."""
-
-    def __set_name__(self, owner, name):
-        self.name = name
-
-    def __get__(self, obj, cls):
-        return self if obj is None else obj.__dict__[self.name]
-
-    def __set__(self, obj, value):
-        obj.__dict__[self.name] = check_finite_float(self.name, value, lo=0.0)
-
-
 class _BufferLoad:
     """``ReplayBuffer.load(path)`` builds a new buffer; ``buffer.load(path)`` loads in place."""
 
@@ -117,7 +104,8 @@ class ReplayBuffer:
     """
 
     load = _BufferLoad()
-    alpha, beta, priority_eps, power_law_exponent = _Exponent(), _Exponent(), _Exponent(), _Exponent()
+    # finite floats >= 0, checked on every assignment (``buffer.beta = ...`` anneals beta)
+    alpha, beta, priority_eps, power_law_exponent = (CheckedFloat(lo=0.0) for _ in range(4))
 
     def __init__(self, capacity: int, spec: dict, device="cpu", sampler: str = "uniform", eviction: str = "fifo",
                  alpha: float = 0.6, beta: float = 0.4, seed: int = 0, *, weight_norm: str = "buffer",
