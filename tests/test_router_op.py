@@ -311,3 +311,21 @@ def test_non_finite_expert_bias_raises(value):
     for check_finite in (True, False):
         with pytest.raises(ValueError, match="expert_bias"):
             router_topk(torch.randn(10, 12), 2, expert_bias=bias, check_finite=check_finite)
+
+
+def test_triton_backward_flags_out_of_range_indices_with_nan():
+    # The Triton backward (CUDA; here the interpreter) does no host read of the indices: a row
+    # naming an expert outside [0, E) gets a NaN gradient row; the other rows are unaffected.
+    pytest.importorskip("triton")
+    from trainops.kernels import router as triton_router
+
+    x = torch.randn(6, 10)
+    idx = router_topk(x, 2)[1].clone()
+    args = (torch.randn(6, 2), torch.randn(10), torch.randn(()), x)
+    good = triton_router.router_topk_backward(*args, idx, None, "softmax", True, True)
+    idx[2, 1] = 10
+    idx[4, 0] = -3
+    bad = triton_router.router_topk_backward(*args, idx, None, "softmax", True, True)
+    assert bool(bad[2].isnan().all()) and bool(bad[4].isnan().all())
+    keep = [0, 1, 3, 5]
+    assert torch.equal(bad[keep], good[keep])

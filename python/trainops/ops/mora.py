@@ -126,12 +126,14 @@ def _bwd_aten(dy, x, A_f, B_f, A, B, p, idx, rho, top_k, temperature, threshold,
 # implementation (ATen on CPU, Triton on CUDA, the fakes) runs these first.
 
 def _check_op_scalars(top_k, temperature, threshold, scaling, dropout_p):
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, torch.SymInt)) or top_k < 1:
-        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
-    _check_number(temperature, "temperature", positive=True)
-    _check_number(threshold, "threshold")
-    _check_number(scaling, "scaling", finite=True)
-    _check_number(dropout_p, "dropout_p", unit=True)
+    """top_k int >= 1, temperature finite > 0, threshold not NaN (+-inf: keep / prune every rank
+    in eval), scaling finite, dropout_p in [0, 1). Returns the four numbers as floats."""
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, torch.SymInt)):
+        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    return (_check_number(temperature, "temperature", positive=True), _check_number(threshold, "threshold"),
+            _check_number(scaling, "scaling", finite=True), _check_number(dropout_p, "dropout_p", unit=True))
 
 
 def _check_op_banks(x, A_f, B_f, A, B):
@@ -317,14 +319,7 @@ def _validate(x, A, B, frozen_A, frozen_B, top_k, temperature, threshold, scalin
             raise ValueError(f"frozen_B must have shape [{B.shape[0]}, {frozen_A.shape[0]}], got {tuple(frozen_B.shape)}")
     if A.shape[0] + (0 if frozen_A is None else frozen_A.shape[0]) == 0:
         raise ValueError("A (with frozen_A) has no ranks")
-    if isinstance(top_k, bool) or not isinstance(top_k, int):
-        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
-    if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    temperature = _check_number(temperature, "temperature", positive=True)
-    threshold = _check_number(threshold, "threshold")
-    scaling = _check_number(scaling, "scaling", finite=True)
-    dropout_p = _check_number(dropout_p, "dropout_p", unit=True)
+    temperature, threshold, scaling, dropout_p = _check_op_scalars(top_k, temperature, threshold, scaling, dropout_p)
     if check_nan:
         for name, t in (("x", x), ("A", A), ("B", B), ("frozen_A", frozen_A), ("frozen_B", frozen_B)):
             if t is not None and not bool(torch.isfinite(t).all()):
