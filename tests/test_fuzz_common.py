@@ -71,6 +71,20 @@ def all_finite(*ts) -> bool:
     return all(bool(torch.isfinite(t.float()).all()) for t in ts if t is not None and t.numel())
 
 
+def case_counter(name: str):
+    """(counts, fixture): a Counter of cases per op for a fuzz module, and the module-scoped
+    autouse fixture that reports it when the module finishes. Assign both at module level:
+    ``CASES, _fuzz_summary = case_counter("router")``."""
+    counts = Counter()
+
+    @pytest.fixture(scope="module", autouse=True)
+    def _fuzz_summary(request):
+        yield
+        report_counts(request, name, counts)
+
+    return counts, _fuzz_summary
+
+
 def report_counts(request, name: str, counts: Counter) -> None:
     """Prints 'fuzz cases run per op' for the module (shown by pytest even with -q)."""
     line = f"fuzz cases run per op ({name}): " + ", ".join(f"{op}={n}" for op, n in sorted(counts.items()))

@@ -3,7 +3,6 @@ wrapper) against trainops.reference.mora, with hostile scalars, shapes and indic
 See tests/test_fuzz_common.py for the rules."""
 import importlib
 import math
-from collections import Counter
 
 import pytest
 import torch
@@ -11,18 +10,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trainops.ops import mora
-from test_fuzz_common import HOSTILE, expect_clear_error, fuzz_settings, report_counts
+from test_fuzz_common import HOSTILE, case_counter, expect_clear_error, fuzz_settings
 
 ref_mora = importlib.import_module("trainops.reference.mora")  # the module (the package exports a function)
 
-CASES = Counter()
+CASES, _fuzz_summary = case_counter("mora")
 NUMBERS = st.one_of(st.floats(-3, 3, allow_nan=False), st.sampled_from(HOSTILE[:5]))
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _summary(request):
-    yield
-    report_counts(request, "mora", CASES)
 
 
 @st.composite

@@ -1,7 +1,6 @@
 """Fuzz: quantize / dequantize / dequantize_accumulate / quantize_error_feedback, every format,
 through the wrappers and the raw torch.ops.trainops.* ops (C++ CPU kernels), against
 trainops.reference.quantize. See tests/test_fuzz_common.py for the rules."""
-from collections import Counter
 
 import pytest
 import torch
@@ -14,16 +13,16 @@ from trainops import reference as ref
 from trainops.formats import FORMATS, num_blocks, packed_bytes
 from test_fuzz_common import (
     all_finite,
+    case_counter,
     expect_clear_error,
     fuzz_settings,
     hostile_tensor,
     maybe_non_contiguous,
-    report_counts,
 )
 
 pytestmark = pytest.mark.skipif(not trainops.has_extension(), reason="C++ extension not built")
 
-CASES = Counter()
+CASES, _fuzz_summary = case_counter("quantize")
 FMTS = list(FORMATS)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Valid block sizes and hostile ones (not a power of two, out of range, negative, huge).
@@ -31,11 +30,6 @@ BLOCKS = st.one_of(st.sampled_from([16, 32, 64, 128, 8192]), st.sampled_from([0,
 SHAPES = st.one_of(st.just(()), st.lists(st.integers(0, 9), min_size=1, max_size=3).map(tuple),
                    st.integers(1, 600).map(lambda n: (n,)))
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _summary(request):
-    yield
-    report_counts(request, "quantize", CASES)
 
 
 def _valid_block(b) -> bool:

@@ -1,6 +1,5 @@
 """Fuzz: replay_update_priorities, replay_sample and replay_insert (wrappers and raw ops, C++
 CPU kernels) against trainops.reference.replay. See tests/test_fuzz_common.py for the rules."""
-from collections import Counter
 
 import pytest
 import torch
@@ -10,18 +9,13 @@ from hypothesis import strategies as st
 import trainops
 from trainops.ops import replay as rops
 from trainops.reference import replay as ref
-from test_fuzz_common import HOSTILE, expect_clear_error, fuzz_settings, report_counts
+from test_fuzz_common import HOSTILE, case_counter, expect_clear_error, fuzz_settings
 
 pytestmark = pytest.mark.skipif(not trainops.has_extension(), reason="trainops._C not built")
 
-CASES = Counter()
+CASES, _fuzz_summary = case_counter("replay")
 I64_MAX = 2**63 - 1
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _summary(request):
-    yield
-    report_counts(request, "replay", CASES)
 
 
 def _gen(*seeds):

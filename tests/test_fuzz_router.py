@@ -1,6 +1,5 @@
 """Fuzz: router_topk forward (wrapper and raw op) and router_topk_backward (raw op), C++ CPU
 kernels, against trainops.reference.router. See tests/test_fuzz_common.py for the rules."""
-from collections import Counter
 
 import pytest
 import torch
@@ -11,18 +10,13 @@ import trainops
 from trainops import reference as ref
 from trainops.reference import router as ref_router
 from trainops.ops import router_topk
-from test_fuzz_common import all_finite, expect_clear_error, fuzz_settings, hostile_tensor, report_counts
+from test_fuzz_common import all_finite, case_counter, expect_clear_error, fuzz_settings, hostile_tensor
 
 pytestmark = pytest.mark.skipif(not trainops.has_extension(), reason="C++ extension not built")
 
-CASES = Counter()
+CASES, _fuzz_summary = case_counter("router")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _summary(request):
-    yield
-    report_counts(request, "router", CASES)
 
 
 @st.composite

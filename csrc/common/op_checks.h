@@ -4,6 +4,20 @@
 // Python TypeError / ValueError / IndexError naming it, never an out-of-bounds access.
 //
 // Host-only (uses TORCH_CHECK); nothing here reads device memory.
+//
+// Index tensors supplied by callers, and what each backend does with an entry out of range:
+//   router_topk_backward 'indices'  CPU: IndexError (a pass over T x k before the kernel).
+//                                   CUDA (Triton): no host sync; the kernel only compares
+//                                   indices with column ids and writes NaN over the gradient
+//                                   row of a token naming an expert outside [0, E).
+//   replay_update_priorities        both: entries outside [0, size) are ignored and reported
+//     'indices'                     as not applied (documented semantics, no error); with
+//                                   0 <= size <= capacity checked on the host, no write leaves
+//                                   the buffers. The CUDA kernels apply the same rule on device.
+//   mora_bwd 'idx'                  CPU: IndexError. CUDA (Triton): compare-based, an entry
+//                                   out of range selects no rank (no memory addressed by it).
+//   replay_sample slot_key/lengths  both: clamped by the kernels (key outside the table weighs
+//                                   0; lengths clamped to [0, L]).
 #pragma once
 
 #include <c10/util/Exception.h>
