@@ -129,7 +129,10 @@ def flatten_state(obj) -> tuple[dict[str, torch.Tensor], object]:
             node = {_TAG: "odict" if type(x) is collections.OrderedDict else "dict",
                     "items": [[enc(k, f"{path}/<key>"), enc(v, f"{path}/{k}")] for k, v in x.items()]}
             if meta is not None:
-                node["meta"] = enc(dict(meta), f"{path}/_metadata")
+                if not isinstance(meta, dict):
+                    raise TypeError(f"state{path}: _metadata must be a dict, got {type(meta).__name__}")
+                node["meta"] = enc(meta if type(meta) in (dict, collections.OrderedDict) else dict(meta),
+                                   f"{path}/_metadata")
             return node
         raise TypeError(f"state{path}: cannot store {type(x).__module__}.{type(x).__qualname__} in a "
                         "checkpoint (tensors, JSON scalars, lists, tuples and dicts only)")
