@@ -92,6 +92,8 @@ run() {
 # The instrumented build must be the one the tests import.
 run -c "import sys, trainops._C as c; sys.exit(0 if c.__file__.startswith('$WORK/pkg/') else 'asan_check: tests would import ' + c.__file__)"
 # torch.compile tests are left out: slow under ASan and they run no other kernel code.
+# --capture=sys: a sanitizer report is written to fd 2 by the dying process; fd-level capture
+# would swallow it.
 # shellcheck disable=SC2086
-run -m pytest -q -p no:cacheprovider -k "not compile" $TESTS "$@"
+run -m pytest -q -p no:cacheprovider --capture=sys -k "not compile" $TESTS "$@"
 echo "asan_check: passed in $(($(date +%s) - start))s (build $((built - start))s)"
