@@ -18,7 +18,7 @@
 # RTTI of torch's classes, which come from the uninstrumented libtorch.
 # Environment: PYTHON (default python), CXX (default g++), TRAINOPS_CPU_ARCH (as setup.py,
 # default native), TRAINOPS_ASAN_TESTS (the test files, default below),
-# TRAINOPS_FUZZ_SCALE (fraction of the fuzz suite's examples, default 0.5 here).
+# TRAINOPS_FUZZ_SCALE (multiplier of the fuzz suite's example budgets, default 1).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PYTHON="${PYTHON:-python}"
@@ -86,7 +86,7 @@ run() {
     ASAN_OPTIONS="detect_leaks=0:protect_shadow_gap=0:alloc_dealloc_mismatch=0:halt_on_error=1:exitcode=86:detect_odr_violation=0" \
     UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:exitcode=87" \
     PYTHONPATH="$WORK/pkg${PYTHONPATH:+:$PYTHONPATH}" \
-    TRAINOPS_FUZZ_SCALE="${TRAINOPS_FUZZ_SCALE:-0.5}" \
+    TRAINOPS_FUZZ_SCALE="${TRAINOPS_FUZZ_SCALE:-1}" \
     "$PYTHON" "$@"
 }
 # The instrumented build must be the one the tests import.

@@ -5,7 +5,7 @@ Every fuzz case ends in one of two ways: the op's result equals the reference's
 A crash, an out-of-bounds access (see scripts/asan_check.sh) or a silently wrong result fails.
 
 Runs are reproducible (``derandomize=True``) and sized for CI: ``TRAINOPS_FUZZ_SCALE``
-multiplies every example budget (scripts/asan_check.sh runs half). Each file counts the
+multiplies every example budget (scripts/asan_check.sh passes it through). Each file counts the
 cases it ran per op in ``CASES`` and prints the counts when its module finishes.
 """
 from __future__ import annotations
