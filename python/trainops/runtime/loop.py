@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import signal
+import sys
 import time
 
 import torch
@@ -139,8 +140,7 @@ class _Metrics:
     def __init__(self, path, enabled, resume_step):
         self.path, self.enabled = path, enabled
         if enabled and resume_step is not None and os.path.exists(path):
-            with open(path) as fh:  # drop what was logged after the checkpoint
-                rows = [(ln, json.loads(ln)) for ln in fh]
+            rows = self._read(path)  # drop what was logged after the checkpoint
             # an eval row at the checkpoint's step is logged again when the phase ends
             keep = [ln for ln, r in rows if r["global_step"] < resume_step
                     or (r["global_step"] == resume_step and "event" not in r)]
@@ -148,6 +148,27 @@ class _Metrics:
                 fh.writelines(keep)
         elif enabled and resume_step is None:
             open(path, "w").close()
+
+    @staticmethod
+    def _read(path):
+        """(line, row) pairs; a partial last line (the run was killed while writing it) is
+        dropped with a warning, any other unreadable line is an error naming it."""
+        with open(path, "rb") as fh:
+            lines = fh.read().decode("utf-8", errors="replace").splitlines(keepends=True)
+        rows = []
+        for no, ln in enumerate(lines, 1):
+            try:
+                row = json.loads(ln)
+                if not isinstance(row, dict) or not isinstance(row.get("global_step"), int):
+                    raise ValueError("no global_step")
+            except ValueError:
+                if no == len(lines):
+                    print(f"trainops train: warning: {path}: dropped a partial last line "
+                          f"({len(ln.encode())} bytes; the run was stopped while writing it)", file=sys.stderr)
+                    break
+                raise ConfigError(f"--resume: {path}:{no} is not a metrics row; fix or remove that line") from None
+            rows.append((ln if ln.endswith("\n") else ln + "\n", row))
+        return rows
 
     def log(self, **row):
         if self.enabled:
@@ -227,10 +248,13 @@ def run_worker(rank: int, world: int, cfg_dict: dict) -> dict:
             "trainable_params": sum(p.numel() for p in params), "adapter_modules": kinds,
             "mora_ranks": [m.num_ranks for m in model.modules() if type(m).__name__ == "MoRALinear"][:1]}
         opt = torch.optim.AdamW(params, lr=cfg.lr if task is None else cfg.task_lr, weight_decay=0.0)
+        # On resume the model holds this worker's own checkpointed weights, which differ
+        # between the workers when the checkpoint lies between two syncs: no broadcast.
         diloco = DiLoCo(model, opt, sync_every=cfg.sync_every, num_fragments=cfg.fragments,
                         outer_lr=cfg.outer_lr, outer_momentum=cfg.outer_momentum, nesterov=cfg.outer_momentum > 0,
                         fmt=None if cfg.exchange == "fp32" else cfg.exchange, block_size=cfg.block_size,
-                        error_feedback=cfg.error_feedback, min_numel=cfg.min_numel, stats=stats)
+                        error_feedback=cfg.error_feedback, min_numel=cfg.min_numel, stats=stats,
+                        broadcast_init=not resuming_here)
         first = 1
         if resuming_here:
             opt.load_state_dict(saved["optimizer"])
