@@ -1,7 +1,7 @@
 """``python -m trainops.train [--config file.yaml] [--key value ...]``: same as ``trainops train``."""
 import sys
 
-from trainops.runtime.cli import main
+from trainops.runtime.cli import train_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(train_main())

@@ -14,7 +14,16 @@ import signal
 import sys
 import time
 
-__all__ = ["main", "train"]
+__all__ = ["main", "train", "train_main"]
+
+COMMANDS = """usage: trainops <command> [options]
+
+commands:
+  train   continual training of a small MoE transformer (MoRA adapters, replay, Streaming
+          DiLoCo with an FP4 exchange) on 2 CPU workers by default; options: trainops train --help
+
+`trainops train` with no options runs the default job.
+"""
 
 USAGE = """usage: trainops train [--config FILE.yaml] [--key value ...]
 
@@ -87,7 +96,7 @@ def _check_previous_run(cfg, may_delete: bool) -> None:
     if may_delete:
         if os.path.isdir(os.path.join(cfg.out_dir, "checkpoint")):
             shutil.rmtree(os.path.join(cfg.out_dir, "checkpoint"))
-        for name in ("metrics.jsonl", "report.md", ERROR_LOG):
+        for name in ("metrics.jsonl", "report.md", "summary.json", ERROR_LOG):
             path = os.path.join(cfg.out_dir, name)
             if os.path.lexists(path):
                 os.unlink(path)
@@ -157,12 +166,24 @@ def _run(cfg, under_torchrun: bool) -> dict:
 
 
 def main(argv=None) -> int:
+    """``trainops <command> ...``: a bare ``trainops`` (or ``--help``) prints the commands."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "train":
-        argv = argv[1:]
-    elif argv and not argv[0].startswith("-"):
-        print(f"trainops: unknown command {argv[0]!r}; the command is `trainops train`", file=sys.stderr)
-        return 2
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(COMMANDS, end="")
+        return 0
+    if argv[0] == "train":
+        return train_main(argv[1:])
+    if argv[0].startswith("-"):
+        print(f"trainops: options follow a command: trainops train {' '.join(argv)}", file=sys.stderr)
+    else:
+        print(f"trainops: unknown command {argv[0]!r}; the command is `trainops train` (see `trainops --help`)",
+              file=sys.stderr)
+    return 2
+
+
+def train_main(argv=None) -> int:
+    """``trainops train [options]`` and ``python -m trainops.train [options]``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print(_help())
         return 0

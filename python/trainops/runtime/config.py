@@ -32,7 +32,7 @@ MAX_SIZES = {"workers": 256, "threads": 256, "seq_len": 4096, "batch_size": 8192
              "d_model": 8192, "n_layers": 128, "n_heads": 256, "num_experts": 1024, "top_k": 1024,
              "ffn_size": 65536, "grad_accum": 4096, "adapter_rank": 1024, "mora_top_k": 65536,
              "replay_capacity": 1_000_000, "sync_every": 1_000_000, "fragments": 1024, "block_size": 65536,
-             "pretrain_steps": 10**9, "task_steps": 10**9, "checkpoint_every": 10**9, "stop_after": 10**12,
+             "pretrain_steps": 10**9, "task_steps": 10**9, "checkpoint_every": 10**9, "stop_after": 10**12, "log_every": 10**9,
              "min_numel": 2**40}
 # Tokens (rows x seq_len) of one micro-batch, of the held-out set of one domain and of the
 # replay buffer of one worker.
@@ -53,7 +53,11 @@ class TrainConfig:
     device: str = _f("auto", "auto | cpu | cuda (auto: cuda with NCCL when available)")
     threads: int = _f(1, "torch threads per worker")
     timeout_s: float = _f(120.0, "seconds a collective waits before a dead worker is reported")
-    progress: bool = _f(True, "show a tqdm bar per phase on rank 0")
+    progress: bool = _f(True, "show a tqdm bar per phase on rank 0 (--no-progress: log lines, see --log-every)")
+    log_every: int = _f(50, "with --no-progress: rank 0 writes a line to stderr (step, loss, tokens/s) every N steps "
+                            "of a phase, at its last step and after its evaluation (0: none)")
+    tensorboard: bool = _f(False, "rank 0 also writes the scalars of metrics.jsonl as TensorBoard events to "
+                                  "out_dir/tensorboard (needs pip install 'trainops[tensorboard]')")
     # --- data --------------------------------------------------------------------------
     tasks: str = _f("arith,reverse,sort,grammar",
                     "comma-separated embedded domains learned in sequence (arith, reverse, sort, grammar) "
@@ -113,7 +117,7 @@ class TrainConfig:
                     "num_experts", "top_k", "ffn_size", "grad_accum", "task_steps", "adapter_rank", "mora_top_k",
                     "replay_capacity", "sync_every", "fragments", "block_size"):
             need(getattr(self, key) >= 1, key, "must be >= 1")
-        for key in ("pretrain_steps", "checkpoint_every", "stop_after", "min_numel", "lbl_coeff"):
+        for key in ("pretrain_steps", "checkpoint_every", "stop_after", "min_numel", "lbl_coeff", "log_every"):
             need(getattr(self, key) >= 0, key, "must be >= 0")
         for key, most in MAX_SIZES.items():
             need(getattr(self, key) <= most, key, f"must be <= {most}")
@@ -174,13 +178,15 @@ class TrainConfig:
 
 
 # Keys that may differ between a checkpoint and the run that resumes it.
-RESUME_KEYS = ("resume", "overwrite", "progress", "timeout_s", "stop_after", "checkpoint_every", "out_dir")
+RESUME_KEYS = ("resume", "overwrite", "progress", "timeout_s", "stop_after", "checkpoint_every", "out_dir",
+               "log_every", "tensorboard")
 
 
 def preflight(cfg: TrainConfig, under_torchrun: bool = False) -> None:
     """Checks of a valid config against this machine and the model, run by the launcher
     before any worker starts: CUDA present for ``--device cuda``, workers that fit the
-    machine, ``adapter_targets`` that match a layer of the model."""
+    machine, the tensorboard package for ``--tensorboard``, ``adapter_targets`` that match
+    a layer of the model."""
     import torch
 
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -196,6 +202,9 @@ def preflight(cfg: TrainConfig, under_torchrun: bool = False) -> None:
         if not on_gpu and cfg.workers * cfg.threads > 4 * cpus:
             raise ConfigError(f"workers={cfg.workers}: workers x threads ({cfg.workers * cfg.threads}) must be <= "
                               f"4 x the {cpus} CPUs here")
+    if cfg.tensorboard:
+        from trainops.runtime.monitor import require_tensorboard
+        require_tensorboard()
     if cfg.adapter != "none":
         from trainops.runtime.domains import VOCAB
         from trainops.runtime.model import MoETransformer, _target_regex

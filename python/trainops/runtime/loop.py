@@ -32,6 +32,7 @@ from trainops.runtime.checkpoint import check_resume_config, load_checkpoint, sa
 from trainops.runtime.config import ConfigError, TrainConfig, config_from_dict
 from trainops.runtime.domains import VOCAB, generator, make_domains
 from trainops.runtime.model import MoETransformer, apply_adapter, lbl_disabled, next_task_adapter
+from trainops.runtime.monitor import RunMonitor
 
 __all__ = ["run_worker"]
 
@@ -137,6 +138,8 @@ def _replay_buffer(cfg, rank, n_tasks, device):
 
 
 class _Metrics:
+    on_row = None  # also called with every row logged (TensorBoard, log lines)
+
     def __init__(self, path, enabled, resume_step):
         self.path, self.enabled = path, enabled
         if enabled and resume_step is not None and os.path.exists(path):
@@ -174,6 +177,8 @@ class _Metrics:
         if self.enabled:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
+            if self.on_row is not None:
+                self.on_row(row)
 
 
 def run_worker(rank: int, world: int, cfg_dict: dict) -> dict:
@@ -221,6 +226,9 @@ def run_worker(rank: int, world: int, cfg_dict: dict) -> dict:
             if hasattr(stats, k) and k != "calls":
                 setattr(stats, k, v)
     metrics = _Metrics(os.path.join(out, "metrics.jsonl"), rank == 0, state["global_step"] if saved else None)
+    monitor = RunMonitor(cfg, rank, [d.name for d in domains], {n: s for n, s, _ in phases},
+                         state["global_step"] if saved else None)
+    metrics.on_row = monitor.log
 
     def barrier():
         dist.barrier()
@@ -350,6 +358,7 @@ def run_worker(rank: int, world: int, cfg_dict: dict) -> dict:
             if bar is not None:
                 print(f"[{name}] exact-match (greedy) " + " ".join(f"{d.name}={a:.3f}" for d, a in zip(domains, accs))
                       + f" specialization={spec:.3f}", flush=True)
+    monitor.close()
     if not interrupted:  # the final checkpoint: phase index past the end marks a complete run
         checkpoint(len(phases), 0, opt, diloco, final=True)
     summary = {"interrupted": interrupted, "state": state, "domains": [d.name for d in domains],

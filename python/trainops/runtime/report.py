@@ -1,11 +1,15 @@
 """Final report of a run: ``report.md`` (settings, accuracy matrix, forgetting, specialization,
-bytes exchanged) and PNG plots under ``plots/`` (matplotlib, Agg backend)."""
+bytes exchanged), the same numbers in ``summary.json``, and PNG plots under ``plots/``
+(matplotlib, Agg backend)."""
 from __future__ import annotations
 
 import json
 import os
 
-__all__ = ["write_report", "forgetting"]
+__all__ = ["write_report", "forgetting", "SUMMARY_FILE"]
+
+#: The report's numbers as JSON (accuracy matrix, forgetting, bytes), for scripts.
+SUMMARY_FILE = "summary.json"
 
 
 def forgetting(matrix: list[list[float]], rows: list[str]) -> tuple[float, list[float]]:
@@ -66,13 +70,19 @@ def _plots(out: str, cfg, summary: dict) -> list[str]:
     routing = state["routing"]
     key = "pretrain" if "pretrain" in routing else state["acc_rows"][-1]
     layers = routing[key]
-    fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers) + 1, 0.4 * len(domains) + 2), squeeze=False)
-    for li, counts in enumerate(layers):
-        freq = [[c / max(1e-9, sum(r)) for c in r] for r in counts]
+    # Each row: the share of a domain's token-to-expert assignments that each expert gets
+    # (a row sums to 1). A token picks top_k distinct experts, so no expert can get more
+    # than 1/top_k: that is the top of the colour scale, the same for every layer and run.
+    freqs = [[[c / max(1e-9, sum(r)) for c in r] for r in counts] for counts in layers]
+    top = 1.0 / cfg.top_k
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers) + 2, 0.4 * len(domains) + 2), squeeze=False,
+                             layout="constrained")
+    for li, freq in enumerate(freqs):
         a = axes[0][li]
-        a.imshow(freq, vmin=0, cmap="magma")
-        a.set(title=f"layer {li} routing ({key})", xlabel="expert", yticks=range(len(domains)), yticklabels=domains)
-    fig.tight_layout()
+        im = a.imshow(freq, vmin=0, vmax=top, cmap="magma")
+        a.set(title=f"layer {li} routing ({key})", xlabel="expert", xticks=range(len(freq[0])),
+              yticks=range(len(domains)), yticklabels=domains)
+    fig.colorbar(im, ax=axes[0].tolist(), label="share of the domain's\nexpert assignments")
     files.append(os.path.join(pdir, "expert_by_domain.png"))
     fig.savefig(files[-1], dpi=100)
     plt.close(fig)
@@ -157,5 +167,11 @@ def write_report(cfg, world: int, summary: dict) -> str:
     lines += [f"![{os.path.basename(f)}](plots/{os.path.basename(f)})" for f in files]
     text = "\n".join(lines) + "\n"
     from trainops.runtime.checkpoint import atomic_write_text
+    numbers = {"domains": domains, "chance": summary.get("chance"), "rows": rows, "accuracy": m,
+               "byte_accuracy": bm, "final_avg_accuracy": final_avg, "forgetting": avg_forget,
+               "forgetting_per_task": per_forget, "specialization": spec, "bytes_sent": sent, "bytes_fp32_equiv": fp32,
+               "exchange": cfg.exchange, "workers": world, "seed": cfg.seed,
+               "phase_seconds": state.get("phase_seconds", {})}
+    atomic_write_text(os.path.join(out, SUMMARY_FILE), json.dumps(numbers, indent=1) + "\n")
     atomic_write_text(os.path.join(out, "report.md"), text)
     return text
