@@ -1,6 +1,6 @@
 """quantized_all_reduce with ranks that disagree, and all-or-nothing error feedback (2 gloo ranks).
 
-Disagreeing arguments (numel, dtype, fmt, op, block_size, min_numel, nan_policy) make every
+Disagreeing arguments (numel, dtype, fmt, op, block_size, min_numel, nan_policy, pipeline_numel) make every
 rank raise the same ValueError naming each difference, with tensor and error feedback
 unchanged, and the group stays usable. A NaN on one rank only makes every rank raise with
 tensor and error feedback unchanged everywhere: the next good call gives exactly what it
@@ -27,6 +27,7 @@ MISMATCHES = {
     "min_numel": (dict(min_numel=8192), N, torch.float32, ["min_numel: rank 0 = 0, rank 1 = 8192"]),
     "nan_policy": (dict(nan_policy="propagate"), N, torch.float32,
                    ["nan_policy: rank 0 = 'raise', rank 1 = 'propagate'"]),
+    "pipeline_numel": (dict(pipeline_numel=256), N, torch.float32, ["pipeline_numel: rank 0 = None, rank 1 = 256"]),
     "several": (dict(fmt="int4", op="sum"), N + 5, torch.float16,
                 ["numel: rank 0 = 1000, rank 1 = 1005", "dtype: rank 0 = float32, rank 1 = float16",
                  "op: rank 0 = 'avg', rank 1 = 'sum'", "fmt: rank 0 = 'fp4_e3m0', rank 1 = 'int4'"]),
