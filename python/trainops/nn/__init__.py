@@ -6,10 +6,13 @@ from trainops.nn.mora import (  # MoRA: rank-1 LoRA expert mixing
     MoRALinear,
     add_task,
     apply_mora,
+    load_mora,
     load_mora_state_dict,
     mora_activation_stats,
+    mora_config,
     mora_modules,
     mora_state_dict,
+    save_mora,
     set_mora_stats,
 )
 from trainops.nn.router import TopKRouter
@@ -18,5 +21,5 @@ __all__ = [
     "LoadBalancingLoss", "GlobalCountSync", "reset_load_balancing", "register_reset_hook", "TopKRouter", "MoELayer",
     "domain_expert_counts", "expert_selection_frequency", "specialization_score",
     "MoRALinear", "apply_mora", "add_task", "mora_state_dict", "load_mora_state_dict", "mora_modules",
-    "mora_activation_stats", "set_mora_stats",
+    "mora_activation_stats", "set_mora_stats", "mora_config", "save_mora", "load_mora",
 ]
