@@ -189,7 +189,35 @@ def _worker(rank, world):
         out["bad_local_params"] = "loaded"
     except ValueError as e:
         out["bad_local_params"] = str(e)
+    out["two_stage"] = _two_stage_and_pipelined(rank, task)
     dist.barrier()
+    return out
+
+
+def _two_stage_and_pipelined(rank, task):
+    """Owner residuals kept per fragment (and checkpointed); a pipelined exchange changes no bit."""
+    kw = dict(fmt="fp4_e3m0", error_feedback=True, min_numel=0, sync_every=4, num_fragments=2)
+    runs = {}
+    for name, extra in (("two_stage", {}), ("pipelined", dict(pipeline_numel=300)),
+                        ("one_stage", dict(owner_error_feedback=False))):
+        model, opt, dl = _build(0, **kw, **extra)
+        for step in range(12):
+            _inner_step(model, opt, task, rank, step)
+            dl.step()
+        runs[name] = (torch.cat([p.detach().reshape(-1) for p in model.parameters()]), dl.state_dict(), dl)
+    out = {"pipelined_same": not _differences({k: v for k, v in runs["two_stage"][1].items() if k != "stats"},
+                                              {k: v for k, v in runs["pipelined"][1].items() if k != "stats"}),
+           "owner_nonzero": [bool(o.abs().sum() > 0) for o in runs["two_stage"][1]["owner_errors"]],
+           "one_stage_owner": runs["one_stage"][1]["owner_errors"],
+           "one_stage_differs": not torch.equal(runs["one_stage"][0], runs["two_stage"][0])}
+    state, dl = runs["two_stage"][1], runs["two_stage"][2]
+    dl.load_state_dict({k: v for k, v in state.items() if k != "owner_errors"})  # older state dicts
+    out["old_state_owner"] = dl.state_dict()["owner_errors"]
+    try:
+        dl.load_state_dict({**state, "owner_errors": [o[:-1] for o in state["owner_errors"]]})
+        out["bad_owner"] = "loaded"
+    except ValueError as e:
+        out["bad_owner"] = str(e)
     return out
 
 
@@ -236,6 +264,16 @@ def test_resume_from_every_step_with_syncs_in_flight_is_bit_for_bit(results):
         assert "local_params do not match" in r["bad_local_params"]
 
 
+def test_two_stage_error_feedback_per_fragment_and_pipelined(results):
+    for r in results:
+        got = r["two_stage"]
+        assert got["owner_nonzero"] == [True, True]
+        assert got["one_stage_owner"] == [None, None] and got["one_stage_differs"]
+        assert got["pipelined_same"]
+        assert got["old_state_owner"] == [None, None]
+        assert "owner_errors[0]" in got["bad_owner"]
+
+
 # --- argument checks (before any collective) ---------------------------------------------------
 
 def _args(**kw):
@@ -256,6 +294,8 @@ def _args(**kw):
     (dict(fmt="fp3"), ValueError, "fmt"),
     (dict(block_size=48), ValueError, "block_size"),
     (dict(sync_every=2.5), TypeError, "sync_every"),
+    (dict(owner_error_feedback=1), TypeError, "owner_error_feedback"),
+    (dict(pipeline_numel=0), ValueError, "pipeline_numel"),
 ])
 def test_bad_arguments(kw, exc, word):
     args = _args()

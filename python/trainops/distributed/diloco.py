@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from trainops._validation import check_int
-from trainops.distributed.all_reduce import DEFAULT_MIN_NUMEL, quantized_all_reduce
+from trainops.distributed.all_reduce import DEFAULT_MIN_NUMEL, owner_chunk_numel, quantized_all_reduce
 from trainops.distributed.fragments import strided_fragments
 from trainops.distributed.stats import CommStats
 from trainops.formats import check_block_size, get_format
@@ -73,6 +73,11 @@ class DiLoCo:
         fragment_alpha: α in [0, 1], mixing of local and global values on arrival.
         fmt: exchange format (``None``: full precision); ``block_size``: its block.
         error_feedback: keep each fragment's quantization residual and add it to the next Δ.
+        owner_error_feedback: with ``error_feedback``, also keep the residual of this worker's
+            requantization of the averaged chunk it owns (two-stage error feedback,
+            DoubleSqueeze, arXiv 1905.05957), so that no quantization error is lost over syncs.
+        pipeline_numel: cut each exchange into pieces of about this many elements whose
+            quantization overlaps the transfer of the previous piece (same result bit for bit).
         group: process group of the workers (default: world).
         min_numel: fragments smaller than this are exchanged in full precision.
         broadcast_init: start every worker from rank 0's parameters. To continue from a
@@ -90,7 +95,8 @@ class DiLoCo:
                  outer_lr: float = 0.7, outer_momentum: float = 0.9, nesterov: bool = True, num_fragments: int = 1,
                  overlap_steps: int = 0, fragment_alpha: float = 0.0, fmt: str | None = "fp4_e3m0", *,
                  block_size: int = 128, error_feedback: bool = False, group=None,
-                 min_numel: int = DEFAULT_MIN_NUMEL, broadcast_init: bool = True, stats: CommStats | None = None):
+                 min_numel: int = DEFAULT_MIN_NUMEL, broadcast_init: bool = True, stats: CommStats | None = None,
+                 owner_error_feedback: bool = True, pipeline_numel: int | None = None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(inner_optimizer, torch.optim.Optimizer):
@@ -109,6 +115,10 @@ class DiLoCo:
             get_format(fmt)
             check_block_size(block_size)
         check_int("min_numel", min_numel, 0)
+        if not isinstance(owner_error_feedback, bool):
+            raise TypeError(f"owner_error_feedback must be a bool, got {type(owner_error_feedback).__name__}")
+        if pipeline_numel is not None:
+            check_int("pipeline_numel", pipeline_numel, 1)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("model has no trainable parameters")
@@ -124,6 +134,8 @@ class DiLoCo:
         self.fmt = fmt
         self.block_size = block_size
         self.error_feedback = bool(error_feedback)
+        self.owner_error_feedback = owner_error_feedback
+        self.pipeline_numel = pipeline_numel
         self.group = group
         self.min_numel = min_numel
         self.stats = CommStats() if stats is None else stats
@@ -139,6 +151,7 @@ class DiLoCo:
         self._outer = torch.optim.SGD([g for frag in self._global for g in frag], lr=outer_lr,
                                       momentum=outer_momentum, nesterov=nesterov)
         self._errors: list[torch.Tensor | None] = [None] * num_fragments
+        self._owner_errors: list[torch.Tensor | None] = [None] * num_fragments
         self._in_flight: dict[int, _InFlight] = {}
         self._step = 0
         # Async exchanges run on a group of their own so they never interleave with the
@@ -199,19 +212,27 @@ class DiLoCo:
         params = self.fragments[frag]
         with torch.no_grad():
             delta = torch.cat([(g - p.detach().float()).reshape(-1) for g, (_, p) in zip(self._global[frag], params)])
-        err = None
+        err = owner = None
         if self.error_feedback and self.fmt is not None and delta.numel() >= self.min_numel:
             if self._errors[frag] is None:
                 self._errors[frag] = torch.zeros_like(delta)
             err = self._errors[frag]
+            if self.owner_error_feedback:
+                if self._owner_errors[frag] is None:
+                    self._owner_errors[frag] = torch.zeros(self._owner_numel(delta.numel()), dtype=torch.float32)
+                owner = self._owner_errors[frag]
         asynchronous = self.overlap_steps > 0
         work = quantized_all_reduce(delta, "avg", self._comm_group, self.fmt, self.block_size, err,
-                                    async_op=asynchronous, min_numel=self.min_numel, stats=self.stats)
+                                    async_op=asynchronous, min_numel=self.min_numel, stats=self.stats,
+                                    owner_error_feedback=owner, pipeline_numel=self.pipeline_numel)
         flight = _InFlight(t + self.overlap_steps, delta, work)
         if asynchronous:
             self._in_flight[frag] = flight
         else:
             self._merge(frag, flight.result())
+
+    def _owner_numel(self, numel: int) -> int:
+        return owner_chunk_numel(numel, dist.get_world_size(self._comm_group), self.block_size)
 
     def _merge(self, frag: int, delta: torch.Tensor) -> None:
         globals_ = self._global[frag]
@@ -230,7 +251,8 @@ class DiLoCo:
     # --- checkpoint --------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Everything needed to continue identically: step, θ_global, outer momentum, residuals,
+        """Everything needed to continue identically: step, θ_global, outer momentum, residuals
+        (``errors``: the worker's, per fragment; ``owner_errors``: of the chunk it owns),
         in-flight syncs, and this worker's own (local) values of the synchronized parameters.
 
         In-flight exchanges are waited for (a collective: call on every worker) and their
@@ -250,6 +272,7 @@ class DiLoCo:
             "global_params": [[g.clone() for g in frag] for frag in self._global],
             "outer_optimizer": self._outer.state_dict(),
             "errors": [None if e is None else e.clone() for e in self._errors],
+            "owner_errors": [None if e is None else e.clone() for e in self._owner_errors],
             "in_flight": pending,
             "local_params": [[p.detach() for _, p in frag] for frag in self.fragments],
             "stats": self.stats.as_dict(),
@@ -280,7 +303,25 @@ class DiLoCo:
         for g, s in zip((g for f in self._global for g in f), (s for f in state["global_params"] for s in f)):
             g.copy_(s)
         self._outer.load_state_dict(state["outer_optimizer"])
+        owner_errors = state.get("owner_errors")  # absent in state dicts of older versions
+        if owner_errors is None:
+            owner_errors = [None] * self.num_fragments
+        if len(owner_errors) != self.num_fragments:
+            raise ValueError(f"state dict owner_errors has {len(owner_errors)} entries, not one per fragment "
+                             f"({self.num_fragments})")
+        for frag, o in enumerate(owner_errors):
+            if o is None:
+                continue
+            numel = sum(p.numel() for _, p in self.fragments[frag])
+            want = self._owner_numel(numel)
+            if not isinstance(o, torch.Tensor) or o.dtype != torch.float32 or o.numel() != want:
+                raise ValueError(
+                    f"state dict owner_errors[{frag}] must be a float32 tensor of {want} elements (this worker's "
+                    f"chunk of fragment {frag} at this world size), got "
+                    f"{getattr(o, 'dtype', type(o).__name__)} with {getattr(o, 'numel', lambda: '?')()} elements"
+                )
         self._errors = [None if e is None else e.detach().clone() for e in state["errors"]]
+        self._owner_errors = [None if o is None else o.detach().clone().reshape(-1) for o in owner_errors]
         self._in_flight = {int(frag): _InFlight(int(f["merge_step"]), f["delta"].detach().clone())
                            for frag, f in state["in_flight"].items()}
         self._step = int(state["step"])
