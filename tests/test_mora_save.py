@@ -110,11 +110,20 @@ def test_bad_config_entries_are_clear_errors():
                            (torch.tensor(list(b'{"format": "x"}'), dtype=torch.uint8), "config")]:
         with pytest.raises(ValueError, match=pattern):
             load_mora_state_dict(base_model(0), {**sd, CONFIG_KEY: value})
+    def with_config(cfg):
+        return {**sd, CONFIG_KEY: torch.tensor(list(json.dumps(cfg).encode()), dtype=torch.uint8)}
+
     cfg = json.loads(bytes(sd[CONFIG_KEY].tolist()))
     cfg["layers"]["0"]["top_k"] = 0  # a hostile value goes through the constructor's checks
     with pytest.raises(ValueError, match="top_k"):
-        load_mora_state_dict(base_model(0), {**sd, CONFIG_KEY: torch.tensor(list(json.dumps(cfg).encode()),
-                                                                             dtype=torch.uint8)})
+        load_mora_state_dict(base_model(0), with_config(cfg))
+    cfg = json.loads(bytes(sd[CONFIG_KEY].tolist()))
+    cfg["layers"][""] = cfg["layers"]["0"]  # the root module is no layer to wrap
+    with pytest.raises(KeyError, match="not a submodule name"):
+        load_mora_state_dict(base_model(0), with_config(cfg))
+    cfg["version"] = 2
+    with pytest.raises(ValueError, match="version 2"):
+        load_mora_state_dict(base_model(0), with_config(cfg))
 
 
 def test_state_without_config_loads_as_before_with_a_warning():

@@ -530,6 +530,8 @@ def _layers_from_config(model: nn.Module, cfg: dict) -> dict:
     put in place); KeyError/TypeError/ValueError naming the layer when one does not fit."""
     new = {}
     for name, layer in cfg["layers"].items():
+        if not isinstance(name, str) or not name:
+            raise KeyError(f"the saved MoRA layer name {name!r} is not a submodule name")
         try:
             base = model.get_submodule(name)
         except AttributeError:
