@@ -26,6 +26,7 @@ import torch
 
 from trainops._validation import CheckedFloat, check_finite_float, check_int
 from trainops.ops import replay as rops
+from trainops.replay import _rows
 from trainops.reference.replay import block_stats as _block_stats
 from trainops.reference.replay import priority_weight as _priority_weight
 
@@ -65,6 +66,17 @@ def _dtype_from_name(name: str) -> torch.dtype:
     return dtype
 
 
+def _spec_from_config(spec) -> dict:
+    """A saved ``config()["spec"]`` (field name -> [shape, dtype name]; "a.b" is the nested key
+    ("a", "b")) as a constructor spec."""
+    if not isinstance(spec, dict) or not all(
+            isinstance(k, str) and isinstance(e, list) and len(e) == 2 and isinstance(e[0], list)
+            and isinstance(e[1], str) and all(isinstance(s, int) and not isinstance(s, bool) for s in e[0])
+            for k, e in spec.items()):
+        raise ValueError(f"the saved spec must map field -> [shape (list of ints), dtype name], got {spec!r}")
+    return {_rows.key_of(k): (tuple(s), _dtype_from_name(d)) for k, (s, d) in spec.items()}
+
+
 def _safetensors():
     """The safetensors package (buffer files are safetensors; it is not a core dependency)."""
     try:
@@ -89,7 +101,15 @@ class ReplayBuffer:
 
     Args:
         capacity: number of stored items.
-        spec: e.g. ``{"tokens": ((L,), torch.int32), "length": ((), torch.int32), "reward": ((), torch.float32)}``.
+        spec: e.g. ``{"tokens": ((L,), torch.int32), "length": ((), torch.int32), "reward": ((), torch.float32)}``;
+            nested keys are tuples (``("next", "obs")``). ``None``: the first ``add``/``extend``
+            defines it (each field's row shape and dtype), as TorchRL's lazy storages do.
+
+    Rows go in as dicts of tensors (nested dicts allowed) or, with the tensordict package, as
+    TensorDicts; a buffer that was given TensorDicts returns TensorDicts (``sample().batch``,
+    ``buffer[i]``, iteration). ``add`` takes one item or a batch, ``extend`` a batch (or a list
+    of items); ``len``, ``buffer[i]``, ``buffer[index_tensor]``, ``buffer[a:b]`` and iteration
+    read the stored items in slot order.
         device: where storage lives and sampling runs.
         sampler: ``uniform`` | ``prioritized`` | ``recency`` | ``power_law``.
         eviction: ``fifo`` | ``reservoir``.
@@ -133,14 +153,14 @@ class ReplayBuffer:
         self.max_tasks = check_int("max_tasks", max_tasks, 1, 2**31 - 1)
         self.capacity = capacity
         self.device = torch.device(device)
-        self.spec = self._normalize_spec(spec)
         self.sampler, self.eviction = sampler, eviction
         self.seed, self.weight_norm, self.task_field = seed, weight_norm, task_field
         self.ragged = dict(ragged or {})
-        self._check_options()
+        self.spec, self.storage = None, None
+        self.returns_tensordict = False  # set by the first TensorDict written
+        if spec is not None:
+            self._allocate(self._normalize_spec(spec))
         dev = self.device
-        self.storage = {name: torch.zeros((capacity, *shape), dtype=dtype, device=dev)
-                        for name, (shape, dtype) in self.spec.items()}
         self.generations = torch.full((capacity,), -1, dtype=torch.int64, device=dev)
         self.stamps = torch.zeros(capacity, dtype=torch.int64, device=dev)
         self.keys = torch.zeros(capacity, dtype=torch.float64, device=dev)
@@ -161,14 +181,28 @@ class ReplayBuffer:
         self.rng_offset = 0  # random draws made so far (Philox counter)
 
     # ------------------------------------------------------------------ set-up and checks
+    def _allocate(self, spec: dict) -> None:
+        """Storage of a checked spec (field name -> (shape, dtype)); the options that name spec
+        fields are checked against it first."""
+        self._check_options(spec)
+        self.spec = spec
+        self.storage = {name: torch.zeros((self.capacity, *shape), dtype=dtype, device=self.device)
+                        for name, (shape, dtype) in spec.items()}
+
     @staticmethod
     def _normalize_spec(spec) -> dict:
+        """Field name (:func:`_rows.field_name` of each key) -> (shape tuple, dtype)."""
         if not isinstance(spec, dict) or not spec:
             raise TypeError("spec must be a non-empty dict: field name -> (shape, dtype)")
         out = {}
-        for name, entry in spec.items():
-            if not isinstance(name, str) or not name or "." in name:
-                raise ValueError(f"spec field names must be non-empty strings without '.', got {name!r}")
+        for key, entry in spec.items():
+            try:
+                name = _rows.field_name(key)
+            except ValueError:
+                raise ValueError(f"spec field names must be non-empty strings without '.' (nested keys: tuples of "
+                                 f"them), got {key!r}") from None
+            if name in out:
+                raise ValueError(f"spec names the field {key!r} twice")
             try:
                 shape, dtype = entry
             except (TypeError, ValueError):
@@ -183,17 +217,17 @@ class ReplayBuffer:
             out[name] = (shape, dtype)
         return out
 
-    def _check_options(self) -> None:
+    def _check_options(self, spec: dict) -> None:
         if self.sampler == "power_law":
-            if self.task_field not in self.spec:
+            if self.task_field not in spec:
                 raise ValueError(f"sampler 'power_law' needs the task field {self.task_field!r} in spec")
-            shape, dtype = self.spec[self.task_field]
+            shape, dtype = spec[self.task_field]
             if shape != () or dtype != torch.int64:
                 raise ValueError(f"task field {self.task_field!r} must be spec'd as ((), torch.int64)")
         for field, length_field in self.ragged.items():
-            if field not in self.spec or len(self.spec[field][0]) != 1:
+            if field not in spec or len(spec[field][0]) != 1:
                 raise ValueError(f"ragged field {field!r} must be a spec field of shape (L,)")
-            if self.spec.get(length_field) != ((), torch.int32):
+            if spec.get(length_field) != ((), torch.int32):
                 raise ValueError(f"length field {length_field!r} of {field!r} must be spec'd as ((), torch.int32)")
         if len(set(self.ragged.values())) > 1:
             raise ValueError("all ragged fields must share one length field")
@@ -201,15 +235,90 @@ class ReplayBuffer:
     def __len__(self) -> int:
         return self.size
 
-    def _check_batch(self, batch, name: str) -> int:
-        if not isinstance(batch, dict):
-            raise TypeError(f"{name} must be a dict of tensors with the fields {sorted(self.spec)}")
-        missing = sorted(set(self.spec) - set(batch))
-        extra = sorted(set(batch) - set(self.spec))
+    def _rows_out(self, fields: dict, batch_shape):
+        """Field name -> tensor as the user's rows: a TensorDict if TensorDicts were stored, else
+        a dict keyed like the spec (nested keys as tuples)."""
+        return _rows.build({_rows.key_of(k): v for k, v in fields.items()}, batch_shape, self.returns_tensordict,
+                           self.device)
+
+    def __getitem__(self, index):
+        """Stored items by slot: ``buffer[i]`` one item (fields without a batch dimension),
+        ``buffer[index_tensor]``, ``buffer[[i, j]]`` or ``buffer[a:b]`` a batch. Slots are in
+        [0, len(buffer)); negative ints and indices count from the end, as for a sequence."""
+        n = self.size
+        if isinstance(index, slice):
+            index = torch.arange(n, device=self.device)[index]
+        elif isinstance(index, int) and not isinstance(index, bool):
+            if not -n <= index < n:
+                raise IndexError(f"index {index} is out of range for a replay buffer of {n} stored items")
+            i = index % n
+            return self._rows_out({f: st[i] for f, st in self.storage.items()}, ())
+        elif isinstance(index, list):
+            index = torch.tensor(index, dtype=torch.int64, device=self.device) if index else \
+                torch.zeros(0, dtype=torch.int64, device=self.device)
+        if not isinstance(index, torch.Tensor):
+            raise TypeError(f"replay buffer indices must be ints, slices, lists or int tensors, got "
+                            f"{type(index).__name__}")
+        if index.dtype not in (torch.int64, torch.int32) or index.dim() > 1:
+            raise TypeError(f"an index tensor must be a 0-d or 1-d int64/int32 tensor, got {index.dtype} of shape "
+                            f"{tuple(index.shape)}")
+        if index.numel() and bool(((index < -n) | (index >= n)).any()):
+            raise IndexError(f"indices must be in [-{n}, {n}) for a replay buffer of {n} stored items")
+        index = torch.where(index < 0, index + n, index).to(self.device, torch.int64)
+        rows = {f: st[index] for f, st in self.storage.items()} if self.storage else {}
+        return self._rows_out(rows, tuple(index.shape))
+
+    def __iter__(self):
+        """The stored items one by one, in slot order (sampling is :meth:`sample`)."""
+        for i in range(self.size):
+            yield self[i]
+
+    def _spec_from_rows(self, data, leaves: dict, name: str, single: bool) -> dict:
+        """The spec a spec-less buffer takes from its first rows (row shape and dtype per field)."""
+        spec = {}
+        for key, t in leaves.items():
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}[{key!r}] must be a torch.Tensor, got {type(t).__name__}")
+            if not single and t.dim() == 0:
+                raise ValueError(f"{name}[{key!r}] has no batch dimension: a batch holds [n, ...] tensors")
+            spec[key] = (tuple(t.shape[0 if single else 1:]), t.dtype)
+        if not spec:
+            raise ValueError(f"{name} has no fields")
+        return self._normalize_spec(spec)
+
+    def _check_batch(self, batch, name: str, *, item: bool | None = False) -> tuple[dict, int, bool, dict]:
+        """(field name -> [n, ...] tensor, n, whether it was one item, spec) of ``batch`` (a dict,
+        nested dicts or a TensorDict) checked against the spec (a spec-less buffer: the spec the
+        rows define, allocated by the caller once everything else is checked). ``item=False``: a
+        batch is required; ``None``: one item (no batch dimension) is also accepted."""
+        leaves = _rows.leaves(batch, name)
+        is_td = _rows.is_tensordict(batch)
+        if is_td:
+            if batch.batch_dims > 1:
+                raise ValueError(f"{name} must be a TensorDict with at most one batch dimension, got batch size "
+                                 f"{tuple(batch.batch_size)}")
+            if item is False and batch.batch_dims == 0:
+                raise ValueError(f"{name} is one item (a TensorDict with batch size []): {name} takes a batch")
+            item = batch.batch_dims == 0
+        if self.spec is None:
+            if item is None:
+                raise ValueError(f"{name}: the buffer has no spec yet and a dict does not say whether it is one item "
+                                 "or a batch: use extend(batch), add a TensorDict, or pass spec= to the constructor")
+            spec = self._spec_from_rows(batch, leaves, name, item)
+            self._check_options(spec)
+        else:
+            spec = self.spec
+        batch = {_rows.field_name(k): v for k, v in leaves.items()}
+        missing = sorted(set(spec) - set(batch))
+        extra = sorted(set(batch) - set(spec))
         if missing or extra:
             raise ValueError(f"{name} does not match the spec: missing fields {missing}, unknown fields {extra}")
+        if item is None:  # a dict: one item when no field has a batch dimension
+            item = all(isinstance(t, torch.Tensor) and t.dim() == len(spec[f][0]) for f, t in batch.items())
+        if item:
+            batch = {f: (t.unsqueeze(0) if isinstance(t, torch.Tensor) else t) for f, t in batch.items()}
         n = None
-        for field, (shape, dtype) in self.spec.items():
+        for field, (shape, dtype) in spec.items():
             t = batch[field]
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name}[{field!r}] must be a torch.Tensor, got {type(t).__name__}")
@@ -223,7 +332,7 @@ class ReplayBuffer:
                 n = t.shape[0]
             elif t.shape[0] != n:
                 raise ValueError(f"{name}[{field!r}] has {t.shape[0]} rows but other fields have {n}")
-        return n
+        return batch, n, bool(item), spec
 
     def _per_item(self, value, n: int, dtype, name: str):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -237,20 +346,35 @@ class ReplayBuffer:
         return value.reshape(n).to(dtype)
 
     # ------------------------------------------------------------------ writing
-    def add(self, batch: dict, priority=None, group=None) -> torch.Tensor:
-        """Insert a batch (dict of [n, ...] tensors matching ``spec``); returns each item's slot
-        (int64 [n]; -1 if not stored: reservoir rejection, or overwritten within a too-large batch).
+    def add(self, batch, priority=None, group=None) -> torch.Tensor:
+        """Insert a batch (dict of [n, ...] tensors matching ``spec``, or a TensorDict of batch
+        size [n]) or one item (no batch dimension; TensorDict batch size []); returns each item's
+        slot (int64 [n], 0-d for one item; -1 if not stored: reservoir rejection, or overwritten
+        within a too-large batch).
 
         ``priority``: number or [n] tensor (default: the largest priority seen, as in PER);
         ``group``: number or [n] int64 tensor of group ids for ``sample_groups``.
         """
-        n = self._check_batch(batch, "batch")
+        slots, one = self._insert(batch, "batch", None, priority, group)
+        return slots[0] if one else slots
+
+    def extend(self, batch, priority=None, group=None) -> torch.Tensor:
+        """Insert a batch: a dict of [n, ...] tensors, a TensorDict of batch size [n], or a list
+        of items (stacked); returns each item's slot (int64 [n], as :meth:`add`)."""
+        if isinstance(batch, (list, tuple)):
+            batch = _rows.stack_items(batch, "batch")
+        return self._insert(batch, "batch", False, priority, group)[0]
+
+    def _insert(self, data, name: str, item, priority, group) -> tuple[torch.Tensor, bool]:
+        batch, n, one, spec = self._check_batch(data, name, item=item)
         if n == 0:
             raise ValueError("batch is empty: nothing to add")
         prio = None if priority is None else self._per_item(priority, n, torch.float32, "priority")
         grp = None if group is None else self._per_item(group, n, torch.int64, "group")
         if prio is not None:
             self._check_priorities(prio)
+        if self.spec is None:
+            self._allocate(spec)
         if self.sampler == "power_law":
             tasks = batch[self.task_field]
             if bool(((tasks < 0) | (tasks >= self.max_tasks)).any()):
@@ -263,6 +387,8 @@ class ReplayBuffer:
         slots = rops.replay_insert(list(self.storage.values()), fields, self.generations, self.stamps, self.keys,
                                    eviction=self.eviction, size=self.size, cursor=self.cursor, step=self.step,
                                    seed=self.seed)
+        if _rows.is_tensordict(data):
+            self.returns_tensordict = True
         self.cursor += n
         self.size = min(self.capacity, self.size + n)
         if prio is None:
@@ -277,7 +403,7 @@ class ReplayBuffer:
         if self.sampler == "power_law":
             self.task_last.index_fill_(0, batch[self.task_field].reshape(-1), self.step)
         self.step += 1
-        return slots
+        return slots, one
 
     def _check_priorities(self, p: torch.Tensor) -> None:
         """Finite, >= 0, and a finite stored weight max(p, eps)^alpha (float32: p = 1e30 with
@@ -295,6 +421,12 @@ class ReplayBuffer:
             raise ValueError("priorities must be finite (got Inf)")
         raise ValueError(f"priorities too large: max(p, priority_eps)^alpha (alpha={self.alpha}) overflows float32 "
                          f"for p = {float(p.max())}")
+
+    def update_priority(self, index, priority, generation=None) -> torch.Tensor:
+        """TorchRL's name for :meth:`update_priorities`; ``index`` may also be an int or a list."""
+        if isinstance(index, (int, list)) and not isinstance(index, bool):
+            index = torch.tensor(index, dtype=torch.int64, device=self.device).reshape(-1)
+        return self.update_priorities(index, priority, generation)
 
     def update_priorities(self, indices: torch.Tensor, priorities, generation=None) -> torch.Tensor:
         """Set the priorities of sampled slots; returns which entries were applied (bool).
@@ -377,7 +509,9 @@ class ReplayBuffer:
                 raise ValueError("replay_ratio < 1 needs fresh rows: pass fresh=")
             n_fresh, fresh_fields = 0, None
         else:
-            have = self._check_batch(fresh, "fresh")
+            if self.spec is None:
+                raise ValueError("the replay buffer is empty (and has no spec yet): add items before sampling")
+            fresh, have, _, _ = self._check_batch(fresh, "fresh")
             if replay_ratio is None:
                 n_fresh = have
                 if n_fresh > batch_size:
@@ -401,7 +535,7 @@ class ReplayBuffer:
         if n_replay == 0:
             out = [torch.cat([fr]) for fr in fresh_fields]
             rows = batch_size
-            batch = dict(zip(names, out[:-1]))
+            batch = self._rows_out(dict(zip(names, out[:-1])), (rows,))
             return ReplayBatch(batch, torch.full((rows,), -1, dtype=torch.int64, device=self.device),
                                torch.ones(rows, device=self.device), torch.zeros(rows, dtype=torch.bool,
                                                                                   device=self.device),
@@ -409,7 +543,7 @@ class ReplayBuffer:
         out, indices, isw, is_replay = rops.replay_sample(
             storage, n_replay, size=self.size, fresh=fresh_fields, lengths=lengths, ragged=ragged,
             replacement=replacement, seed=self.seed, offset=self._next_offset(), **self._mode_args())
-        batch = dict(zip(names, out[:-1]))
+        batch = self._rows_out(dict(zip(names, out[:-1])), (batch_size,))
         return ReplayBatch(batch, indices, isw, is_replay, out[-1].view(-1))
 
     def sample_groups(self, group_ids, per_group: int) -> GroupBatch:
@@ -442,7 +576,7 @@ class ReplayBuffer:
             keep = mask.view(g_count, m, *([1] * (st.dim() - 1)))
             batch[f] = torch.where(keep, rows, torch.zeros((), dtype=st.dtype, device=dev))
         gens = torch.where(mask, self.generations[safe].view(g_count, m), torch.full_like(idx, -1))
-        return GroupBatch(batch, idx, mask, gens)
+        return GroupBatch(self._rows_out(batch, (g_count, m)), idx, mask, gens)
 
     def _as_group_ids(self, group_ids) -> torch.Tensor:
         if isinstance(group_ids, int) and not isinstance(group_ids, bool):
@@ -459,28 +593,33 @@ class ReplayBuffer:
 
     # ------------------------------------------------------------------ checkpoints
     def config(self) -> dict:
+        spec = None if self.spec is None else {
+            k: [list(s), str(d).replace("torch.", "")] for k, (s, d) in self.spec.items()}
         return {"format": _FORMAT, "capacity": self.capacity, "sampler": self.sampler, "eviction": self.eviction,
                 "alpha": self.alpha, "beta": self.beta, "seed": self.seed, "weight_norm": self.weight_norm,
                 "priority_eps": self.priority_eps, "task_field": self.task_field,
                 "power_law_exponent": self.power_law_exponent, "max_tasks": self.max_tasks, "ragged": self.ragged,
-                "spec": {k: [list(s), str(d).replace("torch.", "")] for k, (s, d) in self.spec.items()}}
+                "spec": spec, "returns_tensordict": self.returns_tensordict}
 
-    def state_dict(self) -> dict:
+    def state_dict(self, *, stored_only: bool = False) -> dict:
         """Everything needed to resume: storage, priorities, weights, block sums, generations,
         stamps, reservoir keys, groups, task clocks, counters and RNG offset (tensors only,
-        plus a ``config`` dict of plain values)."""
-        state = {f"storage.{k}": v for k, v in self.storage.items()}
-        state.update(generations=self.generations, stamps=self.stamps, keys=self.keys, priorities=self.priorities,
-                     weights=self.weights, block_stats=self.block_stats, groups=self.groups,
-                     max_priority=self.max_priority, task_last=self.task_last,
+        plus a ``config`` dict of plain values). ``stored_only``: the per-slot entries hold only
+        the ``len(buffer)`` stored rows (views), not the whole capacity; ``load_state_dict``
+        takes either form."""
+        rows = slice(0, self.size if stored_only else self.capacity)
+        state = {f"storage.{k}": v[rows] for k, v in (self.storage or {}).items()}
+        state.update(generations=self.generations[rows], stamps=self.stamps[rows], keys=self.keys[rows],
+                     priorities=self.priorities[rows], weights=self.weights[rows], block_stats=self.block_stats,
+                     groups=self.groups[rows], max_priority=self.max_priority, task_last=self.task_last,
                      counters=torch.tensor([self.size, self.cursor, self.step, self.rng_offset], dtype=torch.int64))
         state["config"] = self.config()
         return state
 
-    def _state_layout(self) -> dict:
-        """state_dict entry -> (shape, dtype) of every tensor entry."""
+    def _state_layout(self, spec: dict | None) -> dict:
+        """state_dict entry -> (shape, dtype) of every tensor entry, for a buffer of ``spec``."""
         cap = self.capacity
-        layout = {f"storage.{k}": ((cap, *shape), dtype) for k, (shape, dtype) in self.spec.items()}
+        layout = {f"storage.{k}": ((cap, *shape), dtype) for k, (shape, dtype) in (spec or {}).items()}
         layout.update(generations=((cap,), torch.int64), stamps=((cap,), torch.int64), keys=((cap,), torch.float64),
                       priorities=((cap,), torch.float32), weights=((cap,), torch.float32),
                       block_stats=(tuple(self.block_stats.shape), torch.float64), groups=((cap,), torch.int64),
@@ -488,40 +627,72 @@ class ReplayBuffer:
                       counters=((4,), torch.int64))
         return layout
 
+    # per-slot entries (one row per slot; a stored-only state holds the first ``size``) and the
+    # value of an empty slot
+    _EMPTY_SLOT = {"generations": -1, "stamps": 0, "keys": 0, "priorities": 0, "weights": 0, "groups": -1}
+
+    def _is_per_slot(self, name: str) -> bool:
+        return name.startswith("storage.") or name in self._EMPTY_SLOT
+
     def load_state_dict(self, state: dict) -> None:
-        """Restore a ``state_dict``; the config (capacity, spec, sampler, ...) must match.
+        """Restore a ``state_dict`` (whole-capacity or stored-only); the config (capacity, spec,
+        sampler, ...) must match (a buffer without a spec yet takes the state's).
 
         Everything is checked before anything is written (entries, shapes, dtypes, counters,
         slot contents; see :meth:`_check_state`): a load that fails leaves the buffer as it was."""
-        tensors, counters, beta = self._check_state(state)
+        tensors, counters, beta, spec = self._check_state(state)
+        if self.spec is None and spec is not None:
+            self._allocate(spec)
         for name, src in tensors.items():
             dst = self.storage[name[len("storage."):]] if name.startswith("storage.") else getattr(self, name)
-            dst.copy_(src)
+            rows = src.shape[0]
+            if self._is_per_slot(name) and rows < self.capacity:
+                dst[:rows].copy_(src)
+                dst[rows:].fill_(self._EMPTY_SLOT.get(name, 0))
+            else:
+                dst.copy_(src)
         self.size, self.cursor, self.step, self.rng_offset = counters
         self.beta = beta
+        self.returns_tensordict = bool(state["config"].get("returns_tensordict", False))
         self._winner.fill_(-1)
 
-    def _check_state(self, state) -> tuple[dict, tuple, float]:
-        """(tensor entries, counters, beta) of ``state`` once every invariant of a buffer that
-        ``add``/``update_priorities`` can produce holds; raises TypeError/ValueError otherwise."""
+    def _check_state(self, state) -> tuple[dict, tuple, float, dict | None]:
+        """(tensor entries, counters, beta, spec) of ``state`` once every invariant of a buffer
+        that ``add``/``update_priorities`` can produce holds; raises TypeError/ValueError otherwise."""
         if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
             raise TypeError("state must be a dict produced by ReplayBuffer.state_dict()")
         cfg, mine = state["config"], self.config()
-        diff = sorted(k for k in set(mine) | set(cfg) if k != "beta" and cfg.get(k) != mine.get(k))
+        spec = self.spec
+        if spec is None and cfg.get("spec") is not None:  # a spec-less buffer takes the state's spec
+            spec = self._normalize_spec(_spec_from_config(cfg["spec"]))
+            self._check_options(spec)
+            mine["spec"] = cfg["spec"]
+        adopted = ("beta", "returns_tensordict")
+        diff = sorted(k for k in set(mine) | set(cfg) if k not in adopted and cfg.get(k) != mine.get(k))
         if diff:
             raise ValueError(f"state does not match this buffer's configuration in {diff}")
         beta = check_finite_float("beta (in the state's config)", cfg.get("beta", self.beta), lo=0.0)
-        layout = self._state_layout()
+        if not isinstance(cfg.get("returns_tensordict", False), bool):
+            raise ValueError("returns_tensordict (in the state's config) must be a bool")
+        layout = self._state_layout(spec)
         missing = sorted(set(layout) - set(state))
         unknown = sorted(set(state) - set(layout) - {"config"})
         if missing or unknown:
             raise ValueError(f"state is missing entries {missing} / has unknown entries {unknown}")
+        counters = state["counters"]  # first: a stored-only state's per-slot entries have `size` rows
+        size = int(counters[0]) if isinstance(counters, torch.Tensor) and counters.shape == (4,) \
+            and counters.dtype == torch.int64 else -1
+        rows_ok = {self.capacity} | ({size} if 0 <= size <= self.capacity else set())
         tensors = {}
         for name, (shape, dtype) in layout.items():
             t = state[name]
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dtype:
+            ok = isinstance(t, torch.Tensor) and t.dtype == dtype and (tuple(t.shape) == shape or (
+                self._is_per_slot(name) and t.dim() == len(shape) and t.shape[0] in rows_ok
+                and tuple(t.shape[1:]) == shape[1:]))
+            if not ok:
                 got = (f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__)
-                raise ValueError(f"state entry {name!r} must be a {dtype} tensor of shape {shape}, got {got}")
+                rows = f" (or {size} stored rows)" if self._is_per_slot(name) and size in rows_ok - {shape[0]} else ""
+                raise ValueError(f"state entry {name!r} must be a {dtype} tensor of shape {shape}{rows}, got {got}")
             tensors[name] = t.detach()
         size, cursor, step, offset = (int(x) for x in tensors.pop("counters").tolist())
         cap = self.capacity
@@ -557,9 +728,10 @@ class ReplayBuffer:
             v = t[name]
             need(((v >= 0) & (v < float("inf"))).all(), f"{name} must be finite and >= 0")
             need(name == "max_priority" or (v[empty] == 0).all(), f"{name} of empty slots must be 0")
-        sums, mins = _block_stats(t["weights"])
-        bs = t["block_stats"]
-        need(torch.allclose(bs[0], sums, rtol=1e-9, atol=0.0) and torch.equal(bs[1], mins),
+        sums, mins = _block_stats(t["weights"])  # blocks past a stored-only state's rows: no weight
+        bs, nbw = t["block_stats"], sums.numel()
+        need(torch.allclose(bs[0, :nbw], sums, rtol=1e-9, atol=0.0) and torch.equal(bs[1, :nbw], mins)
+             and (bs[0, nbw:] == 0).all() and (bs[1, nbw:] == float("inf")).all(),
              "block_stats must be the block sums and minima of the weights")
         last = t["task_last"]
         need(((last == -1) | ((last >= 0) & (last < step))).all(), "task_last must be -1 or an add call in [0, step)")
@@ -569,16 +741,17 @@ class ReplayBuffer:
                  f"task ids in {self.task_field!r} must be in [0, max_tasks={self.max_tasks})")
         for field, length_field in self.ragged.items():
             lengths = t[f"storage.{length_field}"][stored]
-            L = self.spec[field][0][0]
+            L = spec[field][0][0]
             need(((lengths >= 0) & (lengths <= L)).all(), f"lengths in {length_field!r} must be in [0, {L}]")
-        return tensors, (size, cursor, step, offset), beta
+        return tensors, (size, cursor, step, offset), beta, spec
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the state to ``path``, a ``.safetensors`` file (tensors, and the config as JSON
-        metadata; no pickle). Read it back with :meth:`load`."""
+        metadata; no pickle): the stored rows only, so the file grows with ``len(buffer)``, not
+        with the capacity. Read it back with :meth:`load` (a buffer of the saved capacity)."""
         path = self._checked_path(path)
         save_file = _safetensors().torch.save_file
-        state = self.state_dict()
+        state = self.state_dict(stored_only=True)
         cfg = state.pop("config")
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         save_file(tensors, path, metadata={"trainops.replay": json.dumps(cfg)})
@@ -616,12 +789,12 @@ class ReplayBuffer:
             raise ValueError(f"the saved config is missing {missing}")
         kw = {k: cfg[k] for k in names}
         spec = kw["spec"]
-        if not isinstance(spec, dict) or not all(
-                isinstance(e, list) and len(e) == 2 and isinstance(e[0], list) and isinstance(e[1], str)
-                and all(isinstance(s, int) and not isinstance(s, bool) for s in e[0]) for e in spec.values()):
-            raise ValueError(f"the saved spec must map field -> [shape (list of ints), dtype name], got {spec!r}")
-        kw["spec"] = {k: (tuple(s), _dtype_from_name(d)) for k, (s, d) in spec.items()}
-        return cls(device=device, **kw)
+        kw["spec"] = None if spec is None else _spec_from_config(spec)
+        buf = cls(device=device, **kw)
+        if not isinstance(cfg.get("returns_tensordict", False), bool):
+            raise ValueError("returns_tensordict (in the saved config) must be a bool")
+        buf.returns_tensordict = cfg.get("returns_tensordict", False)
+        return buf
 
     @classmethod
     def _load_new(cls, path, device=None) -> "ReplayBuffer":
