@@ -137,3 +137,16 @@ def test_refusals_are_clear():
 def test_importing_trainops_does_not_import_peft():
     code = "import sys, trainops, trainops.nn, trainops.integrations; assert 'peft' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_bf16_model_adapters_upcast_with_their_frozen_bank(tmp_path):
+    model = get_peft_model(tiny_llama().to(torch.bfloat16), MoRAConfig(target_modules=["q_proj"], rank=2, top_k=2))
+    randomize_mora(model)
+    add_task(model)  # the trainable ranks (upcast to fp32 by PEFT) move into the frozen bank
+    experts = [m for m in model.modules() if isinstance(m, MoRAExperts)]
+    assert {(e.lora_A.dtype, e.frozen_A.dtype, e.frozen_B.dtype) for e in experts} == {(torch.float32,) * 3}
+    logits = model(IDS).logits
+    assert logits.dtype == torch.bfloat16
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama().to(torch.bfloat16), tmp_path)
+    assert torch.equal(loaded(IDS).logits, logits)

@@ -169,6 +169,16 @@ class MoRAModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # PEFT upcasts 16-bit adapter parameters to fp32; the frozen-rank bank (buffers) follows,
+        # since the kernel takes the frozen ranks in the dtype of the trainable ones
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        for module in self.model.modules():
+            if isinstance(module, MoRALayer) and adapter_name in module.mora_experts:
+                experts = module.mora_experts[adapter_name]
+                experts.frozen_A = experts.frozen_A.to(experts.lora_A.dtype)
+                experts.frozen_B = experts.frozen_B.to(experts.lora_A.dtype)
+
     def _check_merge_allowed(self):
         raise ValueError("MoRA adapters cannot be merged into the base weights: the gate depends on the input")
 
