@@ -425,8 +425,9 @@ def apply_mora(model: nn.Module, target_modules, **kwargs) -> nn.Module:
     parameter that is not an adapter's gets ``requires_grad=False``; adapters already in the
     model (earlier MoRA layers, PEFT layers such as LoRA) keep their flags. A target that is
     already a MoRA layer or a PEFT layer is refused (ValueError): a PEFT-wrapped layer takes
-    MoRA through :class:`trainops.integrations.peft.MoRAConfig`. Returns ``model`` (changed
-    in place).
+    MoRA through :class:`trainops.integrations.peft.MoRAConfig`. With PEFT, call it after
+    ``get_peft_model``: PEFT freezes every parameter outside its own layers, a MoRALinear's
+    included. Returns ``model`` (changed in place).
     """
     match = _matcher(target_modules)
     MoRALinear.check_args(**kwargs)  # before the model is touched: a bad argument changes nothing
