@@ -38,10 +38,6 @@ try:
     import peft
 except ImportError as e:  # an optional extra
     raise ImportError("trainops.integrations.peft needs peft >= 0.21.2: pip install 'trainops[peft]'") from e
-if tuple(int(p) for p in peft.__version__.split(".")[:2] if p.isdigit()) < (0, 21):
-    # before 0.21 the choice of an adapter's tensors on save/load had no hook for a method outside PEFT
-    raise ImportError(f"trainops.integrations.peft needs peft >= 0.21.2, found {peft.__version__}")
-
 from peft import PeftModel, inject_adapter_in_model, load_peft_weights, set_peft_model_state_dict
 from peft.config import PeftConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
@@ -50,6 +46,10 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from trainops.nn.mora import SETTINGS, MoRAExperts, MoRALinear
+
+if not all(hasattr(BaseTuner, h) for h in ("_get_adapter_state_dict", "_remap_adapter_state_dict_for_load")):
+    # save/load of a method outside PEFT goes through these tuner hooks (tested with peft 0.21.2)
+    raise ImportError(f"trainops.integrations.peft needs peft >= 0.21.2, found {peft.__version__}")
 
 __all__ = ["MoRAConfig", "MoRAModel", "MoRALayer", "TrainopsPeftType", "add_mora_adapter", "load_mora_adapter",
            "register"]
