@@ -38,7 +38,8 @@ _FORMAT = "trainops.replay/1"
 
 
 class ReplayBatch(NamedTuple):
-    """A sampled batch: fields [B, ...] (fresh rows first), slot indices (-1 for fresh rows),
+    """A sampled batch: fields [B, ...] (fresh rows first; a dict keyed like the spec, or a
+    TensorDict when TensorDicts were stored), slot indices (-1 for fresh rows),
     importance weights (1 for fresh rows), ``is_replay`` mask and the slots' generation stamps
     (-1 for fresh rows; pass them to ``update_priorities`` to drop updates of overwritten slots)."""
 
