@@ -8,6 +8,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import trainops.distributed.all_reduce as all_reduce_mod
 from trainops.distributed import QuantizedCommState, quantized_comm_hook, spawn
+from trainops.distributed.all_reduce import owner_chunk_numel
 
 
 def _model():
@@ -91,6 +92,7 @@ def _worker(rank, world):
     out["ef_keys"] = sorted(sd["errors"])
     out["names"] = sorted(n for n, _ in model.named_parameters())
     out["ef_norms"] = {k: float(v.norm()) for k, v in sd["errors"].items()}
+    out["owner_norms"] = {k: float(v.norm()) for k, v in sd["owner_errors"].items()}
     out["bytes"] = state.stats.bytes_sent
 
     # Checkpoint: save the residuals, rebuild everything, load, keep training.
@@ -104,6 +106,8 @@ def _worker(rank, world):
     state2 = QuantizedCommState(module=model2, fmt="fp4_e3m0", block_size=64, min_numel=0)
     state2.load_state_dict(ckpt["comm"])
     out["reloaded_same"] = all(torch.equal(state2.state_dict()["errors"][k], v) for k, v in sd["errors"].items())
+    out["owner_reloaded_same"] = all(torch.equal(state2.state_dict()["owner_errors"][k], v)
+                                     for k, v in sd["owner_errors"].items())
     ddp2.register_comm_hook(state2, quantized_comm_hook)
     opt2 = torch.optim.Adam(ddp2.parameters(), lr=0.01)
     opt2.load_state_dict(ckpt["opt"])
@@ -128,12 +132,48 @@ def _worker(rank, world):
               and bool((e2[n1:n1 + params[2].numel()] == 0).all())
               and torch.equal(e2[-n0:], torch.arange(n0, dtype=torch.float32)))
         out.setdefault("relayout", []).append(ok)
+    out["owner_fold"] = _owner_fold(rank, world, params)
     try:
         restored.load_state_dict({**st.state_dict(), "fmt": "int4"})
         out["mismatch"] = None
     except ValueError as e:
         out["mismatch"] = str(e)
     dist.barrier()
+    return out
+
+
+def _mass(params, err, owner, rank, world, block_size=128):
+    """Per parameter: worker residual + W * owner residual (placed at the owned elements)."""
+    n = err.numel()
+    lo = rank * owner_chunk_numel(n, world, block_size)
+    full = torch.zeros(n)
+    owned = max(0, min(n, lo + owner.numel()) - lo)
+    full[lo:lo + owned] = owner[:owned]
+    return list((err + world * full).split([p.numel() for p in params]))
+
+
+def _owner_fold(rank, world, params):
+    """A new bucket layout moves owner residuals with their parameters or folds them into the
+    worker residual: per parameter, e_w + W * e_s is unchanged. A state dict restores them."""
+    g = torch.Generator().manual_seed(rank)
+    st = QuantizedCommState(fmt="int8", min_numel=0, async_comm=False)
+    first = [params[0], params[1], params[2]]
+    err, owner = st.bucket_residuals(first, torch.zeros(sum(p.numel() for p in first)))
+    err.copy_(torch.randn(err.numel(), generator=g))
+    owner.copy_(torch.randn(owner.numel(), generator=g))
+    lo = rank * owner.numel()
+    owner[max(0, err.numel() - lo):] = 0  # past the end of the bucket (padding) it stays zero
+    before = dict(zip((0, 1, 2), _mass(first, err, owner, rank, world)))
+    saved = st.state_dict()
+    restored = QuantizedCommState(fmt="int8", min_numel=0, async_comm=False)
+    restored.load_state_dict(saved)
+    err_r, owner_r = restored.bucket_residuals(first, torch.zeros(err.numel()))  # same layout: exact
+    out = {"exact_restore": torch.equal(err_r, err) and torch.equal(owner_r, owner)}
+    second = [params[2], params[0], params[1]]
+    err2, owner2 = st.bucket_residuals(second, torch.zeros(err.numel()))
+    after = dict(zip((2, 0, 1), _mass(second, err2, owner2, rank, world)))
+    out["conserved"] = all(torch.allclose(before[i], after[i], rtol=1e-6, atol=1e-6) for i in range(3))
+    out["moved"] = bool(owner2.abs().sum() > 0)
     return out
 
 
@@ -187,6 +227,14 @@ def test_error_feedback_per_parameter(results):
         assert all(v > 0 for v in r["ef_norms"].values())
 
 
+def test_owner_residuals_per_parameter_survive_checkpoint_and_relayout(results):
+    for r in results:
+        assert r["owner_norms"] and all(v > 0 for v in r["owner_norms"].values())
+        assert set(r["owner_norms"]) <= set(r["names"])
+        assert r["owner_reloaded_same"]
+        assert r["owner_fold"] == {"exact_restore": True, "conserved": True, "moved": True}
+
+
 def test_error_feedback_survives_checkpoint_and_rebuild(results):
     for r in results:
         assert r["reloaded_same"]
@@ -203,5 +251,9 @@ def test_bad_arguments():
         QuantizedCommState(block_size=100)
     with pytest.raises(TypeError, match="module"):
         QuantizedCommState(module="model")
+    with pytest.raises(TypeError, match="owner_error_feedback"):
+        QuantizedCommState(owner_error_feedback=1)
+    with pytest.raises(ValueError, match="pipeline_numel"):
+        QuantizedCommState(pipeline_numel=0)
     with pytest.raises(RuntimeError, match="process group"):
         QuantizedCommState()

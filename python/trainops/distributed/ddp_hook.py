@@ -14,6 +14,18 @@ so residuals are stored as one flat fp32 buffer per bucket keyed by the bucket's
 parameters, and a bucket with a new layout takes over the residual slices of its
 parameters from the old buckets or from a loaded ``state_dict``. Nothing is reset.
 
+Two-stage error feedback (``owner_error_feedback=True``, DoubleSqueeze, arXiv 1905.05957):
+each rank also keeps, per bucket, the residual of requantizing the averaged chunk of the
+bucket it owns (elements ``[r * chunk, (r + 1) * chunk)`` of the bucket, see
+:func:`~trainops.distributed.all_reduce.owner_chunk_numel`). Which elements a rank owns
+depends on the bucket's layout, so when a bucket with a new layout forms, the owner
+residual of the elements this rank still owns moves with their parameters, and the rest
+is folded into this rank's worker residual of the same elements, times W (the owner
+residual is in units of the average; W * e_s in the worker residual adds e_s to the next
+average). Nothing is lost, and no collective is needed. ``state_dict`` stores it per
+parameter (``owner_errors``: zero outside the owned elements), so a restart with the same
+bucket layout continues bit for bit and any other layout folds it as above.
+
 Agreement across ranks: :func:`quantized_all_reduce` checks that the ranks pass the same
 arguments with one small all-gather per call. DDP already guarantees that every rank's
 bucket has the same size and dtype (it verifies the parameters' shapes across ranks at
@@ -34,7 +46,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from trainops.distributed.all_reduce import DEFAULT_MIN_NUMEL, quantized_all_reduce
+from trainops.distributed.all_reduce import DEFAULT_MIN_NUMEL, owner_chunk_numel, quantized_all_reduce
 from trainops.distributed.stats import CommStats, comm_stats
 from trainops.formats import check_block_size, check_nan_policy, get_format
 
@@ -55,13 +67,19 @@ class QuantizedCommState:
     def __init__(self, process_group=None, fmt: Optional[str] = "fp4_e3m0", block_size: int = 128,
                  error_feedback: bool = True, *, module: Optional[torch.nn.Module] = None,
                  min_numel: int = DEFAULT_MIN_NUMEL, async_comm: bool = True, comm_group=None,
-                 nan_policy: str = "raise", stats: Optional[CommStats] = None):
+                 nan_policy: str = "raise", stats: Optional[CommStats] = None, owner_error_feedback: bool = True,
+                 pipeline_numel: Optional[int] = None):
         if fmt is not None:
             get_format(fmt)
             check_block_size(block_size)
         check_nan_policy(nan_policy)
         if not isinstance(error_feedback, bool):
             raise TypeError(f"error_feedback must be a bool, got {type(error_feedback).__name__}")
+        if not isinstance(owner_error_feedback, bool):
+            raise TypeError(f"owner_error_feedback must be a bool, got {type(owner_error_feedback).__name__}")
+        if pipeline_numel is not None and (isinstance(pipeline_numel, bool) or not isinstance(pipeline_numel, int)
+                                           or pipeline_numel < 1):
+            raise ValueError(f"pipeline_numel must be None or an int >= 1, got {pipeline_numel!r}")
         if module is not None and not isinstance(module, torch.nn.Module):
             raise TypeError(f"module must be a torch.nn.Module or None, got {type(module).__name__}")
         if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
@@ -72,6 +90,8 @@ class QuantizedCommState:
         self.fmt = fmt
         self.block_size = block_size
         self.error_feedback = error_feedback
+        self.owner_error_feedback = owner_error_feedback
+        self.pipeline_numel = pipeline_numel
         self.min_numel = min_numel
         self.async_comm = async_comm
         self.nan_policy = nan_policy
@@ -85,11 +105,13 @@ class QuantizedCommState:
         self._errors: dict[tuple, torch.Tensor] = {}  # bucket key -> flat fp32 residual
         self._slots: dict[str, tuple] = {}  # param key -> (bucket key, offset, numel)
         self._loaded: dict[str, torch.Tensor] = {}  # residuals from load_state_dict not yet claimed
+        self._owners: dict[tuple, tuple] = {}  # bucket key -> (owner residual, first owned element)
+        self._loaded_owner: dict[str, torch.Tensor] = {}  # per-parameter owner residuals not yet claimed
         self._agreed = None  # the settings last checked against the other ranks
 
     def _needs_agreement(self) -> bool:
         """True on the first bucket with the current settings (then checked across ranks)."""
-        settings = (self.fmt, self.block_size, self.min_numel, self.nan_policy)
+        settings = (self.fmt, self.block_size, self.min_numel, self.nan_policy, self.pipeline_numel)
         fresh, self._agreed = self._agreed != settings, settings
         return fresh
 
@@ -113,25 +135,67 @@ class QuantizedCommState:
         bucket_key, offset, numel = slot
         return self._errors[bucket_key][offset:offset + numel]
 
+    def _owner_residual_of(self, key: str, numel: int) -> Optional[torch.Tensor]:
+        """This rank's owner residual of parameter ``key``, as ``numel`` values (zero where not owned)."""
+        if key in self._loaded_owner:
+            old = self._loaded_owner.pop(key).reshape(-1)
+            if old.numel() != numel:
+                raise ValueError(f"state dict owner_errors[{key!r}] has {old.numel()} elements, the parameter {numel}")
+            return old
+        slot = self._slots.get(key)
+        owner = None if slot is None else self._owners.get(slot[0])
+        if owner is None:
+            return None
+        _, offset, _ = slot
+        residual, lo = owner
+        a, b = max(offset, lo), min(offset + numel, lo + residual.numel())
+        if b <= a:
+            return None
+        out = torch.zeros(numel, dtype=torch.float32, device=residual.device)
+        out[a - offset:b - offset] = residual[a - lo:b - lo]
+        return out
+
     def bucket_error(self, params, buffer: torch.Tensor) -> torch.Tensor:
         """The flat fp32 residual of the bucket holding ``params`` (laid out like ``buffer``)."""
+        return self.bucket_residuals(params, buffer)[0]
+
+    def bucket_residuals(self, params, buffer: torch.Tensor) -> tuple:
+        """(worker residual laid out like ``buffer``, this rank's owner residual of the bucket or None)."""
         keys = tuple(self._param_key(p) for p in params)
         err = self._errors.get(keys)
         if err is not None and err.numel() == buffer.numel():
-            return err
+            owner = self._owners.get(keys)
+            return err, None if owner is None else owner[0]
         sizes = [p.numel() for p in params]
         if sum(sizes) != buffer.numel():
             raise RuntimeError(
                 f"DDP bucket of {buffer.numel()} elements does not hold its {len(sizes)} parameters "
                 f"({sum(sizes)} elements) back to back; per-parameter error feedback needs that layout"
             )
-        err = torch.zeros(buffer.numel(), dtype=torch.float32, device=buffer.device)
+        n = buffer.numel()
+        err = torch.zeros(n, dtype=torch.float32, device=buffer.device)
+        spread = torch.zeros(n, dtype=torch.float32, device=buffer.device)
         offset = 0
         for key, numel in zip(keys, sizes):
             old = self._residual_of(key)
             if old is not None:
                 err[offset:offset + numel] = old.reshape(-1).to(err.device)
+            old = self._owner_residual_of(key, numel)
+            if old is not None:
+                spread[offset:offset + numel] = old.to(err.device)
             offset += numel
+        world = dist.get_world_size(self.comm_group)
+        if self.owner_error_feedback:
+            chunk = owner_chunk_numel(n, world, self.block_size)
+            lo = dist.get_rank(self.comm_group) * chunk
+            owned = max(0, min(n, lo + chunk) - lo)
+            owner = torch.zeros(chunk, dtype=torch.float32, device=buffer.device)
+            owner[:owned] = spread[lo:lo + owned]
+            spread[lo:lo + owned] = 0
+            self._owners[keys] = (owner, lo)
+        # Owner residual of elements this rank does not own (any more): W * e_s in the worker
+        # residual adds e_s to the next average.
+        err.add_(spread, alpha=world)
         offset = 0
         for key, numel in zip(keys, sizes):
             self._slots[key] = (keys, offset, numel)
@@ -141,15 +205,24 @@ class QuantizedCommState:
         live = {slot[0] for slot in self._slots.values()}
         for stale in [k for k in self._errors if k not in live]:
             del self._errors[stale]
-        return err
+        for stale in [k for k in self._owners if k not in live]:
+            del self._owners[stale]
+        owner = self._owners.get(keys)
+        return err, None if owner is None else owner[0]
 
     def state_dict(self) -> dict:
-        """Format settings and the residual of every parameter (layout independent, cloned)."""
+        """Format settings and the residuals of every parameter (layout independent, cloned):
+        ``errors`` (worker residuals) and ``owner_errors`` (this rank's owner residuals, for the
+        parameters with elements in a chunk it owns; zero elsewhere)."""
         errors = {key: t.clone() for key, t in self._loaded.items()}
+        owner_errors = {key: t.clone() for key, t in self._loaded_owner.items()}
         for key, (bucket_key, offset, numel) in self._slots.items():
             errors[key] = self._errors[bucket_key][offset:offset + numel].clone()
+            owned = self._owner_residual_of(key, numel) if key not in self._loaded_owner else None
+            if owned is not None:
+                owner_errors[key] = owned
         return {"fmt": self.fmt, "block_size": self.block_size, "error_feedback": self.error_feedback,
-                "errors": errors}
+                "errors": errors, "owner_errors": owner_errors}
 
     def load_state_dict(self, state: dict) -> None:
         for field in ("fmt", "block_size", "errors"):
@@ -162,7 +235,11 @@ class QuantizedCommState:
             )
         self._errors.clear()
         self._slots.clear()
+        self._owners.clear()
         self._loaded = {key: t.detach().to(torch.float32).clone() for key, t in state["errors"].items()}
+        # absent in state dicts of older versions
+        self._loaded_owner = {key: t.detach().to(torch.float32).clone()
+                              for key, t in state.get("owner_errors", {}).items()}
 
 
 def quantized_comm_hook(state: QuantizedCommState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -173,11 +250,11 @@ def quantized_comm_hook(state: QuantizedCommState, bucket: dist.GradBucket) -> t
     all replicas take the same optimizer step.
     """
     buffer = bucket.buffer()
-    err = None
+    err = owner = None
     if state.error_feedback and state.fmt is not None and buffer.numel() >= state.min_numel:
-        err = state.bucket_error(bucket.parameters(), buffer)
+        err, owner = state.bucket_residuals(bucket.parameters(), buffer)
     kwargs = dict(min_numel=state.min_numel, nan_policy=state.nan_policy, stats=state.stats,
-                  verify=state._needs_agreement())
+                  verify=state._needs_agreement(), owner_error_feedback=owner, pipeline_numel=state.pipeline_numel)
     work = quantized_all_reduce(buffer, "avg", state.comm_group, state.fmt, state.block_size, err,
                                 async_op=True, **kwargs) if state.async_comm else None
     if work is None:
