@@ -277,3 +277,48 @@ def test_bad_config_in_file_for_a_new_buffer(tmp_path, key, value, pattern):
     write(path, state)
     with pytest.raises(ValueError, match="missing"):
         ReplayBuffer.load(path)
+
+
+def stored_only_state(kind):
+    """A valid stored-only state (per-slot entries: the 30 stored rows of 40 slots) to corrupt."""
+    state = make(kind, adds=2, seed=3, start=7000).state_dict(stored_only=True)
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else json.loads(json.dumps(v))) for k, v in state.items()}
+
+
+@pytest.mark.parametrize("corrupt,pattern", [
+    (replace("storage.obs", lambda t: t[:-1]), "'storage.obs' must be"),                 # fewer rows than size
+    (replace("priorities", lambda t: torch.cat([t, torch.zeros(1)])), "'priorities' must be"),
+    (lambda s: counters(s, 0, 29), "'storage.obs' must be"),                               # size no longer fits
+    (add_to("block_stats", (0, 1), 0.5), "block_stats"),                                  # a block past the rows
+    (setitem("block_stats", (1, 1), 1.0), "block_stats"),
+    (setitem("generations", 0, -1), "generations"),
+    (setitem("weights", 0, NAN), "weights must be finite"),
+])
+def test_bad_stored_only_file_is_refused_and_changes_nothing(tmp_path, corrupt, pattern):
+    state = stored_only_state("power_law_fifo")
+    assert state["generations"].shape == (30,)
+    corrupt(state)
+    path = tmp_path / "bad.safetensors"
+    write(path, state)
+    target = make("power_law_fifo", adds=1)
+    before = snapshot(target)
+    with pytest.raises((ValueError, TypeError), match=pattern):
+        target.load(path)
+    assert_unchanged(target, before)
+    with pytest.raises((ValueError, TypeError), match=pattern):
+        ReplayBuffer.load(path)
+
+
+def test_saved_files_hold_the_stored_rows_and_load_as_whole_capacity_states(tmp_path):
+    from safetensors import safe_open
+
+    for kind in KINDS:
+        src = make(kind, adds=2, start=300)  # 30 items in 40 slots
+        path = tmp_path / f"{kind}.safetensors"
+        src.save(path)
+        with safe_open(str(path), framework="pt") as f:
+            assert f.get_slice("generations").get_shape() == [30] and f.get_slice("block_stats").get_shape()[0] == 2
+        loaded = ReplayBuffer.load(path)
+        assert_unchanged(loaded, snapshot(src))  # empty slots back at their empty values
+        write(tmp_path / "full.safetensors", src.state_dict())  # whole-capacity files still load
+        assert_unchanged(ReplayBuffer.load(tmp_path / "full.safetensors"), snapshot(src))
