@@ -1,5 +1,6 @@
 """Hugging Face drop-in on tiny random-init MoE models (no downloads)."""
 import copy
+import inspect
 import os
 
 import pytest
@@ -69,7 +70,7 @@ def test_patched_model_matches_and_aux_is_reference(kind):
     routers = _routers(model)
     assert len(losses) == len(routers) == 2
     fused = (tr_integration._router_forward, tr_integration._sparse_block_forward)
-    assert all(r.forward.__func__ in fused for r in routers)
+    assert all(r.forward.__trainops_impl__ in fused for r in routers)
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
     torch.testing.assert_close(out.logits, base.logits, rtol=1e-5, atol=1e-5)
     flat = mask.reshape(-1).bool()
@@ -283,32 +284,40 @@ def test_batched_all_reduce_gives_the_same_losses(monkeypatch):
     assert runs == [2, 2]  # one sync per forward, holding both layers
 
 
-def test_class_level_patch_and_revert():
-    model = _model("olmoe")
+@pytest.mark.parametrize("kind", ["qwen2_moe", "mixtral"])
+def test_patched_forwards_keep_their_signatures(kind):
+    # Trainer keeps only the dataset columns the forward's signature names (with
+    # (*args, **kwargs) it dropped them all); accelerate and PEFT read it too.
+    model = _model(kind)
+    routers = _routers(model)
+    before = [inspect.signature(m.forward) for m in (model, *routers)]
+    apply_global_load_balancing(model)
+    assert [inspect.signature(m.forward) for m in (model, *routers)] == before
+    assert "input_ids" in inspect.signature(model.forward).parameters
+    twin = copy.deepcopy(model)  # the copy's forwards are bound to the copy
+    assert twin.forward.__self__ is twin and _routers(twin)[0].forward.__self__ is _routers(twin)[0]
     ids, mask = _batch()
-    base = model(input_ids=ids, attention_mask=mask)
-    assert apply_global_load_balancing(None, scope="micro_batch") == []
-    try:
-        out = model(input_ids=ids, attention_mask=mask)  # built before the patch
-        fresh = _model("mixtral")  # built after it
-        fresh_out = fresh(input_ids=ids, attention_mask=mask)
-        routers = _routers(model)
-        assert routers and all("_trainops_lbl_losses" in r.__dict__ for r in routers)
-    finally:
-        revert(None)
-    torch.testing.assert_close(out.logits, base.logits, rtol=1e-5, atol=1e-5)
-    flat = mask.reshape(-1).bool()
-    expected = 2 * torch.stack([ref.load_balancing_loss(lg, 2, mask=flat) for lg in base.router_logits]).mean()
-    torch.testing.assert_close(out.aux_loss, expected, rtol=1e-5, atol=1e-6)
-    assert fresh_out.aux_loss is not None
-    again = _model("mixtral")(input_ids=ids, attention_mask=mask)
-    assert again.router_logits is not None  # HF's own forward is back
-    assert all("_trainops_lbl_losses" not in r.__dict__ for r in routers)
+    torch.testing.assert_close(twin(input_ids=ids, attention_mask=mask, output_router_logits=True).aux_loss,
+                               model(input_ids=ids, attention_mask=mask, output_router_logits=True).aux_loss)
+
+
+def test_training_mode_computes_the_aux_loss_without_the_config_flag():
+    model = _model("qwen3_moe")
+    model.config.output_router_logits = False  # HF's default: HF computes no aux loss then
+    apply_global_load_balancing(model, scope="micro_batch")
+    ids, mask = _batch()
+    assert model(input_ids=ids, attention_mask=mask).aux_loss is None  # eval mode: as in HF
+    model.train()
+    out = model(input_ids=ids, attention_mask=mask, labels=ids)
+    assert out.aux_loss is not None and out.aux_loss.requires_grad
+    assert model(input_ids=ids, attention_mask=mask, output_router_logits=False).aux_loss is None
 
 
 def test_bad_patch_targets():
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="model must be"):
         apply_global_load_balancing("model")
+    with pytest.raises(TypeError, match="model must be"):
+        apply_global_load_balancing(None)  # no class-level patch: the instance is patched
     with pytest.raises(ValueError, match="not patched"):
         revert(None)
     with pytest.raises(ValueError, match="not supported"):
@@ -377,7 +386,7 @@ def test_transformers4_sparse_block_path(norm_topk_prob, training):
     assert tr_integration._router_modules(torch.nn.Sequential(block)) == [block]
     state = tr_integration._ModelState()
     lbl = tr_integration._patch_router(block, "micro_batch", None, state)
-    assert block.forward.__func__ is tr_integration._sparse_block_forward
+    assert block.forward.__trainops_impl__ is tr_integration._sparse_block_forward
     torch.manual_seed(5)  # the same jitter draw
     coll = state.collector = tr_integration._Collector(None, 7)
     x = hidden.clone().requires_grad_()

@@ -7,25 +7,30 @@ auxiliary loss is computed per layer from the router statistics (no concatenatio
 all layers' logits), with padding tokens (``attention_mask == 0``) excluded. Weights
 and ``state_dict`` are untouched; :func:`revert` restores the original forwards. Works
 with transformers 4.x (the sparse MoE block's forward is replaced: it routes inline) and
->= 5 (the router module's forward is replaced).
+>= 5 (the router module's forward is replaced). The replaced forwards keep the signature
+of the ones they replace, which ``Trainer`` (``remove_unused_columns``), accelerate and
+PEFT read.
 
-Loss semantics. HF's ``load_balancing_loss_func`` pools the logits of all layers and
-returns N_E·Σ_i (count_i/T)·P_i, which is K times the Megatron/DeepSeek convention
-LBL = N_E·Σ_i (count_i/(K·T))·P_i (a balanced router gives K vs 1). The patched model
-returns ``aux_loss = K · mean_over_layers(LBL_layer)`` by default (``convention="hf"``), so
-``config.router_aux_loss_coef`` keeps its scale; ``convention="normalized"`` returns
-``mean_over_layers(LBL_layer)``. The training loss is ``lm_loss + router_aux_loss_coef ·
-aux_loss`` as in HF. With ``scope="global"`` f is summed over ``group`` and over
-micro-batches until :func:`trainops.nn.reset_load_balancing` (call it after each
-optimizer step). The aux loss is computed when ``output_router_logits`` is on (argument
-or config), as in HF; the patched model returns ``router_logits=None`` (not recorded).
+Loss semantics (docs/load_balancing_conventions.md). HF's ``load_balancing_loss_func``
+pools the logits of all layers and returns N_E·Σ_i (count_i/T)·P_i, which is K times the
+Megatron/DeepSeek convention LBL = N_E·Σ_i (count_i/(K·T))·P_i (a balanced router gives K
+vs 1). The patched model returns ``aux_loss = K · mean_over_layers(LBL_layer)`` by default
+(``convention="hf"``), so ``config.router_aux_loss_coef`` keeps its scale;
+``convention="normalized"`` returns ``mean_over_layers(LBL_layer)``. The training loss is
+``lm_loss + router_aux_loss_coef · aux_loss`` as in HF. In training mode the aux loss is
+always computed (HF computes it only with ``output_router_logits``, off by default); in
+eval mode when ``output_router_logits`` is on (argument or config), as in HF; an explicit
+``output_router_logits=False`` turns it off. The patched model returns
+``router_logits=None`` (not recorded). With ``scope="global"`` f is summed over ``group``
+and over micro-batches until :func:`trainops.nn.reset_load_balancing` (call it after each
+optimizer step; under ``Trainer``, :class:`GlobalLoadBalancingCallback` does it and logs
+the aux loss and the expert load balance).
 """
 from __future__ import annotations
 
 import functools
 import inspect
 import types
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +40,8 @@ from trainops.nn.global_counts import in_backward
 from trainops.nn.load_balancing import GlobalCountSync, LoadBalancingLoss, _parse_scope
 from trainops.ops.router import router_topk
 
-__all__ = ["apply_global_load_balancing", "revert", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["apply_global_load_balancing", "revert", "SUPPORTED_MODEL_TYPES", "GlobalLoadBalancingCallback",
+           "add_global_load_balancing_callback"]
 
 # The modules whose forward is rebound, by class name. transformers >= 5 has a router
 # module (<Model>TopKRouter: logits -> logits, weights, indices), where the value says
@@ -44,14 +50,11 @@ __all__ = ["apply_global_load_balancing", "revert", "SUPPORTED_MODEL_TYPES"]
 # replaced as a whole (_sparse_block_forward).
 _ROUTERS = {"Qwen2MoeTopKRouter": True, "Qwen3MoeTopKRouter": True, "OlmoeTopKRouter": True,
             "MixtralTopKRouter": False}
-# model_type -> (module, router class (>= 5), sparse MoE block (4.x), causal-LM class), for
-# the class-level patch.
-_CLASSES = {"qwen2_moe": ("qwen2_moe", "Qwen2MoeTopKRouter", "Qwen2MoeSparseMoeBlock", "Qwen2MoeForCausalLM"),
-            "qwen3_moe": ("qwen3_moe", "Qwen3MoeTopKRouter", "Qwen3MoeSparseMoeBlock", "Qwen3MoeForCausalLM"),
-            "mixtral": ("mixtral", "MixtralTopKRouter", "MixtralSparseMoeBlock", "MixtralForCausalLM"),
-            "olmoe": ("olmoe", "OlmoeTopKRouter", "OlmoeSparseMoeBlock", "OlmoeForCausalLM")}
-_SPARSE_BLOCKS = tuple(block for _, _, block, _ in _CLASSES.values())
-SUPPORTED_MODEL_TYPES = tuple(_CLASSES)
+# model_type -> sparse MoE block class name (4.x).
+_SPARSE_BLOCK_OF = {"qwen2_moe": "Qwen2MoeSparseMoeBlock", "qwen3_moe": "Qwen3MoeSparseMoeBlock",
+                    "mixtral": "MixtralSparseMoeBlock", "olmoe": "OlmoeSparseMoeBlock"}
+_SPARSE_BLOCKS = tuple(_SPARSE_BLOCK_OF.values())
+SUPPORTED_MODEL_TYPES = tuple(_SPARSE_BLOCK_OF)
 _CONVENTIONS = ("hf", "normalized")
 
 class _Collector:
@@ -61,6 +64,7 @@ class _Collector:
     def __init__(self, mask, seq_len, sync: GlobalCountSync | None = None):
         # terms: tensors, or functions that give them after sync.run() (batched all-reduce)
         self.mask, self.seq_len, self.terms, self.sync = mask, seq_len, [], sync
+        self.counts = []  # each layer's local expert counts, for the training metrics
         self.grad_enabled = torch.is_grad_enabled()
         self.tokens = None  # rows routed per layer, checked when a layer is recomputed
 
@@ -79,6 +83,27 @@ class _ModelState:
         # masked routing and loss ops, whose saved tensors non-reentrant checkpointing
         # matches one by one).
         self.last = None
+        # Training metrics since the last take_metrics() (GlobalLoadBalancingCallback turns
+        # recording on): sum of the aux losses, number of forwards, expert counts [layers, E].
+        self.recording = False
+        self.aux_sum = self.loads = None
+        self.forwards = 0
+
+    def record(self, aux: torch.Tensor, counts: list) -> None:
+        aux = aux.detach()
+        loads = torch.stack([c.to(aux.device) for c in counts])
+        if self.loads is None:
+            self.aux_sum, self.loads = aux, loads
+        else:
+            self.aux_sum, self.loads = self.aux_sum + aux, self.loads + loads
+        self.forwards += 1
+
+    def take_metrics(self):
+        """(aux sum, forwards, loads [layers, E]) recorded since the last call, then cleared."""
+        out = (self.aux_sum, self.forwards, self.loads)
+        self.aux_sum = self.loads = None
+        self.forwards = 0
+        return out
 
     def backward_started(self, collector, grad) -> None:
         """Hook on a forward's aux loss, whose gradient comes before its layers' (the loss
@@ -120,6 +145,7 @@ def _route(module, router_logits):
             term = lbl(counts, prob_sum, **stats)
         if not recomputing:  # a recomputed term only repeats the original's saved tensors
             coll.terms.append(term)
+            coll.counts.append(counts)
             coll.tokens = router_logits.shape[0]
     return weights, indices
 
@@ -179,8 +205,8 @@ def _model_forward(self, *args, **kwargs):
     extra = dict(call.pop(patch["var_kw"], {})) if patch["var_kw"] else {}
     return_dict = extra.pop("return_dict", call.pop("return_dict", None))
     want = call.get("output_router_logits")
-    if want is None:
-        want = bool(getattr(self.config, "output_router_logits", False))
+    if want is None:  # training needs the aux loss whatever the config says (HF: off by default)
+        want = self.training or bool(getattr(self.config, "output_router_logits", False))
     call["output_router_logits"] = False  # HF would record and pool every layer's logits
     mask = call.get("attention_mask")
     ids = call.get("input_ids")
@@ -209,6 +235,9 @@ def _model_forward(self, *args, **kwargs):
             aux.register_hook(functools.partial(state.backward_started, coll))
         if patch["convention"] == "hf":
             aux = aux * self.num_experts_per_tok
+        if state.recording and self.training:
+            state.record(aux, coll.counts)
+        coll.counts = []
         out["aux_loss"] = aux  # item assignment: ModelOutput keeps keys and attributes in step
         if out.loss is not None:
             out["loss"] = out.loss + self.router_aux_loss_coef * aux.to(out.loss.device)
@@ -228,11 +257,27 @@ def _attach_loss(router: nn.Module, scope, group, check_finite: bool) -> LoadBal
 _ROUTER_ATTRS = ("_trainops_lbl_losses", "_trainops_cast", "_trainops_check_finite", "_trainops_lbl_state")
 
 
+def _bind_forward(module: nn.Module, func, orig) -> None:
+    """``module.forward = func`` bound to module, with the signature of ``orig`` (the bound
+    forward it replaces): ``Trainer`` keeps only the dataset columns that the forward's
+    signature names, and accelerate and PEFT read it too. A bound method (not a closure over
+    the module), so that ``copy.deepcopy`` binds the copy's forward to the copy."""
+    def forward(self, *args, **kwargs):
+        return func(self, *args, **kwargs)
+
+    sig = inspect.signature(orig)
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    forward.__signature__ = sig.replace(parameters=[self_param, *sig.parameters.values()])
+    forward.__name__, forward.__qualname__ = "forward", f"{type(module).__qualname__}.forward"
+    forward.__doc__ = getattr(orig, "__doc__", None)
+    forward.__trainops_impl__ = func  # which replacement it runs
+    module.forward = types.MethodType(forward, module)
+
+
 def _patch_router(router: nn.Module, scope, group, state: _ModelState, check_finite: bool = True) -> LoadBalancingLoss:
     lbl = _attach_loss(router, scope, group, check_finite)
     router.__dict__["_trainops_lbl_state"] = state
-    forward = _sparse_block_forward if _is_sparse_block(router) else _router_forward
-    router.forward = types.MethodType(forward, router)
+    _bind_forward(router, _sparse_block_forward if _is_sparse_block(router) else _router_forward, router.forward)
     return lbl
 
 
@@ -244,67 +289,12 @@ def _lm_patch(orig, options: dict, routers: list, state: _ModelState) -> dict:
     return {"orig": orig, "signature": sig, "var_kw": var_kw, "routers": routers, "state": state, **options}
 
 
-_class_patch: dict = {}  # class -> original forward, while the classes are patched
-_class_instances = weakref.WeakSet()  # modules that got per-instance state from the class patch
-
-
-def _patch_classes(scope, group, check_finite, options: dict) -> None:
-    import importlib
-
-    if _class_patch:
-        raise RuntimeError("apply_global_load_balancing(None): the classes are already patched (call revert(None))")
-    for mod_name, router_name, block_name, lm_name in _CLASSES.values():
-        try:
-            mod = importlib.import_module(f"transformers.models.{mod_name}.modeling_{mod_name}")
-        except ImportError:  # a model newer than the installed transformers (Qwen3-MoE: 4.51)
-            continue
-        router_cls = getattr(mod, router_name, None) or getattr(mod, block_name)
-        lm_cls = getattr(mod, lm_name)
-        fused = _router_forward if router_cls.__name__ in _ROUTERS else _sparse_block_forward
-
-        def router_forward(self, hidden_states, _fused=fused):
-            if "_trainops_lbl_losses" not in self.__dict__:  # first call: this layer's loss module
-                _attach_loss(self, scope, group, check_finite)
-                _class_instances.add(self)
-            return _fused(self, hidden_states)
-
-        def lm_forward(self, *args, _orig=lm_cls.forward, **kwargs):
-            if "_trainops_lbl_patch" not in self.__dict__:  # first call: share a state with the routers
-                state = _ModelState()
-                for router in _router_modules(self):
-                    if "_trainops_lbl_losses" not in router.__dict__:
-                        _attach_loss(router, scope, group, check_finite)
-                    router.__dict__["_trainops_lbl_state"] = state
-                    _class_instances.add(router)
-                self.__dict__["_trainops_lbl_patch"] = _lm_patch(types.MethodType(_orig, self), options, [], state)
-                _class_instances.add(self)
-            return _model_forward(self, *args, **kwargs)
-
-        _class_patch[router_cls] = router_cls.forward
-        _class_patch[lm_cls] = lm_cls.forward
-        router_cls.forward = router_forward
-        lm_cls.forward = lm_forward
-
-
-def _revert_classes() -> None:
-    if not _class_patch:
-        raise ValueError("revert(None): the classes are not patched")
-    for cls, forward in _class_patch.items():
-        cls.forward = forward
-    _class_patch.clear()
-    for m in list(_class_instances):
-        for name in ("_trainops_lbl_patch", *_ROUTER_ATTRS):
-            m.__dict__.pop(name, None)
-    _class_instances.clear()
-
-
-def apply_global_load_balancing(model: nn.Module | None, scope="global", *, group=None, convention: str = "hf",
+def apply_global_load_balancing(model: nn.Module, scope="global", *, group=None, convention: str = "hf",
                                 check_finite: bool = True, batch_all_reduce: bool = False):
-    """Patch a live Qwen2-MoE / Qwen3-MoE / Mixtral / OLMoE causal LM in place; returns the
-    list of the per-layer :class:`~trainops.nn.LoadBalancingLoss` modules.
+    """Patch a live Qwen2-MoE / Qwen3-MoE / Mixtral / OLMoE causal LM in place (the
+    ``*ForCausalLM`` module, before wrapping it in DDP or PEFT); returns the list of the
+    per-layer :class:`~trainops.nn.LoadBalancingLoss` modules.
 
-    ``model=None`` patches the four model classes instead (models built before or after use
-    the fused router; each router creates its loss module on first use); returns ``[]``.
     ``scope``: ``"global"``, ``"micro_batch"``, ``"sequence"`` or a mapping scope → weight
     (e.g. ``{"global": 1.0, "micro_batch": 0.01}``). ``group``: data-parallel process group
     for the global scope. ``convention``: ``"hf"`` (×K, HF's scale) or ``"normalized"``.
@@ -315,6 +305,11 @@ def apply_global_load_balancing(model: nn.Module | None, scope="global", *, grou
     same result, one collective instead of one per layer, no overlap with the layers' work;
     under torch.compile too, inside the graph).
 
+    In training mode the aux loss is computed without ``output_router_logits=True``. The
+    global scope's counts accumulate until they are reset: after each optimizer step,
+    ``trainops.nn.reset_load_balancing(model)`` (or ``register_reset_hook``); under
+    ``Trainer``, :class:`GlobalLoadBalancingCallback`.
+
     Activation checkpointing must be non-reentrant (``gradient_checkpointing_kwargs=
     {"use_reentrant": False}``); a layer run without gradients inside a forward that computes
     them (reentrant checkpointing) raises RuntimeError, as its loss would get no gradient.
@@ -324,13 +319,8 @@ def apply_global_load_balancing(model: nn.Module | None, scope="global", *, grou
     # Only the global scope has counts to all-reduce.
     options = {"convention": convention, "group": group,
                "batch_all_reduce": bool(batch_all_reduce) and "global" in _parse_scope(scope)}
-    if model is None:
-        _patch_classes(scope, group, check_finite, options)
-        return []
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a transformers MoE causal-LM module or None, got {type(model).__name__}")
-    if _class_patch:
-        raise RuntimeError("apply_global_load_balancing: the model classes are patched (revert(None) first)")
+        raise TypeError(f"model must be a transformers MoE causal-LM module, got {type(model).__name__}")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
@@ -343,17 +333,15 @@ def apply_global_load_balancing(model: nn.Module | None, scope="global", *, grou
         raise ValueError("the model has no router_aux_loss_coef: pass the *ForCausalLM model")
     state = _ModelState()
     losses = [_patch_router(r, scope, group, state, check_finite) for r in routers]
-    model.__dict__["_trainops_lbl_patch"] = _lm_patch(model.forward, options, routers, state)
-    model.forward = types.MethodType(_model_forward, model)
+    orig = model.forward
+    model.__dict__["_trainops_lbl_patch"] = _lm_patch(orig, options, routers, state)
+    _bind_forward(model, _model_forward, orig)
     return losses
 
 
-def revert(model: nn.Module | None):
-    """Undo :func:`apply_global_load_balancing` (restores the original forwards; ``None``: the classes)."""
-    if model is None:
-        _revert_classes()
-        return None
-    patch = model.__dict__.pop("_trainops_lbl_patch", None)
+def revert(model: nn.Module):
+    """Undo :func:`apply_global_load_balancing` (restores the original forwards)."""
+    patch = model.__dict__.pop("_trainops_lbl_patch", None) if isinstance(model, nn.Module) else None
     if patch is None:
         raise ValueError("revert: the model is not patched")
     for r in patch["routers"]:
@@ -361,3 +349,18 @@ def revert(model: nn.Module | None):
             r.__dict__.pop(name, None)
     model.__dict__.pop("forward", None)
     return model
+
+
+def patched_models(model: nn.Module) -> list:
+    """The causal LMs patched by :func:`apply_global_load_balancing` in ``model`` (itself
+    or inside a wrapper: DDP, PEFT)."""
+    return [m for m in model.modules() if "_trainops_lbl_patch" in m.__dict__]
+
+
+def __getattr__(name):
+    # The Trainer callback imports transformers' trainer_callback: only when asked for.
+    if name in ("GlobalLoadBalancingCallback", "add_global_load_balancing_callback"):
+        from trainops.integrations import transformers_callback
+
+        return getattr(transformers_callback, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
