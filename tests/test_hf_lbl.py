@@ -139,9 +139,12 @@ def test_patched_model_under_torch_compile(kind, scope):
     twin = copy.deepcopy(model)
     losses = apply_global_load_balancing(model, scope=scope, batch_all_reduce=True)
     twin_losses = apply_global_load_balancing(twin, scope=scope, batch_all_reduce=True)
+    for m in (model, twin):  # what GlobalLoadBalancingCallback turns on: traced as well
+        m._trainops_lbl_patch["state"].recording = True
     ids, mask = _batch()
     explanation = torch._dynamo.explain(twin)(input_ids=ids, attention_mask=mask, labels=ids)
     reset_load_balancing(twin)
+    twin._trainops_lbl_patch["state"].take_metrics()
     if not tr_integration._is_sparse_block(_routers(model)[0]):
         # transformers >= 5. In 4.x the replaced block keeps HF's expert loop over the
         # experts that got tokens, data-dependent and a graph break in HF's code as well.
@@ -152,6 +155,10 @@ def test_patched_model_under_torch_compile(kind, scope):
     # inductor's C++ compile time (test_lbl_modules compiles the router with inductor).
     compiled = torch.compile(twin, backend="aot_eager")
     _assert_same_training(model, model, twin, compiled, losses, twin_losses)
+    (aux_a, n_a, loads_a), (aux_b, n_b, loads_b) = (m._trainops_lbl_patch["state"].take_metrics()
+                                                    for m in (model, twin))
+    assert n_a == n_b == 2 and torch.equal(loads_b, loads_a)
+    torch.testing.assert_close(aux_b, aux_a, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
 
 
