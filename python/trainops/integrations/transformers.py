@@ -293,7 +293,10 @@ def apply_global_load_balancing(model: nn.Module, scope="global", *, group=None,
                                 check_finite: bool = True, batch_all_reduce: bool = False):
     """Patch a live Qwen2-MoE / Qwen3-MoE / Mixtral / OLMoE causal LM in place (the
     ``*ForCausalLM`` module, before wrapping it in DDP or PEFT); returns the list of the
-    per-layer :class:`~trainops.nn.LoadBalancingLoss` modules.
+    per-layer :class:`~trainops.nn.LoadBalancingLoss` modules. One entry point for the four
+    model types (dispatched on ``config.model_type``), on the instance rather than on the
+    classes: models built elsewhere in the process keep HF's forward, and :func:`revert`
+    undoes one model's patch.
 
     ``scope``: ``"global"``, ``"micro_batch"``, ``"sequence"`` or a mapping scope → weight
     (e.g. ``{"global": 1.0, "micro_batch": 0.01}``). ``group``: data-parallel process group
