@@ -83,7 +83,12 @@ def main():
     ap.add_argument("--batch", type=int, nargs="+", default=[256, 4096])
     ap.add_argument("--row", type=int, default=16, help="fp32 elements per stored row")
     ap.add_argument("--min-run-time", type=float, default=1.0)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's); TorchRL's segment trees use one thread, the fused op "
+                         "parallelizes with OpenMP, whose barriers suffer on an oversubscribed shared machine")
     args = ap.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     why = stock_unavailable()
     if why is not None:
         print(f"TorchRL comparison not run: {why}")
@@ -91,7 +96,7 @@ def main():
     import torchrl
 
     table = Table(f"TorchRL {torchrl.__version__} PrioritizedSampler vs FusedPrioritizedSampler "
-                  f"(stock torchrl ReplayBuffer + LazyTensorStorage)", "cpu")
+                  f"(stock torchrl ReplayBuffer + LazyTensorStorage; {torch.get_num_threads()} torch threads)", "cpu")
     for batch in args.batch:
         run_case(table, args.capacity, batch, args.row, args.min_run_time)
     return table.report(f"replay_torchrl_{results_suffix('cpu')}.csv")

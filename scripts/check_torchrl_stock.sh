@@ -22,6 +22,7 @@ mkdir -p "$WORK"
 # so the extension build stays incremental on later runs.
 (cd "$ROOT" && tar --exclude="*.so" --exclude="__pycache__" -cf - setup.py pyproject.toml csrc kernels python tests \
   benchmarks) | tar -C "$WORK" -xf -
+ln -sfn "$WORK/kernels" "$WORK/python/trainops/kernels"  # setup.py installs kernels/ as trainops.kernels
 # torch 2.14's full headers need C++20 (setup.py asks for C++17, which torch 2.13 builds with).
 sed -i 's/-std=c++17/-std=c++20/g' "$WORK/setup.py"
 (cd "$WORK" && TRAINOPS_SKIP_CUDA=1 "$VENV/bin/python" setup.py build_ext --inplace > "$WORK/build.log" 2>&1) \

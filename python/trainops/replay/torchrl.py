@@ -29,19 +29,21 @@ Differences, all documented behaviour of the fused op (:func:`trainops.ops.repla
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 from torchrl.data.replay_buffers.samplers import PrioritizedSampler
 
 from trainops._validation import check_finite_float
+from trainops import _extension
 from trainops.ops import replay as rops
-from trainops.reference.replay import priority_weight
 
 __all__ = ["FusedPrioritizedSampler"]
 
 _FORMAT = "trainops.replay.torchrl/1"
 _FILE = "sampler.safetensors"
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 class FusedPrioritizedSampler(PrioritizedSampler):
@@ -77,6 +79,7 @@ class FusedPrioritizedSampler(PrioritizedSampler):
         self._max_priority_within_buffer = False
         self._device = None if device is None else torch.device(device)
         self._seed, self._offset = seed, 0
+        _extension.require("replay_update_priorities")  # update_priority calls the registered op directly
         self._allocate(self._device or torch.device("cpu"))
 
     def _allocate(self, device: torch.device) -> None:
@@ -90,6 +93,7 @@ class FusedPrioritizedSampler(PrioritizedSampler):
         self._generations = torch.zeros(cap, dtype=torch.int64, device=device)  # no staleness checks here
         self._rows = torch.zeros(cap, 1, dtype=torch.uint8, device=device)  # the op gathers rows; TorchRL does
         self._max_p = torch.full((1,), float("-inf"), dtype=torch.float32, device=device)  # -inf: none yet
+        self._max_value = float("-inf")  # its value on the host
 
     # ------------------------------------------------------------------ TorchRL's Sampler API
     def __repr__(self) -> str:
@@ -127,6 +131,7 @@ class FusedPrioritizedSampler(PrioritizedSampler):
             return
         dev = torch.device(dev)
         if dev.type == "cuda" and dev != self.device:
+            _extension.require_cuda("replay_update_priorities")
             for name in ("_shifted", "_weights", "_block_stats", "_winner", "_generations", "_rows", "_max_p"):
                 setattr(self, name, getattr(self, name).to(dev))
             self._device = dev
@@ -175,7 +180,6 @@ class FusedPrioritizedSampler(PrioritizedSampler):
             raise ValueError(f"index must be an int or a 1-d integer tensor (one-dimensional storages), got "
                              f"{index.dtype} of shape {tuple(index.shape)}")
         index = index.reshape(-1).long()
-        index = torch.where(index < 0, torch.full_like(index, -1), index)  # any negative index: skipped
         n = index.numel()
         priority = torch.as_tensor(priority, device=dev).detach()
         if priority.numel() == 1:
@@ -184,26 +188,34 @@ class FusedPrioritizedSampler(PrioritizedSampler):
             raise ValueError(f"priority must be one number or one per index ({n}), got {priority.numel()}")
         if n == 0:
             return
-        if bool((index >= self._max_capacity).any()):
-            raise ValueError(f"index must be < max_capacity={self._max_capacity}")
-        shifted = (priority.reshape(n).double() + self._eps).float()
-        self._check_values(priority, shifted)
-        rops.replay_update_priorities(self._shifted, self._weights, self._block_stats, self._winner,
-                                      self._generations, index, shifted, None, alpha=self._alpha, eps=0.0,
-                                      size=bound, validate=False)
-        valid = (index >= 0) & (index < bound)
-        top = torch.where(valid, priority.reshape(n).float(), torch.full_like(shifted, float("-inf"))).max()
-        self._max_p = torch.maximum(self._max_p, top.reshape(1))
+        priority = priority.reshape(n).float()
+        # One host read for every check (small batches are dominated by per-op overheads).
+        (imin, imax), (pmin, pmax) = (x.tolist() for x in torch.stack(
+            [torch.stack(torch.aminmax(index)).double(), torch.stack(torch.aminmax(priority)).double()]))
+        if imax >= self._max_capacity:
+            raise ValueError(f"index must be < max_capacity={self._max_capacity}, got {int(imax)}")
+        self._check_values(priority, pmin, pmax)
+        if imin < -1:
+            index = index.clamp_min(-1)  # any negative index: skipped
+        shifted = priority + self._eps if self._eps else priority
+        # The raw op: every tensor here is the sampler's own, shaped and typed at construction.
+        torch.ops.trainops.replay_update_priorities(self._shifted, self._weights, self._block_stats, self._winner,
+                                                   self._generations, index, shifted.contiguous(), None,
+                                                   float(self._alpha), 0.0, int(bound))
+        top = pmax if imin >= 0 and imax < bound else float(
+            torch.where((index >= 0) & (index < bound), priority, float("-inf")).max())
+        if top > self._max_value:
+            self._max_value = top
+            self._max_p.fill_(top)
 
-    def _check_values(self, priority: torch.Tensor, shifted: torch.Tensor) -> None:
-        w = priority_weight(shifted, self._alpha, 0.0)
-        if bool(((priority >= 0) & (priority < float("inf")) & (w < float("inf"))).all()):
+    def _check_values(self, priority: torch.Tensor, pmin: float, pmax: float) -> None:
+        if pmin >= 0 and math.isfinite(pmax) and (pmax + self._eps) ** self._alpha < _FLOAT32_MAX:
             return
         if bool(torch.isnan(priority).any()):
             raise ValueError("priority contains NaN")
-        if bool((priority < 0).any()):
+        if pmin < 0:
             raise ValueError("priority must be >= 0 (got a negative value)")
-        if bool(torch.isinf(priority).any()):
+        if math.isinf(pmax):
             raise ValueError("priority must be finite (got Inf)")
         raise ValueError(f"priority too large: (p + eps)^alpha (alpha={self._alpha}) overflows float32")
 
@@ -265,6 +277,7 @@ class FusedPrioritizedSampler(PrioritizedSampler):
             raise ValueError("state entry '_weights' is not (p + eps)^alpha of '_shifted'")
         self._beta, self._eps, self._seed, self._offset = beta, eps, sd["_seed"], sd["_offset"]
         self._max_p = max_p.clone()
+        self._max_value = float(max_p[0])
 
     def dumps(self, path) -> None:
         """Write the state to ``path/sampler.safetensors`` (``path``: a directory, as TorchRL's
