@@ -75,7 +75,8 @@ def stack_items(items, what: str):
     keys = list(rows[0])
     for i, r in enumerate(rows):
         if list(r) != keys:
-            raise ValueError(f"{what}[{i}] has the fields {sorted(map(str, r))}, {what}[0] has {sorted(map(str, keys))}")
+            raise ValueError(f"{what}[{i}] has the fields {sorted(map(str, r))}, "
+                             f"{what}[0] has {sorted(map(str, keys))}")
         for k, v in r.items():
             if not isinstance(v, torch.Tensor):
                 raise TypeError(f"{what}[{i}][{k!r}] must be a torch.Tensor, got {type(v).__name__}")

@@ -265,7 +265,8 @@ class FusedPrioritizedSampler(PrioritizedSampler):
             if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != shape:
                 raise ValueError(f"state entry {name!r} must be a float32 tensor of shape {shape}")
         shifted, weights, max_p = (sd[k].detach().to(self.device) for k in ("_shifted", "_weights", "_max_p"))
-        if not bool(((shifted >= 0) & (shifted < float("inf"))).all() and ((weights >= 0) & (weights < float("inf"))).all()):
+        finite = ((shifted >= 0) & (shifted < float("inf"))).all() & ((weights >= 0) & (weights < float("inf"))).all()
+        if not bool(finite):
             raise ValueError("state entries '_shifted' and '_weights' must be finite and >= 0")
         if not bool((max_p < float("inf")).all()) or bool(torch.isnan(max_p).any()):
             raise ValueError("state entry '_max_p' must be finite or -inf")
