@@ -199,3 +199,13 @@ def test_bad_files_and_input(tmp_path):
         ReplayBuffer(storage=LazyTensorStorage(8), sampler=FusedPrioritizedSampler(8, 0.6, 0.4)).sample(4)
     rb.empty()
     assert len(rb) == 0 and float(s._weights.sum()) == 0.0 and float(s.default_priority) == 1.0
+
+
+def test_the_buffers_generator_decides_the_stream():
+    def draws(seed):
+        sampler = FusedPrioritizedSampler(64, 0.6, 0.4)  # its own seed differs each time
+        rb = ReplayBuffer(storage=LazyTensorStorage(64), sampler=sampler, generator=torch.Generator().manual_seed(seed))
+        rb.extend(torch.arange(64.0))
+        return torch.cat([rb.sample(16, return_info=True)[1]["index"] for _ in range(3)])
+
+    assert torch.equal(draws(5), draws(5)) and not torch.equal(draws(5), draws(6))
