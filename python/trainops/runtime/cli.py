@@ -45,19 +45,33 @@ LOCK_FILE = ".lock"
 ERROR_LOG = "worker_errors.log"
 
 
-def lock_out_dir(out_dir: str) -> int:
-    """Hold ``out_dir/.lock`` (``fcntl.flock``, exclusive) for as long as the returned file
-    descriptor is open; the holder's pid is written into it. A second run into the same
-    folder fails at once with a ConfigError naming that pid. The kernel releases the lock
-    when the holder exits, however it ends (no stale lock after a SIGKILL)."""
+def _flock_nb(fd: int, wait_s: float) -> None:
+    """``flock(LOCK_EX | LOCK_NB)``, retried for up to ``wait_s`` seconds while another process holds it."""
     import fcntl
 
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN) or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.2)
+
+
+def lock_out_dir(out_dir: str, wait_s: float = 0.0) -> int:
+    """Hold ``out_dir/.lock`` (``fcntl.flock``, exclusive) for as long as the returned file
+    descriptor is open; the holder's pid is written into it. A second run into the same
+    folder fails (at once, or after ``wait_s`` seconds) with a ConfigError naming that pid.
+    The kernel releases the lock when the holder exits, however it ends (no stale lock
+    after a SIGKILL)."""
     from trainops.runtime.config import ConfigError
 
     path = os.path.join(out_dir, LOCK_FILE)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _flock_nb(fd, wait_s)
     except OSError as e:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
         os.close(fd)
@@ -109,14 +123,22 @@ def train(cfg) -> dict:
     ``out_dir`` is locked for the run's lifetime (by this launcher, or by rank 0 under
     torchrun), a previous run there is refused without --resume / --overwrite, and with
     --resume the whole checkpoint is verified and its config compared."""
+    from trainops.runtime import elastic
     from trainops.runtime.config import ConfigError, preflight
 
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
     preflight(cfg, under_torchrun)
     os.makedirs(cfg.out_dir, exist_ok=True)
+    restarts = elastic.agreed_restart_count(cfg.timeout_s) if under_torchrun else 0
+    restarted = restarts > 0
     holds_lock = not under_torchrun or os.environ.get("RANK") == "0"
-    lock = lock_out_dir(cfg.out_dir) if holds_lock else None
+    # after a torchrun restart the previous rank 0 (maybe on another host) may still be exiting
+    lock = lock_out_dir(cfg.out_dir, wait_s=60.0 if restarted else 0.0) if holds_lock else None
     try:
+        if restarted:  # continue this job from its last complete checkpoint (trainops.runtime.elastic)
+            cfg = elastic.restart_config(cfg, restarts)
+        elif under_torchrun and holds_lock:
+            elastic.forget_marker(cfg.out_dir)
         _check_previous_run(cfg, may_delete=holds_lock)
         if cfg.resume:  # a damaged or mismatching checkpoint is refused before any worker starts
             from trainops.runtime.checkpoint import check_resume_config, load_checkpoint, verify_checkpoint
@@ -127,6 +149,8 @@ def train(cfg) -> dict:
             check_resume_config(saved["config"], cfg.to_dict())
             if meta["final"]:
                 raise ConfigError(f"--resume: the run in {cfg.out_dir} is already complete; use a new --out-dir")
+        if under_torchrun and holds_lock and not restarted:
+            elastic.write_marker(cfg.out_dir)
         return _run(cfg, under_torchrun)
     finally:
         if lock is not None:
