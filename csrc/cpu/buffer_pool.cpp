@@ -118,11 +118,9 @@ int64_t pool_cached_bytes() { return pool().cached(); }
 
 void pool_empty() { pool().empty(); }
 
-TORCH_LIBRARY_FRAGMENT(trainops, m) {
-  // The CPU buffer pool (csrc/cpu/buffer_pool.h): bytes of free blocks it holds; give
-  // them all back to the system (as torch.cuda.empty_cache).
-  m.def("cpu_pool_cached_bytes() -> int", &pool_cached_bytes);
-  m.def("cpu_pool_empty() -> ()", &pool_empty);
+TORCH_LIBRARY_IMPL(trainops, CompositeExplicitAutograd, m) {
+  m.impl("cpu_pool_cached_bytes", &pool_cached_bytes);
+  m.impl("cpu_pool_empty", &pool_empty);
 }
 
 }  // namespace trainops
