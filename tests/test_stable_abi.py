@@ -68,10 +68,17 @@ def _resident_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _under_asan():
+    with open("/proc/self/maps") as f:
+        return "libasan" in f.read()
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
 def test_str_arguments_are_read_without_leaking():
     """A `str` argument comes through a string handle that the kernel frees
     (csrc/common/boxing.h): many calls with a long fmt string leave the resident size flat."""
+    if _under_asan():
+        pytest.skip("ASan's quarantine holds freed memory, so the resident size grows (scripts/asan_check.sh)")
     x = torch.randn(16)
     fmt = "fp3" + "x" * 4096  # an unknown format: the kernel reads the string, then raises
 

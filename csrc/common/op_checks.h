@@ -43,14 +43,14 @@ inline void on_cpu(const Tensor& t, const char* op, const char* name) {
 
 inline void dim_at_least(const Tensor& t, int64_t d, const char* op, const char* name) {
   TRAINOPS_CHECK_VALUE(t.dim() >= d, "trainops.", op, ": '", name, "' must have at least ", d, " dimension(s), got ",
-                    t.dim(), "-D");
+                       t.dim(), "-D");
 }
 
 // Every idx[i] in [0, hi): a cheap host pass (the CPU kernels index memory with them).
 inline void indices_in_range(const int64_t* idx, int64_t n, int64_t hi, const char* op, const char* name) {
   for (int64_t i = 0; i < n; ++i) {
     TRAINOPS_CHECK_INDEX(idx[i] >= 0 && idx[i] < hi, "trainops.", op, ": '", name, "' holds ", idx[i], " at position ", i,
-                      "; every entry must be in [0, ", hi, ")");
+                         "; every entry must be in [0, ", hi, ")");
   }
 }
 
@@ -63,7 +63,7 @@ inline void finite_scalar(double v, const char* op, const char* name) {
 inline void replay_update_scalars(int64_t capacity, int64_t size, int64_t n, double alpha, double eps) {
   const char* op = "replay_update_priorities";
   TRAINOPS_CHECK_VALUE(size >= 0 && size <= capacity, "trainops.", op, ": 'size' must be in [0, capacity=", capacity,
-                    "], got ", size);
+                       "], got ", size);
   TRAINOPS_CHECK_VALUE(n < (int64_t{1} << 31), "trainops.", op, ": at most 2^31 - 1 entries in 'indices', got ", n);
   finite_scalar(alpha, op, "alpha");
   finite_scalar(eps, op, "eps");
@@ -75,13 +75,13 @@ inline void replay_update_scalars(int64_t capacity, int64_t size, int64_t n, dou
 inline void replay_insert_scalars(int64_t capacity, int64_t n, int64_t mode, int64_t size, int64_t cursor) {
   const char* op = "replay_insert";
   TRAINOPS_CHECK_VALUE(mode == 0 || mode == 1, "trainops.", op, ": 'eviction' must be 0 (fifo) or 1 (reservoir), got ",
-                    mode);
+                       mode);
   TRAINOPS_CHECK_VALUE(capacity >= 1, "trainops.", op, ": the storage has capacity 0 (no slot to write)");
   TRAINOPS_CHECK_VALUE(size >= 0 && size <= capacity, "trainops.", op, ": 'size' must be in [0, capacity=", capacity,
-                    "], got ", size);
+                       "], got ", size);
   TRAINOPS_CHECK_VALUE(cursor >= size, "trainops.", op, ": 'cursor' must be >= size (", size, "), got ", cursor);
   TRAINOPS_CHECK_VALUE(cursor <= std::numeric_limits<int64_t>::max() - n, "trainops.", op, ": 'cursor' (", cursor,
-                    ") + batch size (", n, ") overflows int64");
+                       ") + batch size (", n, ") overflows int64");
 }
 
 // replay_sample: size in [1, capacity], counts >= 0, without replacement at most size draws,
@@ -90,16 +90,16 @@ inline void replay_sample_scalars(int64_t capacity, int64_t size, int64_t n_fres
                                   bool replacement, double beta) {
   const char* op = "replay_sample";
   TRAINOPS_CHECK_VALUE(size > 0 && size <= capacity, "trainops.", op, ": 'size' must be in [1, capacity=", capacity,
-                    "], got ", size, " (empty buffer?)");
+                       "], got ", size, " (empty buffer?)");
   TRAINOPS_CHECK_VALUE(n_fresh >= 0 && n_replay >= 0, "trainops.", op, ": 'n_fresh' and 'n_replay' must be >= 0, got ",
-                    n_fresh, " and ", n_replay);
+                       n_fresh, " and ", n_replay);
   TRAINOPS_CHECK_VALUE(n_fresh <= std::numeric_limits<int64_t>::max() - n_replay, "trainops.", op,
-                    ": 'n_fresh' + 'n_replay' overflows int64");
+                       ": 'n_fresh' + 'n_replay' overflows int64");
   TRAINOPS_CHECK_VALUE(replacement || n_replay <= size, "trainops.", op, ": cannot draw ", n_replay,
-                    " rows without replacement from ", size, " stored items");
+                       " rows without replacement from ", size, " stored items");
   TRAINOPS_CHECK_VALUE(mode >= 0 && mode <= 3, "trainops.", op, ": 'weight_mode' must be in [0, 3], got ", mode);
   TRAINOPS_CHECK_VALUE(std::isfinite(beta) && beta >= 0.0, "trainops.", op, ": 'beta' must be finite and >= 0, got ",
-                    beta);
+                       beta);
 }
 
 }  // namespace checks

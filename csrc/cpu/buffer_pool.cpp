@@ -100,7 +100,8 @@ Tensor pooled_empty(std::initializer_list<int64_t> sizes, ScalarType dtype) {
   // The deleter captures the block's size: the pool matches blocks by exact byte size.
   return torch::stable::from_blob(
       p, torch::headeronly::IntHeaderOnlyArrayRef(sizes.begin(), sizes.size()),
-      torch::headeronly::IntHeaderOnlyArrayRef(strides, sizes.size()), torch::stable::Device(torch::headeronly::DeviceType::CPU),
+      torch::headeronly::IntHeaderOnlyArrayRef(strides, sizes.size()),
+      torch::stable::Device(torch::headeronly::DeviceType::CPU),
       dtype, [bytes](void* block) { pool().give_back(block, bytes); });
 }
 

@@ -32,13 +32,13 @@ Format parse_format(const std::string& fmt) {
   if (fmt == "fp4_e3m0") return Format::FP4_E3M0;
   if (fmt == "fp4_e2m1") return Format::FP4_E2M1;
   TRAINOPS_CHECK_VALUE(false, "trainops: unknown fmt '", fmt,
-                    "'; expected one of int8, int4, fp8_e4m3, fp4_e3m0, fp4_e2m1");
+                       "'; expected one of int8, int4, fp8_e4m3, fp4_e3m0, fp4_e2m1");
   return Format::INT8;  // not reached
 }
 
 void check_block_size(int64_t block_size) {
   TRAINOPS_CHECK_VALUE(block_size >= 16 && block_size <= 8192 && (block_size & (block_size - 1)) == 0,
-                    "trainops: block_size must be a power of two in [16, 8192], got ", block_size);
+                       "trainops: block_size must be a power of two in [16, 8192], got ", block_size);
 }
 
 int64_t packed_bytes(Format f, int64_t numel) {
@@ -212,9 +212,9 @@ void check_input(const Tensor& x, const char* name) {
   TRAINOPS_CHECK_VALUE(x.is_cpu(), "trainops: '", name, "' must be a CPU tensor here, got ", st::device_str(x));
   TRAINOPS_CHECK_TYPE(x.scalar_type() == ScalarType::Float || x.scalar_type() == ScalarType::BFloat16 ||
                        x.scalar_type() == ScalarType::Half,
-                   "trainops: '", name, "' must be float32, bfloat16 or float16, got ", x.scalar_type());
+                      "trainops: '", name, "' must be float32, bfloat16 or float16, got ", x.scalar_type());
   TRAINOPS_CHECK_VALUE(x.is_contiguous() && x.dim() == 1, "trainops: '", name,
-                    "' must be a contiguous 1-D tensor (the wrappers flatten it)");
+                       "' must be a contiguous 1-D tensor (the wrappers flatten it)");
 }
 
 std::tuple<Tensor, Tensor> quantize_impl(const Tensor& x, const Tensor* error,
@@ -230,10 +230,10 @@ std::tuple<Tensor, Tensor> quantize_impl(const Tensor& x, const Tensor* error,
   if (error != nullptr) {
     checks::on_device_of(*error, x, "quantize_error_feedback", "error");
     TRAINOPS_CHECK_TYPE(error->scalar_type() == ScalarType::Float, "trainops: 'error' must be float32, got ",
-                     error->scalar_type());
+                        error->scalar_type());
     TRAINOPS_CHECK_VALUE(error->is_contiguous() && error->numel() == n,
-                      "trainops: 'error' must be contiguous with as many elements as 'x' (", n, "), got ",
-                      error->numel());
+                         "trainops: 'error' must be contiguous with as many elements as 'x' (", n, "), got ",
+                         error->numel());
     err = st::data<float>(*error);
   }
   const uint32_t key = seed_key(seed);
@@ -267,13 +267,13 @@ void check_packed(const Tensor& data, const Tensor& scales, Format f, int64_t n,
                        " but 'data' is on ", st::device_str(data));
   TRAINOPS_CHECK_TYPE(data.scalar_type() == ScalarType::Byte, "trainops: 'data' must be uint8, got ", data.scalar_type());
   TRAINOPS_CHECK_TYPE(scales.scalar_type() == ScalarType::Float, "trainops: 'scales' must be float32, got ",
-                   scales.scalar_type());
+                      scales.scalar_type());
   TRAINOPS_CHECK_VALUE(data.is_contiguous() && scales.is_contiguous(),
-                    "trainops: 'data' and 'scales' must be contiguous");
+                       "trainops: 'data' and 'scales' must be contiguous");
   TRAINOPS_CHECK_VALUE(data.numel() == chunks * packed_bytes(f, n), "trainops: 'data' holds ", data.numel(),
-                    " bytes; expected ", chunks, " x ", packed_bytes(f, n), " for ", n, " elements");
+                       " bytes; expected ", chunks, " x ", packed_bytes(f, n), " for ", n, " elements");
   TRAINOPS_CHECK_VALUE(scales.numel() == chunks * num_blocks(n, block_size), "trainops: 'scales' holds ",
-                    scales.numel(), " values; expected ", chunks, " x ", num_blocks(n, block_size));
+                       scales.numel(), " values; expected ", chunks, " x ", num_blocks(n, block_size));
 }
 
 Tensor dequantize_cpu(const Tensor& data, const Tensor& scales, std::string_view fmt, int64_t block_size, int64_t numel,
@@ -282,7 +282,7 @@ Tensor dequantize_cpu(const Tensor& data, const Tensor& scales, std::string_view
   check_block_size(block_size);
   TRAINOPS_CHECK_VALUE(numel >= 0 && numel <= kMaxNumel, "trainops: 'numel' must be in [0, 2^62], got ", numel);
   TRAINOPS_CHECK_TYPE(dtype == ScalarType::Float || dtype == ScalarType::BFloat16 || dtype == ScalarType::Half,
-                   "trainops: 'dtype' must be float32, bfloat16 or float16, got ", dtype);
+                      "trainops: 'dtype' must be float32, bfloat16 or float16, got ", dtype);
   check_packed(data, scales, f, numel, block_size, 1);
   Tensor out = st::empty_cpu({numel}, dtype);
   TRAINOPS_DISPATCH_FLOATING(dtype, "'dtype'", [&] {
@@ -302,13 +302,13 @@ void dequantize_accumulate_cpu(const Tensor& out, const Tensor& data, const Tens
   TRAINOPS_CHECK_TYPE(out.scalar_type() == ScalarType::Float, "trainops: 'out' must be float32, got ", out.scalar_type());
   TRAINOPS_CHECK_VALUE(out.is_contiguous(), "trainops: 'out' must be contiguous");
   TRAINOPS_CHECK_VALUE(data.dim() == 2 && scales.dim() == 2 && data.size(0) == scales.size(0),
-                    "trainops: 'data' and 'scales' must be 2-D [chunks, ...] with the same number of chunks, got ",
+                       "trainops: 'data' and 'scales' must be 2-D [chunks, ...] with the same number of chunks, got ",
                        st::sizes_str(data), " and ", st::sizes_str(scales));
   const int64_t n = out.numel();
   const int64_t chunks = data.size(0);
   TRAINOPS_CHECK_VALUE(data.size(1) == packed_bytes(f, n) && scales.size(1) == num_blocks(n, block_size),
-                    "trainops: 'data' / 'scales' must be [chunks, ", packed_bytes(f, n), "] / [chunks, ",
-                    num_blocks(n, block_size), "] for ", n, " elements, got ", st::sizes_str(data), " / ",
+                       "trainops: 'data' / 'scales' must be [chunks, ", packed_bytes(f, n), "] / [chunks, ",
+                       num_blocks(n, block_size), "] for ", n, " elements, got ", st::sizes_str(data), " / ",
                        st::sizes_str(scales));
   check_packed(data, scales, f, n, block_size, chunks);
   // out + (a sum over no chunks) is out: left untouched (the kernel loads out into its

@@ -36,7 +36,7 @@ std::vector<Field> collect_fields(const std::vector<Tensor>& storage, const std:
                                   const std::vector<bool>& ragged, int64_t capacity, int64_t rows) {
   TRAINOPS_CHECK_VALUE(!storage.empty(), "trainops.replay_sample: 'storage' must hold at least one field");
   TRAINOPS_CHECK_VALUE(storage.size() == out.size() && storage.size() == ragged.size(),
-                    "trainops.replay_sample: 'storage', 'out' and 'ragged' must have the same length");
+                       "trainops.replay_sample: 'storage', 'out' and 'ragged' must have the same length");
   std::vector<Field> fields;
   for (size_t f = 0; f < storage.size(); ++f) {
     const Tensor& s = storage[f];
@@ -44,11 +44,11 @@ std::vector<Field> collect_fields(const std::vector<Tensor>& storage, const std:
     checks::on_cpu(s, "replay_sample", "storage");
     checks::on_cpu(o, "replay_sample", "out");
     TRAINOPS_CHECK_VALUE(s.dim() >= 1 && s.size(0) == capacity && s.is_contiguous(), "trainops.replay_sample: storage[",
-                      f, "] must be contiguous with ", capacity, " rows");
+                         f, "] must be contiguous with ", capacity, " rows");
     TRAINOPS_CHECK_VALUE(o.dim() == s.dim() && o.size(0) == rows && o.is_contiguous(), "trainops.replay_sample: out[", f,
-                      "] must be contiguous with ", rows, " rows and the row shape of storage[", f, "]");
+                         "] must be contiguous with ", rows, " rows and the row shape of storage[", f, "]");
     TRAINOPS_CHECK_TYPE(o.scalar_type() == s.scalar_type(), "trainops.replay_sample: out[", f, "] has dtype ",
-                     o.scalar_type(), " but storage[", f, "] has ", s.scalar_type());
+                        o.scalar_type(), " but storage[", f, "] has ", s.scalar_type());
     for (int64_t d = 1; d < s.dim(); ++d) {
       TRAINOPS_CHECK_VALUE(o.size(d) == s.size(d), "trainops.replay_sample: out[", f, "] row shape differs from storage");
     }
@@ -108,9 +108,10 @@ std::tuple<Tensor, Tensor, Tensor> replay_sample_cpu(
   replay::WeightSource src{mode, nullptr, nullptr, nullptr, 0, now};
   if (mode == replay::kWeights) {
     TRAINOPS_CHECK_VALUE(weights.has_value() && block_stats.has_value(),
-                      "trainops.replay_sample: mode 1 needs 'weights' and 'block_stats'");
-    TRAINOPS_CHECK_TYPE(weights->scalar_type() == ScalarType::Float && weights->is_contiguous() && weights->numel() == capacity,
-                     "trainops.replay_sample: 'weights' must be contiguous float32 [capacity]");
+                         "trainops.replay_sample: mode 1 needs 'weights' and 'block_stats'");
+    TRAINOPS_CHECK_TYPE(weights->scalar_type() == ScalarType::Float && weights->is_contiguous() &&
+                            weights->numel() == capacity,
+                        "trainops.replay_sample: 'weights' must be contiguous float32 [capacity]");
     checks::on_cpu(*weights, "replay_sample", "weights");
     checks::on_cpu(*block_stats, "replay_sample", "block_stats");
     src.weights = st::cdata<float>(*weights);
@@ -118,13 +119,13 @@ std::tuple<Tensor, Tensor, Tensor> replay_sample_cpu(
   if (mode == replay::kRecency || mode == replay::kTable) {
     TRAINOPS_CHECK_VALUE(slot_key.has_value() && slot_key->scalar_type() == ScalarType::Long && slot_key->is_contiguous() &&
                           slot_key->numel() == capacity,
-                      "trainops.replay_sample: modes 2 and 3 need 'slot_key' as contiguous int64 [capacity]");
+                         "trainops.replay_sample: modes 2 and 3 need 'slot_key' as contiguous int64 [capacity]");
     checks::on_cpu(*slot_key, "replay_sample", "slot_key");
     src.key = st::cdata<int64_t>(*slot_key);
   }
   if (mode == replay::kTable) {
     TRAINOPS_CHECK_VALUE(table.has_value() && table->scalar_type() == ScalarType::Double && table->is_contiguous(),
-                      "trainops.replay_sample: mode 3 needs 'table' as contiguous float64");
+                         "trainops.replay_sample: mode 3 needs 'table' as contiguous float64");
     checks::on_cpu(*table, "replay_sample", "table");
     src.table = st::cdata<double>(*table);
     src.table_size = table->numel();
@@ -133,7 +134,7 @@ std::tuple<Tensor, Tensor, Tensor> replay_sample_cpu(
   if (std::find(ragged.begin(), ragged.end(), true) != ragged.end()) {
     TRAINOPS_CHECK_VALUE(lengths.has_value() && lengths->scalar_type() == ScalarType::Int && lengths->is_contiguous() &&
                           lengths->numel() == capacity,
-                      "trainops.replay_sample: ragged fields need 'lengths' as contiguous int32 [capacity]");
+                         "trainops.replay_sample: ragged fields need 'lengths' as contiguous int32 [capacity]");
     checks::on_cpu(*lengths, "replay_sample", "lengths");
     len_ptr = st::cdata<int32_t>(*lengths);
   }
@@ -162,7 +163,7 @@ std::tuple<Tensor, Tensor, Tensor> replay_sample_cpu(
     TRAINOPS_CHECK_VALUE(block_stats->scalar_type() == ScalarType::Double && block_stats->is_contiguous() &&
                           block_stats->dim() == 2 && block_stats->size(0) == 2 &&
                           block_stats->size(1) == (capacity + kBlock - 1) / kBlock,
-                      "trainops.replay_sample: 'block_stats' must be contiguous float64 [2, ceil(capacity / 32)]");
+                         "trainops.replay_sample: 'block_stats' must be contiguous float64 [2, ceil(capacity / 32)]");
     const double* bs = st::cdata<double>(*block_stats);
     const int64_t stride = block_stats->size(1);
     std::copy(bs, bs + nb, bsum.begin());

@@ -26,7 +26,7 @@ void check_state(const Tensor& t, ScalarType dtype, int64_t capacity, const char
   TRAINOPS_CHECK_VALUE(t.is_cpu(), "trainops: '", name, "' must be a CPU tensor, got ", st::device_str(t));
   TRAINOPS_CHECK_TYPE(t.scalar_type() == dtype, "trainops: '", name, "' must be ", dtype, ", got ", t.scalar_type());
   TRAINOPS_CHECK_VALUE(t.is_contiguous() && t.numel() == capacity, "trainops: '", name,
-                    "' must be contiguous with capacity (", capacity, ") elements");
+                       "' must be contiguous with capacity (", capacity, ") elements");
 }
 
 // Slot of every batch item (-1: not stored). FIFO: item i of the batch is the stream's item
@@ -73,9 +73,10 @@ std::vector<int64_t> assign_slots(int64_t mode, int64_t n, int64_t capacity, int
 }
 
 Tensor replay_insert_cpu(const std::vector<Tensor>& storage, const std::vector<Tensor>& batch, const Tensor& generations,
-                         const Tensor& stamps, const Tensor& keys, int64_t mode, int64_t size, int64_t cursor, int64_t step, int64_t seed) {
+                         const Tensor& stamps, const Tensor& keys, int64_t mode, int64_t size, int64_t cursor,
+                         int64_t step, int64_t seed) {
   TRAINOPS_CHECK_VALUE(!storage.empty() && storage.size() == batch.size(),
-                    "trainops.replay_insert: 'storage' and 'batch' must list the same, non-empty set of fields");
+                       "trainops.replay_insert: 'storage' and 'batch' must list the same, non-empty set of fields");
   checks::dim_at_least(storage[0], 1, "replay_insert", "storage[0]");
   checks::dim_at_least(batch[0], 1, "replay_insert", "batch[0]");
   const int64_t capacity = storage[0].size(0);
@@ -88,12 +89,12 @@ Tensor replay_insert_cpu(const std::vector<Tensor>& storage, const std::vector<T
     checks::dim_at_least(batch[f], 1, "replay_insert", "batch");
     TRAINOPS_CHECK_VALUE(storage[f].is_contiguous() && storage[f].size(0) == capacity && batch[f].is_contiguous() &&
                           batch[f].size(0) == n && batch[f].dim() == storage[f].dim(),
-                      "trainops.replay_insert: field ", f, " must be contiguous [capacity, ...] / [n, ...]");
+                         "trainops.replay_insert: field ", f, " must be contiguous [capacity, ...] / [n, ...]");
     TRAINOPS_CHECK_TYPE(batch[f].scalar_type() == storage[f].scalar_type(), "trainops.replay_insert: field ", f,
-                     " has dtype ", batch[f].scalar_type(), " but the buffer stores ", storage[f].scalar_type());
+                        " has dtype ", batch[f].scalar_type(), " but the buffer stores ", storage[f].scalar_type());
     for (int64_t d = 1; d < storage[f].dim(); ++d) {
       TRAINOPS_CHECK_VALUE(batch[f].size(d) == storage[f].size(d), "trainops.replay_insert: field ", f,
-                        " row shape differs from the buffer's");
+                           " row shape differs from the buffer's");
     }
   }
   check_state(generations, ScalarType::Long, capacity, "generations");
@@ -148,21 +149,21 @@ Tensor replay_update_priorities_cpu(const Tensor& priorities, const Tensor& weig
   const int64_t nbc = (capacity + kBlock - 1) / kBlock;
   TRAINOPS_CHECK_VALUE(block_stats.scalar_type() == ScalarType::Double && block_stats.is_contiguous() &&
                         block_stats.dim() == 2 && block_stats.size(0) == 2 && block_stats.size(1) == nbc,
-                    "trainops.replay_update_priorities: 'block_stats' must be contiguous float64 [2, ", nbc, "]");
+                       "trainops.replay_update_priorities: 'block_stats' must be contiguous float64 [2, ", nbc, "]");
   checks::on_cpu(block_stats, "replay_update_priorities", "block_stats");
   checks::on_cpu(indices, "replay_update_priorities", "indices");
   checks::on_cpu(values, "replay_update_priorities", "values");
   TRAINOPS_CHECK_TYPE(indices.scalar_type() == ScalarType::Long && values.scalar_type() == ScalarType::Float,
-                   "trainops.replay_update_priorities: 'indices' must be int64 and 'values' float32");
+                      "trainops.replay_update_priorities: 'indices' must be int64 and 'values' float32");
   TRAINOPS_CHECK_VALUE(indices.dim() == 1 && values.dim() == 1 && indices.numel() == values.numel() &&
                         indices.is_contiguous() && values.is_contiguous(),
-                    "trainops.replay_update_priorities: 'indices' and 'values' must be contiguous 1-D of one length");
+                       "trainops.replay_update_priorities: 'indices' and 'values' must be contiguous 1-D of one length");
   const int64_t n = indices.numel();
   const int64_t* exp = nullptr;
   if (expected.has_value()) {
     checks::on_cpu(*expected, "replay_update_priorities", "expected_generations");
     TRAINOPS_CHECK_VALUE(expected->scalar_type() == ScalarType::Long && expected->is_contiguous() && expected->numel() == n,
-                      "trainops.replay_update_priorities: 'expected_generations' must be int64 like 'indices'");
+                         "trainops.replay_update_priorities: 'expected_generations' must be int64 like 'indices'");
     exp = st::cdata<int64_t>(*expected);
   }
   const int64_t* idx = st::cdata<int64_t>(indices);
@@ -179,8 +180,8 @@ Tensor replay_update_priorities_cpu(const Tensor& priorities, const Tensor& weig
   // not applied. size <= capacity is checked above, so every slot written exists.)
   for (int64_t j = 0; j < n; ++j) {
     TRAINOPS_CHECK_VALUE(val[j] >= 0.0f && val[j] <= std::numeric_limits<float>::max(),
-                      "trainops.replay_update_priorities: priorities must be finite and >= 0, got ", val[j],
-                      " at position ", j, val[j] != val[j] ? " (NaN)" : "");
+                         "trainops.replay_update_priorities: priorities must be finite and >= 0, got ", val[j],
+                         " at position ", j, val[j] != val[j] ? " (NaN)" : "");
   }
   auto valid = [&](int64_t j) {
     const int64_t s = idx[j];

@@ -125,14 +125,17 @@ void check_common(const Tensor& logits, int64_t k, const std::string_view score,
   checks::on_cpu(logits, "router_topk", "logits");
   TRAINOPS_CHECK_TYPE(logits.scalar_type() == ScalarType::Float || logits.scalar_type() == ScalarType::BFloat16 ||
                        logits.scalar_type() == ScalarType::Half,
-                   "trainops: 'logits' must be float32, bfloat16 or float16, got ", logits.scalar_type());
-  TRAINOPS_CHECK_VALUE(k >= 1 && k <= logits.size(1), "trainops: 'k' must be in [1, experts=", logits.size(1), "], got ", k);
-  TRAINOPS_CHECK_VALUE(score == "softmax" || score == "sigmoid", "trainops: 'score' must be softmax or sigmoid, got ", score);
+                      "trainops: 'logits' must be float32, bfloat16 or float16, got ", logits.scalar_type());
+  TRAINOPS_CHECK_VALUE(k >= 1 && k <= logits.size(1), "trainops: 'k' must be in [1, experts=", logits.size(1),
+                       "], got ", k);
+  TRAINOPS_CHECK_VALUE(score == "softmax" || score == "sigmoid", "trainops: 'score' must be softmax or sigmoid, got ",
+                       score);
   if (mask.has_value()) {
     checks::on_cpu(*mask, "router_topk", "mask");
-    TRAINOPS_CHECK_TYPE(mask->scalar_type() == ScalarType::Bool, "trainops: 'mask' must be bool, got ", mask->scalar_type());
+    TRAINOPS_CHECK_TYPE(mask->scalar_type() == ScalarType::Bool, "trainops: 'mask' must be bool, got ",
+                        mask->scalar_type());
     TRAINOPS_CHECK_VALUE(mask->dim() == 1 && mask->size(0) == logits.size(0), "trainops: 'mask' must have shape [",
-                      logits.size(0), "], got ", st::sizes_str(*mask));
+                         logits.size(0), "], got ", st::sizes_str(*mask));
   }
 }
 
@@ -147,9 +150,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> router_topk_cpu(const Tensor&
   if (expert_bias.has_value()) {
     checks::on_cpu(*expert_bias, "router_topk", "expert_bias");
     TRAINOPS_CHECK_TYPE(st::is_floating(expert_bias->scalar_type()), "trainops: 'expert_bias' must be a float tensor, got ",
-                     expert_bias->scalar_type());
+                        expert_bias->scalar_type());
     TRAINOPS_CHECK_VALUE(expert_bias->dim() == 1 && expert_bias->size(0) == E, "trainops: 'expert_bias' must have shape [",
-                      E, "], got ", st::sizes_str(*expert_bias));
+                         E, "], got ", st::sizes_str(*expert_bias));
     bias = as_contiguous(*expert_bias, ScalarType::Float);
     // Always checked (E values): a NaN bias would make every comparison of the top-k false and
     // the selection meaningless; an infinite one pins or bans an expert for every token.
@@ -287,20 +290,21 @@ Tensor router_topk_backward_cpu(const Tensor& grad_weights_in, const Tensor& gra
                                 const Tensor& logits_in, const Tensor& indices_in, const std::optional<Tensor>& mask_in,
                                 std::string_view score, bool renormalize, bool with_z) {
   const char* op = "router_topk_backward";
-  TRAINOPS_CHECK_VALUE(logits_in.dim() == 2, "trainops: 'logits' must be 2-D [tokens, experts], got ", logits_in.dim(), "-D");
+  TRAINOPS_CHECK_VALUE(logits_in.dim() == 2, "trainops: 'logits' must be 2-D [tokens, experts], got ", logits_in.dim(),
+                       "-D");
   TRAINOPS_CHECK_VALUE(indices_in.dim() == 2 && indices_in.size(0) == logits_in.size(0),
-                    "trainops: 'indices' must be [tokens=", logits_in.size(0), ", k], got ", st::sizes_str(indices_in));
+                       "trainops: 'indices' must be [tokens=", logits_in.size(0), ", k], got ", st::sizes_str(indices_in));
   const int64_t k = indices_in.size(1);
   check_common(logits_in, k, score, mask_in);
   const Tensor logits = as_contiguous(logits_in, logits_in.scalar_type());
   const int64_t T = logits.size(0), E = logits.size(1);
   checks::on_cpu(indices_in, op, "indices");
   TRAINOPS_CHECK_TYPE(indices_in.scalar_type() == ScalarType::Long || indices_in.scalar_type() == ScalarType::Int,
-                   "trainops: 'indices' must be int64 or int32, got ", indices_in.scalar_type());
+                      "trainops: 'indices' must be int64 or int32, got ", indices_in.scalar_type());
   auto check_grad = [&](const Tensor& t, const char* name) {
     checks::on_cpu(t, op, name);
     TRAINOPS_CHECK_TYPE(st::is_floating(t.scalar_type()), "trainops: '", name, "' must be a float tensor, got ",
-                     t.scalar_type());
+                        t.scalar_type());
   };
   check_grad(grad_weights_in, "grad_weights");
   check_grad(grad_prob_sum_in, "grad_prob_sum");
@@ -308,7 +312,7 @@ Tensor router_topk_backward_cpu(const Tensor& grad_weights_in, const Tensor& gra
   TRAINOPS_CHECK_VALUE(st::same_sizes(grad_weights_in, indices_in), "trainops: 'grad_weights' must be [tokens, k] like "
                        "'indices' (", st::sizes_str(indices_in), "), got ", st::sizes_str(grad_weights_in));
   TRAINOPS_CHECK_VALUE(grad_prob_sum_in.dim() == 1 && grad_prob_sum_in.numel() == E, "trainops: 'grad_prob_sum' must be [",
-                    E, "], got ", st::sizes_str(grad_prob_sum_in));
+                       E, "], got ", st::sizes_str(grad_prob_sum_in));
   TRAINOPS_CHECK_VALUE(grad_z_sum.numel() == 1, "trainops: 'grad_z_sum' must hold one value, got ", grad_z_sum.numel());
   const Tensor gw_t = as_contiguous(grad_weights_in, ScalarType::Float);
   const Tensor gp_t = as_contiguous(grad_prob_sum_in, ScalarType::Float);

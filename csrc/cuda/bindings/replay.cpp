@@ -60,12 +60,12 @@ Tensor workspace(size_t bytes, const Tensor& like) {
 std::tuple<Tensor, Tensor, Tensor> replay_sample_cuda(
     const std::vector<Tensor>& storage, const std::vector<Tensor>& out, const std::optional<Tensor>& lengths,
     const std::vector<bool>& ragged, const std::optional<Tensor>& weights, const std::optional<Tensor>& block_stats,
-    const std::optional<Tensor>& slot_key, const std::optional<Tensor>& table, int64_t mode, int64_t size, int64_t n_fresh, int64_t n_replay,
-    int64_t now, double beta, bool batch_max, bool replacement, int64_t seed, int64_t offset) {
+    const std::optional<Tensor>& slot_key, const std::optional<Tensor>& table, int64_t mode, int64_t size,
+    int64_t n_fresh, int64_t n_replay, int64_t now, double beta, bool batch_max, bool replacement, int64_t seed, int64_t offset) {
   TRAINOPS_CHECK_VALUE(!storage.empty() && storage.size() == out.size() && storage.size() == ragged.size(),
-                    "trainops.replay_sample: storage, out and ragged must have the same, non-zero length");
+                       "trainops.replay_sample: storage, out and ragged must have the same, non-zero length");
   TRAINOPS_CHECK_VALUE(storage.size() <= TRAINOPS_REPLAY_MAX_FIELDS, "trainops.replay_sample: at most ",
-                    TRAINOPS_REPLAY_MAX_FIELDS, " fields");
+                       TRAINOPS_REPLAY_MAX_FIELDS, " fields");
   const Tensor& dev = storage[0];  // the device of every argument
   torch::stable::accelerator::DeviceGuard guard(dev.get_device_index());
   checks::dim_at_least(storage[0], 1, "replay_sample", "storage[0]");
@@ -85,9 +85,9 @@ std::tuple<Tensor, Tensor, Tensor> replay_sample_cuda(
     TRAINOPS_CHECK_VALUE(s.dim() >= 1 && o.dim() == s.dim() && s.is_contiguous() && o.is_contiguous() &&
                           s.size(0) == capacity && o.size(0) == rows && s.scalar_type() == o.scalar_type() &&
                           st::same_sizes(s, o, 1),
-                      "trainops.replay_sample: storage[", f, "] / out[", f, "] shapes or dtypes do not match");
+                         "trainops.replay_sample: storage[", f, "] / out[", f, "] shapes or dtypes do not match");
     TRAINOPS_CHECK_VALUE(!ragged[f] || s.dim() == 2, "trainops.replay_sample: ragged field ", f,
-                      " must be [capacity, L]");
+                         " must be [capacity, L]");
     a.fields[f].src = s.data_ptr();
     a.fields[f].dst = o.data_ptr();
     a.fields[f].elem_bytes = s.element_size();
@@ -96,7 +96,7 @@ std::tuple<Tensor, Tensor, Tensor> replay_sample_cuda(
     if (ragged[f]) {
       TRAINOPS_CHECK_VALUE(lengths.has_value() && lengths->scalar_type() == ScalarType::Int && lengths->numel() == capacity &&
                             lengths->is_contiguous(),
-                        "trainops.replay_sample: ragged fields need int32 'lengths' [capacity]");
+                           "trainops.replay_sample: ragged fields need int32 'lengths' [capacity]");
       check_on(*lengths, dev, "lengths");
       a.lengths = st::cdata<int32_t>(*lengths);
     }
@@ -107,7 +107,7 @@ std::tuple<Tensor, Tensor, Tensor> replay_sample_cuda(
                           block_stats->scalar_type() == ScalarType::Double && weights->numel() == capacity &&
                           weights->is_contiguous() && block_stats->dim() == 2 && block_stats->size(0) == 2 &&
                           block_stats->size(1) == (capacity + kBlock - 1) / kBlock && block_stats->is_contiguous(),
-                      "trainops.replay_sample: mode 1 needs float32 weights and float64 block_stats");
+                         "trainops.replay_sample: mode 1 needs float32 weights and float64 block_stats");
     check_on(*weights, dev, "weights");
     check_on(*block_stats, dev, "block_stats");
     a.weights = st::cdata<float>(*weights);
@@ -117,13 +117,13 @@ std::tuple<Tensor, Tensor, Tensor> replay_sample_cuda(
   if (mode == 2 || mode == 3) {
     TRAINOPS_CHECK_VALUE(slot_key.has_value() && slot_key->scalar_type() == ScalarType::Long && slot_key->numel() == capacity &&
                           slot_key->is_contiguous(),
-                      "trainops.replay_sample: modes 2 and 3 need int64 slot_key [capacity]");
+                         "trainops.replay_sample: modes 2 and 3 need int64 slot_key [capacity]");
     check_on(*slot_key, dev, "slot_key");
     a.slot_key = st::cdata<int64_t>(*slot_key);
   }
   if (mode == 3) {
     TRAINOPS_CHECK_VALUE(table.has_value() && table->scalar_type() == ScalarType::Double && table->is_contiguous(),
-                      "trainops.replay_sample: mode 3 needs a float64 table");
+                         "trainops.replay_sample: mode 3 needs a float64 table");
     check_on(*table, dev, "table");
     a.table = st::cdata<double>(*table);
     a.table_size = table->numel();
@@ -151,11 +151,11 @@ std::tuple<Tensor, Tensor, Tensor> replay_sample_cuda(
 }
 
 Tensor replay_insert_cuda(const std::vector<Tensor>& storage, const std::vector<Tensor>& batch, const Tensor& generations,
-                          const Tensor& stamps, const Tensor& keys, int64_t mode, int64_t size, int64_t cursor, int64_t step,
-                              int64_t seed) {
+                          const Tensor& stamps, const Tensor& keys, int64_t mode, int64_t size, int64_t cursor,
+                          int64_t step, int64_t seed) {
   TRAINOPS_CHECK_VALUE(!storage.empty() && storage.size() == batch.size() &&
                         storage.size() <= TRAINOPS_REPLAY_MAX_FIELDS,
-                    "trainops.replay_insert: storage and batch must list the same fields (at most 16)");
+                       "trainops.replay_insert: storage and batch must list the same fields (at most 16)");
   const Tensor& dev = storage[0];
   torch::stable::accelerator::DeviceGuard guard(dev.get_device_index());
   checks::dim_at_least(storage[0], 1, "replay_insert", "storage[0]");
@@ -164,7 +164,7 @@ Tensor replay_insert_cuda(const std::vector<Tensor>& storage, const std::vector<
   const int64_t n = batch[0].size(0);
   checks::replay_insert_scalars(capacity, n, mode, size, cursor);
   TRAINOPS_CHECK_VALUE(capacity < (int64_t{1} << 31) && n < (int64_t{1} << 31),
-                    "trainops.replay_insert: capacity and batch must be below 2^31 on CUDA");
+                       "trainops.replay_insert: capacity and batch must be below 2^31 on CUDA");
   TrainopsReplayInsertArgs a{};
   a.n_fields = static_cast<int32_t>(storage.size());
   for (size_t f = 0; f < storage.size(); ++f) {
@@ -173,7 +173,7 @@ Tensor replay_insert_cuda(const std::vector<Tensor>& storage, const std::vector<
     TRAINOPS_CHECK_VALUE(storage[f].dim() >= 1 && batch[f].dim() == storage[f].dim() && storage[f].is_contiguous() &&
                           batch[f].is_contiguous() && storage[f].size(0) == capacity && batch[f].size(0) == n &&
                           storage[f].scalar_type() == batch[f].scalar_type() && st::same_sizes(storage[f], batch[f], 1),
-                      "trainops.replay_insert: field ", f, " does not match the storage");
+                         "trainops.replay_insert: field ", f, " does not match the storage");
     a.fields[f].src = batch[f].data_ptr();
     a.fields[f].dst = storage[f].data_ptr();
     a.fields[f].row_bytes = (storage[f].numel() / capacity) * storage[f].element_size();
@@ -185,7 +185,7 @@ Tensor replay_insert_cuda(const std::vector<Tensor>& storage, const std::vector<
                         keys.scalar_type() == ScalarType::Double && generations.numel() == capacity &&
                         stamps.numel() == capacity && keys.numel() == capacity && generations.is_contiguous() &&
                         stamps.is_contiguous() && keys.is_contiguous(),
-                    "trainops.replay_insert: generations/stamps int64 and keys float64, [capacity] each");
+                       "trainops.replay_insert: generations/stamps int64 and keys float64, [capacity] each");
   Tensor slots = st::empty_on({n}, ScalarType::Long, generations);
   a.generations = st::data<int64_t>(generations);
   a.stamps = st::data<int64_t>(stamps);
@@ -220,15 +220,15 @@ Tensor replay_update_priorities_cuda(const Tensor& priorities, const Tensor& wei
                         block_stats.scalar_type() == ScalarType::Double && winner.scalar_type() == ScalarType::Int &&
                         generations.scalar_type() == ScalarType::Long && indices.scalar_type() == ScalarType::Long &&
                         values.scalar_type() == ScalarType::Float,
-                    "trainops.replay_update_priorities: wrong dtypes");
+                       "trainops.replay_update_priorities: wrong dtypes");
   TRAINOPS_CHECK_VALUE(weights.numel() == capacity && winner.numel() == capacity && generations.numel() == capacity &&
                         block_stats.dim() == 2 && block_stats.size(0) == 2 &&
                         block_stats.size(1) == (capacity + kBlock - 1) / kBlock && indices.numel() == values.numel() &&
                         priorities.is_contiguous() && weights.is_contiguous() && winner.is_contiguous() &&
                         generations.is_contiguous() && block_stats.is_contiguous() && indices.is_contiguous() &&
                         values.is_contiguous(),
-                    "trainops.replay_update_priorities: wrong shapes (contiguous [capacity] state, block_stats [2, ",
-                    (capacity + kBlock - 1) / kBlock, "], indices and values of one length)");
+                       "trainops.replay_update_priorities: wrong shapes (contiguous [capacity] state, block_stats [2, ",
+                       (capacity + kBlock - 1) / kBlock, "], indices and values of one length)");
   // Index values are not read on the host (a sync): the kernels ignore entries outside [0, size)
   // (reported as not applied), and size <= capacity (checked above) keeps every write in bounds.
   const int64_t n = indices.numel();
@@ -245,7 +245,7 @@ Tensor replay_update_priorities_cuda(const Tensor& priorities, const Tensor& wei
   if (expected.has_value()) {
     check_on(*expected, dev, "expected_generations");
     TRAINOPS_CHECK_VALUE(expected->scalar_type() == ScalarType::Long && expected->numel() == n && expected->is_contiguous(),
-                      "trainops.replay_update_priorities: expected_generations must be int64 like indices");
+                         "trainops.replay_update_priorities: expected_generations must be int64 like indices");
     a.expected = st::cdata<int64_t>(*expected);
   }
   a.n = n;
