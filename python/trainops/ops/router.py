@@ -210,6 +210,9 @@ def _backward(ctx, grad_weights, _grad_indices, _grad_counts, grad_prob_sum, gra
     return grad, None, None, None, None, None, None
 
 
+# Measured against the C++ autograd kernel this replaced (benchmarks/bench_router_autograd.py, one CPU
+# thread): ~130-200 us more per forward + backward, 0.47 vs 0.31 ms at T=256, E=64 and within a few
+# percent from T=4096 on.
 torch.library.register_autograd("trainops::router_topk", _backward, setup_context=_setup_context)
 
 if HAS_TRITON:
