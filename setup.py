@@ -1,9 +1,9 @@
 """Build of trainops: the C++ CPU extension always, the CUDA extension where possible.
 
 Environment switches:
-  TRAINOPS_FORCE_CUDA=1   build the CUDA extension even if torch or the GPU is not CUDA
-  TRAINOPS_SKIP_CUDA=1    never build it
-  TRAINOPS_CUDA_ARCHS     e.g. "8.0;9.0" (default: TORCH_CUDA_ARCH_LIST or 8.0;9.0)
+  TRAINOPS_SKIP_CUDA=1    never build the CUDA extension (built wherever nvcc and the CUDA
+                          headers are found, whatever build of torch: it uses torch's stable ABI)
+  TRAINOPS_CUDA_ARCHS     e.g. "8.0;9.0" (default: TORCH_CUDA_ARCH_LIST or 8.0;9.0;10.0;12.0)
   TRAINOPS_CPU_ARCH       -march for the C++ CPU kernels (default: native; empty: compiler default)
 """
 import glob
@@ -45,7 +45,13 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # -march: the kernels are vectorized loops; a source build targets the building CPU
 # (TRAINOPS_CPU_ARCH=x86-64-v2 or similar for a portable binary, empty for the default).
 CPU_ARCH = os.environ.get("TRAINOPS_CPU_ARCH", "native")
-CXX_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fopenmp"] + ([f"-march={CPU_ARCH}"] if CPU_ARCH else [])
+CXX_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off", "-fopenmp"] + ([f"-march={CPU_ARCH}"] if CPU_ARCH else [])
+
+
+# Both extensions use only torch's stable ABI (torch/csrc/stable, torch/headeronly) and
+# CPython's limited API: one build loads in every torch >= 2.11 and every CPython >= 3.10.
+# TORCH_TARGET_VERSION makes any use of a stable API newer than torch 2.11 a compile error.
+STABLE_ABI_MACROS = [("Py_LIMITED_API", "0x030A0000"), ("TORCH_TARGET_VERSION", "0x020B000000000000")]
 
 
 def _rel(paths):
@@ -59,6 +65,8 @@ def cpu_extension():
         "trainops._C",
         sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=STABLE_ABI_MACROS,
+        py_limited_api=True,
         extra_compile_args={"cxx": CXX_FLAGS},
         extra_link_args=["-fopenmp"],
     )
@@ -66,32 +74,42 @@ def cpu_extension():
 
 def cuda_extension_or_reason():
     """The CUDA extension, or (None, why it is skipped)."""
-    import torch
-
     if os.environ.get("TRAINOPS_SKIP_CUDA") == "1":
         return None, "TRAINOPS_SKIP_CUDA=1"
     cu_sources = glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
     bindings = glob.glob(os.path.join(ROOT, "csrc", "cuda", "bindings", "*.cpp"))
     if not cu_sources:
         return None, "no CUDA C++ kernels in csrc/cuda"
-    forced = os.environ.get("TRAINOPS_FORCE_CUDA") == "1"
-    if torch.version.cuda is None and not forced:
-        return None, f"torch {torch.__version__} is a CPU build (set TRAINOPS_FORCE_CUDA=1 to force)"
-    from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension
+    import torch.utils.cpp_extension as cpp_extension
+    from torch.utils.cpp_extension import CUDAExtension
+
+    if cpp_extension.CUDA_HOME is None:
+        # A CPU build of torch does not look for the CUDA toolkit. The extension needs only
+        # nvcc, the CUDA headers and runtime (no CUDA part of torch: it uses the stable ABI).
+        cpp_extension.CUDA_HOME = cpp_extension._find_cuda_home()
+    CUDA_HOME = cpp_extension.CUDA_HOME
 
     if CUDA_HOME is None or shutil.which("nvcc") is None and not os.path.exists(os.path.join(CUDA_HOME or "", "bin", "nvcc")):
         return None, "nvcc not found (set CUDA_HOME)"
     if not _has_cuda_headers(CUDA_HOME):
         return None, f"no include/cuda_runtime.h under CUDA_HOME={CUDA_HOME} (set CUDA_HOME to the CUDA toolkit)"
-    archs = os.environ.get("TRAINOPS_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
+    archs = os.environ.get("TRAINOPS_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0;10.0;12.0"
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     ext = CUDAExtension(
         "trainops._C_cuda",
         _rel(cu_sources + bindings),
         include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=STABLE_ABI_MACROS,
+        py_limited_api=True,
         extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "-std=c++17", "--fmad=false"]},
         extra_link_args=["-fopenmp"],
     )
+    # The bindings need none of torch's CUDA libraries (the current stream is looked up in the
+    # loaded libtorch_cuda at run time), and a CPU build of torch has none to link. The CUDA
+    # runtime is linked statically: the module then imports wherever torch does (no
+    # libcudart.so of a matching major version needed; a CPU-only machine can load it).
+    ext.libraries = [lib for lib in ext.libraries if lib not in ("c10_cuda", "torch_cuda", "cudart")]
+    ext.libraries += ["cudart_static", "rt", "dl", "pthread"]
     return ext, None
 
 

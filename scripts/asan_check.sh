@@ -15,7 +15,7 @@
 # Python itself is not instrumented, so libasan (and libstdc++, whose operator new/delete
 # ASan must see from the start) are preloaded. UBSan runs in the same build with
 # -fno-sanitize-recover=all (first report aborts); its vptr check is off because it needs the
-# RTTI of torch's classes, which come from the uninstrumented libtorch.
+# RTTI of every class whose objects it checks, and some come from uninstrumented libraries.
 # Environment: PYTHON (default python), CXX (default g++), TRAINOPS_CPU_ARCH (as setup.py,
 # default native), TRAINOPS_ASAN_TESTS (the test files, default below),
 # TRAINOPS_FUZZ_SCALE (multiplier of the fuzz suite's example budgets, default 1).
@@ -53,15 +53,17 @@ arch = os.environ.get("TRAINOPS_CPU_ARCH", "native")
 sources = sorted([os.path.join(root, "csrc", "trainops.cpp")] + glob.glob(os.path.join(root, "csrc", "cpu", "*.cpp"))
                  + glob.glob(os.path.join(root, "csrc", "autograd", "*.cpp")))
 sanitize = ["-fsanitize=address,undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=all"]
-cxx = (["-O1", "-g", "-fno-omit-frame-pointer", "-std=c++17", "-ffp-contract=off", "-fopenmp",
-        "-Wno-c++20-extensions"] + sanitize
+cxx = (["-O1", "-g", "-fno-omit-frame-pointer", "-std=c++20", "-ffp-contract=off", "-fopenmp"] + sanitize
        + ([f"-march={arch}"] if arch else []))
+# As setup.py: torch's stable ABI (targeting torch 2.11) and CPython's limited API.
+macros = [("Py_LIMITED_API", "0x030A0000"), ("TORCH_TARGET_VERSION", "0x020B000000000000")]
 setup(
     name="trainops_asan",
     packages=[],
     py_modules=[],
-    ext_modules=[CppExtension("trainops._C", sources, include_dirs=[os.path.join(root, "csrc")],
-                              extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"] + sanitize)],
+    ext_modules=[CppExtension("trainops._C", sources, include_dirs=[os.path.join(root, "csrc")], define_macros=macros,
+                              py_limited_api=True, extra_compile_args={"cxx": cxx},
+                              extra_link_args=["-fopenmp"] + sanitize)],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
     script_args=["-q", "build_ext", "--build-lib", os.path.join(work, "pkg"), "--build-temp", os.path.join(work, "build")],
 )

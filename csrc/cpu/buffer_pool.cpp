@@ -1,8 +1,8 @@
 // See buffer_pool.h.
 #include "buffer_pool.h"
 
-#include <c10/core/CPUAllocator.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
 
 #include <cstdlib>
 #include <deque>
@@ -13,7 +13,7 @@ namespace trainops {
 namespace {
 
 constexpr int64_t kMinBytes = 64 << 10;
-constexpr size_t kAlignment = 64;  // as c10's CPU allocator
+constexpr size_t kAlignment = 64;  // as torch's CPU allocator
 
 int64_t pool_limit_bytes() {
   const char* env = std::getenv("TRAINOPS_CPU_POOL_MB");
@@ -36,7 +36,7 @@ class BufferPool {
       }
     }
     void* p = std::aligned_alloc(kAlignment, static_cast<size_t>((bytes + kAlignment - 1) / kAlignment * kAlignment));
-    TORCH_CHECK(p != nullptr, "trainops: out of memory allocating ", bytes, " bytes");
+    TRAINOPS_CHECK(p != nullptr, "trainops: out of memory allocating ", bytes, " bytes");
     return p;
   }
 
@@ -83,46 +83,37 @@ BufferPool& pool() {
   return *instance;
 }
 
-// DataPtr deleter: ctx holds the block and its byte size.
-void return_block(void* ctx) {
-  auto* block = static_cast<std::pair<void*, int64_t>*>(ctx);
-  pool().give_back(block->first, block->second);
-  delete block;
-}
-
 }  // namespace
 
-at::Tensor pooled_empty(at::IntArrayRef sizes, at::ScalarType dtype) {
-  const auto options = at::TensorOptions().dtype(dtype).device(at::kCPU);
+Tensor pooled_empty(std::initializer_list<int64_t> sizes, ScalarType dtype) {
   int64_t numel = 1;
   for (const int64_t s : sizes) numel *= s;
-  const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(dtype));
-  if (bytes < kMinBytes || pool_limit_bytes() == 0) return at::empty(sizes, options);
+  const int64_t bytes = numel * st::element_size(dtype);
+  if (bytes < kMinBytes || pool_limit_bytes() == 0) return st::empty_cpu(sizes, dtype);
   void* p = pool().take(bytes);
-  // The block and its size ride in the DataPtr's context, and the storage keeps the CPU
-  // allocator, so the tensor resizes like any other (a larger resize allocates anew and
-  // hands this block back).
-  auto* context = new std::pair<void*, int64_t>(p, bytes);
-  c10::DataPtr data(p, context, &return_block, c10::Device(c10::kCPU));
-  c10::Storage storage(c10::Storage::use_byte_size_t(), bytes, std::move(data), c10::GetCPUAllocator(),
-                       /*resizable=*/true);
-  // Built directly rather than by at::empty + set_: two dispatched ops fewer on every
-  // router call.
-  at::Tensor out = at::detail::make_tensor<c10::TensorImpl>(std::move(storage), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                                            options.dtype());
-  out.unsafeGetTensorImpl()->set_sizes_contiguous(sizes);
-  return out;
+  int64_t strides[8];
+  int64_t stride = 1;
+  for (int64_t d = static_cast<int64_t>(sizes.size()) - 1; d >= 0; --d) {
+    strides[d] = stride;
+    stride *= sizes.begin()[d];
+  }
+  // The deleter captures the block's size: the pool matches blocks by exact byte size.
+  return torch::stable::from_blob(
+      p, torch::headeronly::IntHeaderOnlyArrayRef(sizes.begin(), sizes.size()),
+      torch::headeronly::IntHeaderOnlyArrayRef(strides, sizes.size()),
+      torch::stable::Device(torch::headeronly::DeviceType::CPU),
+      dtype, [bytes](void* block) { pool().give_back(block, bytes); });
 }
 
 int64_t pool_cached_bytes() { return pool().cached(); }
 
 void pool_empty() { pool().empty(); }
 
-TORCH_LIBRARY_FRAGMENT(trainops, m) {
-  // The CPU buffer pool (csrc/cpu/buffer_pool.h): bytes of free blocks it holds; give
-  // them all back to the system (as torch.cuda.empty_cache).
-  m.def("cpu_pool_cached_bytes() -> int", &pool_cached_bytes);
-  m.def("cpu_pool_empty() -> ()", &pool_empty);
+// The CPU buffer pool: bytes of free blocks it holds; give them all back to the system (as
+// torch.cuda.empty_cache). No tensor arguments, so they dispatch to CompositeExplicitAutograd.
+STABLE_TORCH_LIBRARY_IMPL(trainops, CompositeExplicitAutograd, m) {
+  m.impl("cpu_pool_cached_bytes", TORCH_BOX(&pool_cached_bytes));
+  m.impl("cpu_pool_empty", TORCH_BOX(&pool_empty));
 }
 
 }  // namespace trainops

@@ -1,13 +1,12 @@
 // CPU kernels of the blockwise quantization ops (trainops::quantize, dequantize,
 // dequantize_accumulate, quantize_error_feedback).
 //
-// One task per group of blocks (at::parallel_for); inside a block the loops are
+// One task per group of blocks (torch::stable::parallel_for); inside a block the loops are
 // branch-free float arithmetic the compiler vectorizes. The format and the rounding
 // mode are template parameters so the per-element switch folds away.
 // Semantics and code tables: csrc/common/quant_format.h.
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-#include <torch/types.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
 #include <cfloat>
@@ -16,6 +15,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../common/boxing.h"
 #include "../common/op_checks.h"
 #include "../common/quant_format.h"
 #include "quantize_fp4_avx2.h"
@@ -31,13 +31,14 @@ Format parse_format(const std::string& fmt) {
   if (fmt == "fp8_e4m3") return Format::FP8_E4M3;
   if (fmt == "fp4_e3m0") return Format::FP4_E3M0;
   if (fmt == "fp4_e2m1") return Format::FP4_E2M1;
-  TORCH_CHECK_VALUE(false, "trainops: unknown fmt '", fmt,
-                    "'; expected one of int8, int4, fp8_e4m3, fp4_e3m0, fp4_e2m1");
+  TRAINOPS_CHECK_VALUE(false, "trainops: unknown fmt '", fmt,
+                       "'; expected one of int8, int4, fp8_e4m3, fp4_e3m0, fp4_e2m1");
+  return Format::INT8;  // not reached
 }
 
 void check_block_size(int64_t block_size) {
-  TORCH_CHECK_VALUE(block_size >= 16 && block_size <= 8192 && (block_size & (block_size - 1)) == 0,
-                    "trainops: block_size must be a power of two in [16, 8192], got ", block_size);
+  TRAINOPS_CHECK_VALUE(block_size >= 16 && block_size <= 8192 && (block_size & (block_size - 1)) == 0,
+                       "trainops: block_size must be a power of two in [16, 8192], got ", block_size);
 }
 
 int64_t packed_bytes(Format f, int64_t numel) {
@@ -75,7 +76,7 @@ void quantize_kernel(const scalar_t* x, float* error, int64_t n, int64_t block_s
   constexpr bool kDirect = std::is_same_v<scalar_t, float>;
   const float max_code = quant::max_code_of(F);
   const std::vector<float> table = decode_table(F);
-  at::parallel_for(0, num_blocks(n, block_size), grain_for(block_size), [&](int64_t b0, int64_t b1) {
+  torch::stable::parallel_for(0, num_blocks(n, block_size), grain_for(block_size), [&](int64_t b0, int64_t b1) {
     std::vector<float> staged(block_size + 1);
     std::vector<uint8_t> codes(block_size + 2);
     for (int64_t b = b0; b < b1; ++b) {
@@ -153,7 +154,7 @@ void dequantize_kernel(const uint8_t* data, int64_t data_stride, const float* sc
   constexpr bool kFour = (F == Format::INT4 || F == Format::FP4_E3M0 || F == Format::FP4_E2M1);
   const std::vector<float> table_storage = decode_table(F);
   const float* table = table_storage.data();
-  at::parallel_for(0, num_blocks(n, block_size), grain_for(block_size), [&](int64_t b0, int64_t b1) {
+  torch::stable::parallel_for(0, num_blocks(n, block_size), grain_for(block_size), [&](int64_t b0, int64_t b1) {
     std::vector<float> acc_storage(block_size + 1);
     float* acc = acc_storage.data();
     for (int64_t b = b0; b < b1; ++b) {
@@ -207,127 +208,125 @@ void dequantize_kernel(const uint8_t* data, int64_t data_stride, const float* sc
 // numel up to 2^62: packed sizes and block counts stay far from int64 overflow.
 constexpr int64_t kMaxNumel = int64_t{1} << 62;
 
-void check_input(const at::Tensor& x, const char* name) {
-  TORCH_CHECK_VALUE(x.device().is_cpu(), "trainops: '", name, "' must be a CPU tensor here, got ", x.device());
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
-                       x.scalar_type() == at::kHalf,
-                   "trainops: '", name, "' must be float32, bfloat16 or float16, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.is_contiguous() && x.dim() == 1, "trainops: '", name,
-                    "' must be a contiguous 1-D tensor (the wrappers flatten it)");
+void check_input(const Tensor& x, const char* name) {
+  TRAINOPS_CHECK_VALUE(x.is_cpu(), "trainops: '", name, "' must be a CPU tensor here, got ", st::device_str(x));
+  TRAINOPS_CHECK_TYPE(x.scalar_type() == ScalarType::Float || x.scalar_type() == ScalarType::BFloat16 ||
+                       x.scalar_type() == ScalarType::Half,
+                      "trainops: '", name, "' must be float32, bfloat16 or float16, got ", x.scalar_type());
+  TRAINOPS_CHECK_VALUE(x.is_contiguous() && x.dim() == 1, "trainops: '", name,
+                       "' must be a contiguous 1-D tensor (the wrappers flatten it)");
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& x, at::Tensor* error,
+std::tuple<Tensor, Tensor> quantize_impl(const Tensor& x, const Tensor* error,
                                                  const std::string& fmt, int64_t block_size,
                                                  bool stochastic, int64_t seed) {
   const Format f = parse_format(fmt);
   check_block_size(block_size);
   check_input(x, "x");
   const int64_t n = x.numel();
-  auto data = at::empty({packed_bytes(f, n)}, x.options().dtype(at::kByte));
-  auto scales = at::empty({num_blocks(n, block_size)}, x.options().dtype(at::kFloat));
+  Tensor data = st::empty_cpu({packed_bytes(f, n)}, ScalarType::Byte);
+  Tensor scales = st::empty_cpu({num_blocks(n, block_size)}, ScalarType::Float);
   float* err = nullptr;
   if (error != nullptr) {
-    checks::on_device(*error, x.device(), "quantize_error_feedback", "error");
-    TORCH_CHECK_TYPE(error->scalar_type() == at::kFloat, "trainops: 'error' must be float32, got ",
-                     error->scalar_type());
-    TORCH_CHECK_VALUE(error->is_contiguous() && error->numel() == n,
-                      "trainops: 'error' must be contiguous with as many elements as 'x' (", n, "), got ",
-                      error->numel());
-    err = error->data_ptr<float>();
+    checks::on_device_of(*error, x, "quantize_error_feedback", "error");
+    TRAINOPS_CHECK_TYPE(error->scalar_type() == ScalarType::Float, "trainops: 'error' must be float32, got ",
+                        error->scalar_type());
+    TRAINOPS_CHECK_VALUE(error->is_contiguous() && error->numel() == n,
+                         "trainops: 'error' must be contiguous with as many elements as 'x' (", n, "), got ",
+                         error->numel());
+    err = st::data<float>(*error);
   }
   const uint32_t key = seed_key(seed);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "trainops_quantize", [&] {
+  TRAINOPS_DISPATCH_FLOATING(x.scalar_type(), "'x'", [&] {
     TRAINOPS_DISPATCH_FORMAT(f, F, [&] {
       if (stochastic) {
-        quantize_kernel<F, true>(x.const_data_ptr<scalar_t>(), err, n, block_size, key,
-                                 data.data_ptr<uint8_t>(), scales.data_ptr<float>());
+        quantize_kernel<F, true>(st::cdata<scalar_t>(x), err, n, block_size, key, st::data<uint8_t>(data),
+                                 st::data<float>(scales));
       } else {
-        quantize_kernel<F, false>(x.const_data_ptr<scalar_t>(), err, n, block_size, key,
-                                  data.data_ptr<uint8_t>(), scales.data_ptr<float>());
+        quantize_kernel<F, false>(st::cdata<scalar_t>(x), err, n, block_size, key, st::data<uint8_t>(data),
+                                  st::data<float>(scales));
       }
     });
   });
   return {data, scales};
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x, c10::string_view fmt,
-                                                int64_t block_size, bool stochastic, int64_t seed) {
+std::tuple<Tensor, Tensor> quantize_cpu(const Tensor& x, std::string_view fmt, int64_t block_size, bool stochastic,
+                                        int64_t seed) {
   return quantize_impl(x, nullptr, std::string(fmt), block_size, stochastic, seed);
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_error_feedback_cpu(const at::Tensor& x, at::Tensor error,
-                                                               c10::string_view fmt, int64_t block_size,
-                                                               bool stochastic, int64_t seed) {
+std::tuple<Tensor, Tensor> quantize_error_feedback_cpu(const Tensor& x, const Tensor& error, std::string_view fmt,
+                                                       int64_t block_size, bool stochastic, int64_t seed) {
   return quantize_impl(x, &error, std::string(fmt), block_size, stochastic, seed);
 }
 
-void check_packed(const at::Tensor& data, const at::Tensor& scales, Format f, int64_t n,
-                  int64_t block_size, int64_t chunks) {
-  TORCH_CHECK_VALUE(data.device().is_cpu(), "trainops: 'data' must be a CPU tensor here, got ", data.device());
-  TORCH_CHECK_VALUE(scales.device() == data.device(), "trainops: 'scales' is on ", scales.device(), " but 'data' is on ",
-                    data.device());
-  TORCH_CHECK_TYPE(data.scalar_type() == at::kByte, "trainops: 'data' must be uint8, got ", data.scalar_type());
-  TORCH_CHECK_TYPE(scales.scalar_type() == at::kFloat, "trainops: 'scales' must be float32, got ",
-                   scales.scalar_type());
-  TORCH_CHECK_VALUE(data.is_contiguous() && scales.is_contiguous(),
-                    "trainops: 'data' and 'scales' must be contiguous");
-  TORCH_CHECK_VALUE(data.numel() == chunks * packed_bytes(f, n), "trainops: 'data' holds ", data.numel(),
-                    " bytes; expected ", chunks, " x ", packed_bytes(f, n), " for ", n, " elements");
-  TORCH_CHECK_VALUE(scales.numel() == chunks * num_blocks(n, block_size), "trainops: 'scales' holds ",
-                    scales.numel(), " values; expected ", chunks, " x ", num_blocks(n, block_size));
+void check_packed(const Tensor& data, const Tensor& scales, Format f, int64_t n, int64_t block_size, int64_t chunks) {
+  TRAINOPS_CHECK_VALUE(data.is_cpu(), "trainops: 'data' must be a CPU tensor here, got ", st::device_str(data));
+  TRAINOPS_CHECK_VALUE(st::same_device(scales, data), "trainops: 'scales' is on ", st::device_str(scales),
+                       " but 'data' is on ", st::device_str(data));
+  TRAINOPS_CHECK_TYPE(data.scalar_type() == ScalarType::Byte, "trainops: 'data' must be uint8, got ", data.scalar_type());
+  TRAINOPS_CHECK_TYPE(scales.scalar_type() == ScalarType::Float, "trainops: 'scales' must be float32, got ",
+                      scales.scalar_type());
+  TRAINOPS_CHECK_VALUE(data.is_contiguous() && scales.is_contiguous(),
+                       "trainops: 'data' and 'scales' must be contiguous");
+  TRAINOPS_CHECK_VALUE(data.numel() == chunks * packed_bytes(f, n), "trainops: 'data' holds ", data.numel(),
+                       " bytes; expected ", chunks, " x ", packed_bytes(f, n), " for ", n, " elements");
+  TRAINOPS_CHECK_VALUE(scales.numel() == chunks * num_blocks(n, block_size), "trainops: 'scales' holds ",
+                       scales.numel(), " values; expected ", chunks, " x ", num_blocks(n, block_size));
 }
 
-at::Tensor dequantize_cpu(const at::Tensor& data, const at::Tensor& scales, c10::string_view fmt,
-                          int64_t block_size, int64_t numel, at::ScalarType dtype) {
+Tensor dequantize_cpu(const Tensor& data, const Tensor& scales, std::string_view fmt, int64_t block_size, int64_t numel,
+                      ScalarType dtype) {
   const Format f = parse_format(std::string(fmt));
   check_block_size(block_size);
-  TORCH_CHECK_VALUE(numel >= 0 && numel <= kMaxNumel, "trainops: 'numel' must be in [0, 2^62], got ", numel);
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-                   "trainops: 'dtype' must be float32, bfloat16 or float16, got ", dtype);
+  TRAINOPS_CHECK_VALUE(numel >= 0 && numel <= kMaxNumel, "trainops: 'numel' must be in [0, 2^62], got ", numel);
+  TRAINOPS_CHECK_TYPE(dtype == ScalarType::Float || dtype == ScalarType::BFloat16 || dtype == ScalarType::Half,
+                      "trainops: 'dtype' must be float32, bfloat16 or float16, got ", dtype);
   check_packed(data, scales, f, numel, block_size, 1);
-  auto out = at::empty({numel}, data.options().dtype(dtype));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "trainops_dequantize", [&] {
+  Tensor out = st::empty_cpu({numel}, dtype);
+  TRAINOPS_DISPATCH_FLOATING(dtype, "'dtype'", [&] {
     TRAINOPS_DISPATCH_FORMAT(f, F, [&] {
-      dequantize_kernel<F, false>(data.const_data_ptr<uint8_t>(), 0, scales.const_data_ptr<float>(), 0, 1,
-                                  numel, block_size, out.data_ptr<scalar_t>());
+      dequantize_kernel<F, false>(st::cdata<uint8_t>(data), 0, st::cdata<float>(scales), 0, 1, numel, block_size,
+                                  st::data<scalar_t>(out));
     });
   });
   return out;
 }
 
-void dequantize_accumulate_cpu(at::Tensor out, const at::Tensor& data, const at::Tensor& scales,
-                               c10::string_view fmt, int64_t block_size) {
+void dequantize_accumulate_cpu(const Tensor& out, const Tensor& data, const Tensor& scales, std::string_view fmt,
+                               int64_t block_size) {
   const Format f = parse_format(std::string(fmt));
   check_block_size(block_size);
-  TORCH_CHECK_VALUE(out.device().is_cpu(), "trainops: 'out' must be a CPU tensor here, got ", out.device());
-  TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat, "trainops: 'out' must be float32, got ", out.scalar_type());
-  TORCH_CHECK_VALUE(out.is_contiguous(), "trainops: 'out' must be contiguous");
-  TORCH_CHECK_VALUE(data.dim() == 2 && scales.dim() == 2 && data.size(0) == scales.size(0),
-                    "trainops: 'data' and 'scales' must be 2-D [chunks, ...] with the same number of chunks, got ",
-                    data.sizes(), " and ", scales.sizes());
+  TRAINOPS_CHECK_VALUE(out.is_cpu(), "trainops: 'out' must be a CPU tensor here, got ", st::device_str(out));
+  TRAINOPS_CHECK_TYPE(out.scalar_type() == ScalarType::Float, "trainops: 'out' must be float32, got ", out.scalar_type());
+  TRAINOPS_CHECK_VALUE(out.is_contiguous(), "trainops: 'out' must be contiguous");
+  TRAINOPS_CHECK_VALUE(data.dim() == 2 && scales.dim() == 2 && data.size(0) == scales.size(0),
+                       "trainops: 'data' and 'scales' must be 2-D [chunks, ...] with the same number of chunks, got ",
+                       st::sizes_str(data), " and ", st::sizes_str(scales));
   const int64_t n = out.numel();
   const int64_t chunks = data.size(0);
-  TORCH_CHECK_VALUE(data.size(1) == packed_bytes(f, n) && scales.size(1) == num_blocks(n, block_size),
-                    "trainops: 'data' / 'scales' must be [chunks, ", packed_bytes(f, n), "] / [chunks, ",
-                    num_blocks(n, block_size), "] for ", n, " elements, got ", data.sizes(), " / ", scales.sizes());
+  TRAINOPS_CHECK_VALUE(data.size(1) == packed_bytes(f, n) && scales.size(1) == num_blocks(n, block_size),
+                       "trainops: 'data' / 'scales' must be [chunks, ", packed_bytes(f, n), "] / [chunks, ",
+                       num_blocks(n, block_size), "] for ", n, " elements, got ", st::sizes_str(data), " / ",
+                       st::sizes_str(scales));
   check_packed(data, scales, f, n, block_size, chunks);
   // out + (a sum over no chunks) is out: left untouched (the kernel loads out into its
   // accumulator at the first chunk; with none it would write zeros).
   if (chunks == 0) return;
   TRAINOPS_DISPATCH_FORMAT(f, F, [&] {
-    dequantize_kernel<F, true>(data.const_data_ptr<uint8_t>(), packed_bytes(f, n),
-                               scales.const_data_ptr<float>(), num_blocks(n, block_size), chunks, n,
-                               block_size, out.data_ptr<float>());
+    dequantize_kernel<F, true>(st::cdata<uint8_t>(data), packed_bytes(f, n), st::cdata<float>(scales),
+                               num_blocks(n, block_size), chunks, n, block_size, st::data<float>(out));
   });
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(trainops, CPU, m) {
-  m.impl("quantize", &quantize_cpu);
-  m.impl("quantize_error_feedback", &quantize_error_feedback_cpu);
-  m.impl("dequantize", &dequantize_cpu);
-  m.impl("dequantize_accumulate", &dequantize_accumulate_cpu);
+STABLE_TORCH_LIBRARY_IMPL(trainops, CPU, m) {
+  m.impl("quantize", TRAINOPS_BOX(&quantize_cpu));
+  m.impl("quantize_error_feedback", TRAINOPS_BOX(&quantize_error_feedback_cpu));
+  m.impl("dequantize", TRAINOPS_BOX(&dequantize_cpu));
+  m.impl("dequantize_accumulate", TRAINOPS_BOX(&dequantize_accumulate_cpu));
 }
 
 }  // namespace trainops

@@ -7,15 +7,15 @@
 // log(u_i) / w_i, the R largest kept in descending key order (ties: lower slot first).
 // Random numbers: Philox4x32-10 keyed by the seed, counter (index, offset, stream), so the
 // CUDA kernel and the reference draw the same numbers.
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-#include <torch/types.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
 #include <cstring>
 #include <limits>
 #include <vector>
 
+#include "../common/boxing.h"
 #include "../common/op_checks.h"
 #include "../common/replay_common.h"
 
@@ -32,29 +32,29 @@ struct Field {
   bool ragged;
 };
 
-std::vector<Field> collect_fields(const std::vector<at::Tensor>& storage, const std::vector<at::Tensor>& out,
+std::vector<Field> collect_fields(const std::vector<Tensor>& storage, const std::vector<Tensor>& out,
                                   const std::vector<bool>& ragged, int64_t capacity, int64_t rows) {
-  TORCH_CHECK_VALUE(!storage.empty(), "trainops.replay_sample: 'storage' must hold at least one field");
-  TORCH_CHECK_VALUE(storage.size() == out.size() && storage.size() == ragged.size(),
-                    "trainops.replay_sample: 'storage', 'out' and 'ragged' must have the same length");
+  TRAINOPS_CHECK_VALUE(!storage.empty(), "trainops.replay_sample: 'storage' must hold at least one field");
+  TRAINOPS_CHECK_VALUE(storage.size() == out.size() && storage.size() == ragged.size(),
+                       "trainops.replay_sample: 'storage', 'out' and 'ragged' must have the same length");
   std::vector<Field> fields;
   for (size_t f = 0; f < storage.size(); ++f) {
-    const at::Tensor& s = storage[f];
-    const at::Tensor& o = out[f];
-    checks::on_device(s, at::kCPU, "replay_sample", "storage");
-    checks::on_device(o, at::kCPU, "replay_sample", "out");
-    TORCH_CHECK_VALUE(s.dim() >= 1 && s.size(0) == capacity && s.is_contiguous(), "trainops.replay_sample: storage[",
-                      f, "] must be contiguous with ", capacity, " rows");
-    TORCH_CHECK_VALUE(o.dim() == s.dim() && o.size(0) == rows && o.is_contiguous(), "trainops.replay_sample: out[", f,
-                      "] must be contiguous with ", rows, " rows and the row shape of storage[", f, "]");
-    TORCH_CHECK_TYPE(o.scalar_type() == s.scalar_type(), "trainops.replay_sample: out[", f, "] has dtype ",
-                     o.scalar_type(), " but storage[", f, "] has ", s.scalar_type());
+    const Tensor& s = storage[f];
+    const Tensor& o = out[f];
+    checks::on_cpu(s, "replay_sample", "storage");
+    checks::on_cpu(o, "replay_sample", "out");
+    TRAINOPS_CHECK_VALUE(s.dim() >= 1 && s.size(0) == capacity && s.is_contiguous(), "trainops.replay_sample: storage[",
+                         f, "] must be contiguous with ", capacity, " rows");
+    TRAINOPS_CHECK_VALUE(o.dim() == s.dim() && o.size(0) == rows && o.is_contiguous(), "trainops.replay_sample: out[", f,
+                         "] must be contiguous with ", rows, " rows and the row shape of storage[", f, "]");
+    TRAINOPS_CHECK_TYPE(o.scalar_type() == s.scalar_type(), "trainops.replay_sample: out[", f, "] has dtype ",
+                        o.scalar_type(), " but storage[", f, "] has ", s.scalar_type());
     for (int64_t d = 1; d < s.dim(); ++d) {
-      TORCH_CHECK_VALUE(o.size(d) == s.size(d), "trainops.replay_sample: out[", f, "] row shape differs from storage");
+      TRAINOPS_CHECK_VALUE(o.size(d) == s.size(d), "trainops.replay_sample: out[", f, "] row shape differs from storage");
     }
     const int64_t row_elems = capacity > 0 ? s.numel() / capacity : 0;
-    TORCH_CHECK_VALUE(!ragged[f] || s.dim() == 2, "trainops.replay_sample: ragged field ", f, " must be [capacity, L]");
-    fields.push_back({static_cast<const uint8_t*>(s.const_data_ptr()), static_cast<uint8_t*>(o.data_ptr()),
+    TRAINOPS_CHECK_VALUE(!ragged[f] || s.dim() == 2, "trainops.replay_sample: ragged field ", f, " must be [capacity, L]");
+    fields.push_back({static_cast<const uint8_t*>(s.data_ptr()), static_cast<uint8_t*>(o.data_ptr()),
                       row_elems * static_cast<int64_t>(s.element_size()), static_cast<int64_t>(s.element_size()),
                       static_cast<bool>(ragged[f])});
   }
@@ -66,7 +66,7 @@ std::vector<Field> collect_fields(const std::vector<at::Tensor>& storage, const 
 void gather_rows(const std::vector<Field>& fields, const int32_t* lengths, const int64_t* idx, int64_t n_fresh,
                  int64_t n_replay) {
   constexpr int64_t kAhead = 4;  // rows are scattered: start fetching a later row's first lines early
-  at::parallel_for(0, n_replay, 64, [&](int64_t r0, int64_t r1) {
+  torch::stable::parallel_for(0, n_replay, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t slot = idx[n_fresh + r];
       if (r + kAhead < r1) {
@@ -92,17 +92,13 @@ void gather_rows(const std::vector<Field>& fields, const int32_t* lengths, const
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> replay_sample_cpu(
-    at::TensorList storage_list, at::TensorList out_list, const std::optional<at::Tensor>& lengths,
-    const c10::List<bool>& ragged_list, const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& block_stats,
-    const std::optional<at::Tensor>& slot_key, const std::optional<at::Tensor>& table, int64_t mode, int64_t size,
+std::tuple<Tensor, Tensor, Tensor> replay_sample_cpu(
+    const std::vector<Tensor>& storage, const std::vector<Tensor>& out, const std::optional<Tensor>& lengths,
+    const std::vector<bool>& ragged, const std::optional<Tensor>& weights, const std::optional<Tensor>& block_stats,
+    const std::optional<Tensor>& slot_key, const std::optional<Tensor>& table, int64_t mode, int64_t size,
     int64_t n_fresh, int64_t n_replay, int64_t now, double beta, bool batch_max, bool replacement, int64_t seed,
     int64_t offset) {
-  const std::vector<at::Tensor> storage(storage_list.begin(), storage_list.end());
-  const std::vector<at::Tensor> out(out_list.begin(), out_list.end());
-  std::vector<bool> ragged;
-  for (size_t f = 0; f < ragged_list.size(); ++f) ragged.push_back(ragged_list.get(f));
-  TORCH_CHECK_VALUE(!storage.empty(), "trainops.replay_sample: 'storage' must hold at least one field");
+  TRAINOPS_CHECK_VALUE(!storage.empty(), "trainops.replay_sample: 'storage' must hold at least one field");
   checks::dim_at_least(storage[0], 1, "replay_sample", "storage[0]");
   const int64_t capacity = storage[0].size(0);
   checks::replay_sample_scalars(capacity, size, n_fresh, n_replay, mode, replacement, beta);
@@ -111,44 +107,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> replay_sample_cpu(
 
   replay::WeightSource src{mode, nullptr, nullptr, nullptr, 0, now};
   if (mode == replay::kWeights) {
-    TORCH_CHECK_VALUE(weights.has_value() && block_stats.has_value(),
-                      "trainops.replay_sample: mode 1 needs 'weights' and 'block_stats'");
-    TORCH_CHECK_TYPE(weights->scalar_type() == at::kFloat && weights->is_contiguous() && weights->numel() == capacity,
-                     "trainops.replay_sample: 'weights' must be contiguous float32 [capacity]");
-    checks::on_device(*weights, at::kCPU, "replay_sample", "weights");
-    checks::on_device(*block_stats, at::kCPU, "replay_sample", "block_stats");
-    src.weights = weights->const_data_ptr<float>();
+    TRAINOPS_CHECK_VALUE(weights.has_value() && block_stats.has_value(),
+                         "trainops.replay_sample: mode 1 needs 'weights' and 'block_stats'");
+    TRAINOPS_CHECK_TYPE(weights->scalar_type() == ScalarType::Float && weights->is_contiguous() &&
+                            weights->numel() == capacity,
+                        "trainops.replay_sample: 'weights' must be contiguous float32 [capacity]");
+    checks::on_cpu(*weights, "replay_sample", "weights");
+    checks::on_cpu(*block_stats, "replay_sample", "block_stats");
+    src.weights = st::cdata<float>(*weights);
   }
   if (mode == replay::kRecency || mode == replay::kTable) {
-    TORCH_CHECK_VALUE(slot_key.has_value() && slot_key->scalar_type() == at::kLong && slot_key->is_contiguous() &&
+    TRAINOPS_CHECK_VALUE(slot_key.has_value() && slot_key->scalar_type() == ScalarType::Long && slot_key->is_contiguous() &&
                           slot_key->numel() == capacity,
-                      "trainops.replay_sample: modes 2 and 3 need 'slot_key' as contiguous int64 [capacity]");
-    checks::on_device(*slot_key, at::kCPU, "replay_sample", "slot_key");
-    src.key = slot_key->const_data_ptr<int64_t>();
+                         "trainops.replay_sample: modes 2 and 3 need 'slot_key' as contiguous int64 [capacity]");
+    checks::on_cpu(*slot_key, "replay_sample", "slot_key");
+    src.key = st::cdata<int64_t>(*slot_key);
   }
   if (mode == replay::kTable) {
-    TORCH_CHECK_VALUE(table.has_value() && table->scalar_type() == at::kDouble && table->is_contiguous(),
-                      "trainops.replay_sample: mode 3 needs 'table' as contiguous float64");
-    checks::on_device(*table, at::kCPU, "replay_sample", "table");
-    src.table = table->const_data_ptr<double>();
+    TRAINOPS_CHECK_VALUE(table.has_value() && table->scalar_type() == ScalarType::Double && table->is_contiguous(),
+                         "trainops.replay_sample: mode 3 needs 'table' as contiguous float64");
+    checks::on_cpu(*table, "replay_sample", "table");
+    src.table = st::cdata<double>(*table);
     src.table_size = table->numel();
   }
   const int32_t* len_ptr = nullptr;
   if (std::find(ragged.begin(), ragged.end(), true) != ragged.end()) {
-    TORCH_CHECK_VALUE(lengths.has_value() && lengths->scalar_type() == at::kInt && lengths->is_contiguous() &&
+    TRAINOPS_CHECK_VALUE(lengths.has_value() && lengths->scalar_type() == ScalarType::Int && lengths->is_contiguous() &&
                           lengths->numel() == capacity,
-                      "trainops.replay_sample: ragged fields need 'lengths' as contiguous int32 [capacity]");
-    checks::on_device(*lengths, at::kCPU, "replay_sample", "lengths");
-    len_ptr = lengths->const_data_ptr<int32_t>();
+                         "trainops.replay_sample: ragged fields need 'lengths' as contiguous int32 [capacity]");
+    checks::on_cpu(*lengths, "replay_sample", "lengths");
+    len_ptr = st::cdata<int32_t>(*lengths);
   }
 
-  auto opts = storage[0].options();
-  at::Tensor indices = at::empty({rows}, opts.dtype(at::kLong));
-  at::Tensor isw = at::empty({rows}, opts.dtype(at::kFloat));
-  at::Tensor is_replay = at::empty({rows}, opts.dtype(at::kBool));
-  int64_t* idx = indices.data_ptr<int64_t>();
-  float* w_out = isw.data_ptr<float>();
-  bool* rep = is_replay.data_ptr<bool>();
+  Tensor indices = st::empty_cpu({rows}, ScalarType::Long);
+  Tensor isw = st::empty_cpu({rows}, ScalarType::Float);
+  Tensor is_replay = st::empty_cpu({rows}, ScalarType::Bool);
+  int64_t* idx = st::data<int64_t>(indices);
+  float* w_out = st::data<float>(isw);
+  bool* rep = st::data<bool>(is_replay);
   for (int64_t r = 0; r < n_fresh; ++r) {
     idx[r] = -1;
     w_out[r] = 1.0f;
@@ -164,17 +160,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> replay_sample_cpu(
   const int64_t nb = (size + kBlock - 1) / kBlock;
   std::vector<double> bsum(nb), bmin(nb);
   if (mode == replay::kWeights) {
-    TORCH_CHECK_VALUE(block_stats->scalar_type() == at::kDouble && block_stats->is_contiguous() &&
+    TRAINOPS_CHECK_VALUE(block_stats->scalar_type() == ScalarType::Double && block_stats->is_contiguous() &&
                           block_stats->dim() == 2 && block_stats->size(0) == 2 &&
                           block_stats->size(1) == (capacity + kBlock - 1) / kBlock,
-                      "trainops.replay_sample: 'block_stats' must be contiguous float64 [2, ceil(capacity / 32)]");
-    const double* bs = block_stats->const_data_ptr<double>();
+                         "trainops.replay_sample: 'block_stats' must be contiguous float64 [2, ceil(capacity / 32)]");
+    const double* bs = st::cdata<double>(*block_stats);
     const int64_t stride = block_stats->size(1);
     std::copy(bs, bs + nb, bsum.begin());
     std::copy(bs + stride, bs + stride + nb, bmin.begin());
   } else if (mode != replay::kUniform) {
     replay::dispatch_mode(mode, [&](auto m) {
-      at::parallel_for(0, nb, 256, [&](int64_t b0, int64_t b1) {
+      torch::stable::parallel_for(0, nb, 256, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) replay::block_stat<decltype(m)::value>(src, b, size, &bsum[b], &bmin[b]);
       });
     });
@@ -194,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> replay_sample_cpu(
   if (replacement) {
     replay::dispatch_mode(src.mode, [&](auto m) {
       constexpr int64_t M = decltype(m)::value;
-      at::parallel_for(0, n_replay, 256, [&](int64_t j0, int64_t j1) {
+      torch::stable::parallel_for(0, n_replay, 256, [&](int64_t j0, int64_t j1) {
         if constexpr (M == replay::kUniform) {
           for (int64_t j = j0; j < j1; ++j) {
             const double u = philox::uniform01(philox::draw(useed, uoff, j, philox::kSample));
@@ -229,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> replay_sample_cpu(
     });
   } else {
     std::vector<double> keys(size);
-    at::parallel_for(0, size, 4096, [&](int64_t i0, int64_t i1) {
+    torch::stable::parallel_for(0, size, 4096, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const double u = philox::uniform_open01(philox::draw(useed, uoff, i, philox::kGumbel));
         keys[i] = replay::gumbel_key(replay::slot_weight(src, i), u);
@@ -266,6 +262,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> replay_sample_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(trainops, CPU, m) { m.impl("replay_sample", &replay_sample_cpu); }
+STABLE_TORCH_LIBRARY_IMPL(trainops, CPU, m) { m.impl("replay_sample", TRAINOPS_BOX(&replay_sample_cpu)); }
 
 }  // namespace trainops

@@ -2,15 +2,15 @@
 // trainops::replay_update_priorities (generation-checked, duplicate-safe priority scatter with
 // refresh of the touched blocks' sums and minima). Rules: csrc/common/replay_common.h and
 // trainops.reference.replay.
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-#include <torch/types.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
 #include <cstring>
 #include <limits>
 #include <vector>
 
+#include "../common/boxing.h"
 #include "../common/op_checks.h"
 #include "../common/replay_common.h"
 
@@ -22,11 +22,11 @@ using replay::kBlock;
 constexpr int64_t kFifo = 0;
 constexpr int64_t kReservoir = 1;
 
-void check_state(const at::Tensor& t, at::ScalarType dtype, int64_t capacity, const char* name) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), "trainops: '", name, "' must be a CPU tensor, got ", t.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "trainops: '", name, "' must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.is_contiguous() && t.numel() == capacity, "trainops: '", name,
-                    "' must be contiguous with capacity (", capacity, ") elements");
+void check_state(const Tensor& t, ScalarType dtype, int64_t capacity, const char* name) {
+  TRAINOPS_CHECK_VALUE(t.is_cpu(), "trainops: '", name, "' must be a CPU tensor, got ", st::device_str(t));
+  TRAINOPS_CHECK_TYPE(t.scalar_type() == dtype, "trainops: '", name, "' must be ", dtype, ", got ", t.scalar_type());
+  TRAINOPS_CHECK_VALUE(t.is_contiguous() && t.numel() == capacity, "trainops: '", name,
+                       "' must be contiguous with capacity (", capacity, ") elements");
 }
 
 // Slot of every batch item (-1: not stored). FIFO: item i of the batch is the stream's item
@@ -72,111 +72,116 @@ std::vector<int64_t> assign_slots(int64_t mode, int64_t n, int64_t capacity, int
   return slots;
 }
 
-at::Tensor replay_insert_cpu(at::TensorList storage, at::TensorList batch, at::Tensor generations, at::Tensor stamps,
-                             at::Tensor keys, int64_t mode, int64_t size, int64_t cursor, int64_t step, int64_t seed) {
-  TORCH_CHECK_VALUE(!storage.empty() && storage.size() == batch.size(),
-                    "trainops.replay_insert: 'storage' and 'batch' must list the same, non-empty set of fields");
+Tensor replay_insert_cpu(const std::vector<Tensor>& storage, const std::vector<Tensor>& batch, const Tensor& generations,
+                         const Tensor& stamps, const Tensor& keys, int64_t mode, int64_t size, int64_t cursor,
+                         int64_t step, int64_t seed) {
+  TRAINOPS_CHECK_VALUE(!storage.empty() && storage.size() == batch.size(),
+                       "trainops.replay_insert: 'storage' and 'batch' must list the same, non-empty set of fields");
   checks::dim_at_least(storage[0], 1, "replay_insert", "storage[0]");
   checks::dim_at_least(batch[0], 1, "replay_insert", "batch[0]");
   const int64_t capacity = storage[0].size(0);
   const int64_t n = batch[0].size(0);
   checks::replay_insert_scalars(capacity, n, mode, size, cursor);
   for (size_t f = 0; f < storage.size(); ++f) {
-    checks::on_device(storage[f], at::kCPU, "replay_insert", "storage");
-    checks::on_device(batch[f], at::kCPU, "replay_insert", "batch");
+    checks::on_cpu(storage[f], "replay_insert", "storage");
+    checks::on_cpu(batch[f], "replay_insert", "batch");
     checks::dim_at_least(storage[f], 1, "replay_insert", "storage");
     checks::dim_at_least(batch[f], 1, "replay_insert", "batch");
-    TORCH_CHECK_VALUE(storage[f].is_contiguous() && storage[f].size(0) == capacity && batch[f].is_contiguous() &&
+    TRAINOPS_CHECK_VALUE(storage[f].is_contiguous() && storage[f].size(0) == capacity && batch[f].is_contiguous() &&
                           batch[f].size(0) == n && batch[f].dim() == storage[f].dim(),
-                      "trainops.replay_insert: field ", f, " must be contiguous [capacity, ...] / [n, ...]");
-    TORCH_CHECK_TYPE(batch[f].scalar_type() == storage[f].scalar_type(), "trainops.replay_insert: field ", f,
-                     " has dtype ", batch[f].scalar_type(), " but the buffer stores ", storage[f].scalar_type());
+                         "trainops.replay_insert: field ", f, " must be contiguous [capacity, ...] / [n, ...]");
+    TRAINOPS_CHECK_TYPE(batch[f].scalar_type() == storage[f].scalar_type(), "trainops.replay_insert: field ", f,
+                        " has dtype ", batch[f].scalar_type(), " but the buffer stores ", storage[f].scalar_type());
     for (int64_t d = 1; d < storage[f].dim(); ++d) {
-      TORCH_CHECK_VALUE(batch[f].size(d) == storage[f].size(d), "trainops.replay_insert: field ", f,
-                        " row shape differs from the buffer's");
+      TRAINOPS_CHECK_VALUE(batch[f].size(d) == storage[f].size(d), "trainops.replay_insert: field ", f,
+                           " row shape differs from the buffer's");
     }
   }
-  check_state(generations, at::kLong, capacity, "generations");
-  check_state(stamps, at::kLong, capacity, "stamps");
-  check_state(keys, at::kDouble, capacity, "keys");
-  int64_t* gen = generations.data_ptr<int64_t>();
-  int64_t* stamp = stamps.data_ptr<int64_t>();
-  double* key = keys.data_ptr<double>();
+  check_state(generations, ScalarType::Long, capacity, "generations");
+  check_state(stamps, ScalarType::Long, capacity, "stamps");
+  check_state(keys, ScalarType::Double, capacity, "keys");
+  int64_t* gen = st::data<int64_t>(generations);
+  int64_t* stamp = st::data<int64_t>(stamps);
+  double* key = st::data<double>(keys);
   std::vector<double> batch_keys;
   const std::vector<int64_t> slots =
       assign_slots(mode, n, capacity, size, cursor, static_cast<uint64_t>(seed), key, batch_keys);
 
+  // Raw pointers gathered first: each Tensor accessor is a call into torch.
   std::vector<int64_t> rows_bytes(storage.size());
+  std::vector<uint8_t*> dst(storage.size());
+  std::vector<const uint8_t*> src(storage.size());
   for (size_t f = 0; f < storage.size(); ++f) {
-    rows_bytes[f] = (capacity > 0 ? storage[f].numel() / capacity : 0) * storage[f].element_size();
+    rows_bytes[f] = (capacity > 0 ? storage[f].numel() / capacity : 0) * static_cast<int64_t>(storage[f].element_size());
+    dst[f] = static_cast<uint8_t*>(storage[f].data_ptr());
+    src[f] = static_cast<const uint8_t*>(batch[f].data_ptr());
   }
-  at::parallel_for(0, n, 64, [&](int64_t i0, int64_t i1) {
+  torch::stable::parallel_for(0, n, 64, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t s = slots[i];
       if (s < 0) continue;
       for (size_t f = 0; f < storage.size(); ++f) {
-        std::memcpy(static_cast<uint8_t*>(storage[f].data_ptr()) + s * rows_bytes[f],
-                    static_cast<const uint8_t*>(batch[f].const_data_ptr()) + i * rows_bytes[f], rows_bytes[f]);
+        std::memcpy(dst[f] + s * rows_bytes[f], src[f] + i * rows_bytes[f], rows_bytes[f]);
       }
       gen[s] = cursor + i;
       stamp[s] = step;
       if (mode == kReservoir) key[s] = batch_keys[i];
     }
   });
-  at::Tensor out = at::empty({n}, generations.options());
-  std::copy(slots.begin(), slots.end(), out.data_ptr<int64_t>());
+  Tensor out = st::empty_cpu({n}, ScalarType::Long);
+  std::copy(slots.begin(), slots.end(), st::data<int64_t>(out));
   return out;
 }
 
 // Entry j is valid when 0 <= indices[j] < size and (no expectation or the slot's generation
 // still equals expected_generations[j]: an overwritten slot ignores the stale update). Among
 // valid entries naming the same slot the last one wins. Returns which entries were applied.
-at::Tensor replay_update_priorities_cpu(at::Tensor priorities, at::Tensor weights, at::Tensor block_stats,
-                                        at::Tensor winner, const at::Tensor& generations, const at::Tensor& indices,
-                                        const at::Tensor& values, const std::optional<at::Tensor>& expected,
-                                        double alpha, double eps, int64_t size) {
+Tensor replay_update_priorities_cpu(const Tensor& priorities, const Tensor& weights, const Tensor& block_stats,
+                                    const Tensor& winner, const Tensor& generations, const Tensor& indices,
+                                    const Tensor& values, const std::optional<Tensor>& expected, double alpha, double eps,
+                                    int64_t size) {
   const int64_t capacity = priorities.numel();
   checks::replay_update_scalars(capacity, size, indices.numel(), alpha, eps);
-  check_state(priorities, at::kFloat, capacity, "priorities");
-  check_state(weights, at::kFloat, capacity, "weights");
-  check_state(winner, at::kInt, capacity, "winner");
-  check_state(generations, at::kLong, capacity, "generations");
+  check_state(priorities, ScalarType::Float, capacity, "priorities");
+  check_state(weights, ScalarType::Float, capacity, "weights");
+  check_state(winner, ScalarType::Int, capacity, "winner");
+  check_state(generations, ScalarType::Long, capacity, "generations");
   const int64_t nbc = (capacity + kBlock - 1) / kBlock;
-  TORCH_CHECK_VALUE(block_stats.scalar_type() == at::kDouble && block_stats.is_contiguous() &&
+  TRAINOPS_CHECK_VALUE(block_stats.scalar_type() == ScalarType::Double && block_stats.is_contiguous() &&
                         block_stats.dim() == 2 && block_stats.size(0) == 2 && block_stats.size(1) == nbc,
-                    "trainops.replay_update_priorities: 'block_stats' must be contiguous float64 [2, ", nbc, "]");
-  checks::on_device(block_stats, at::kCPU, "replay_update_priorities", "block_stats");
-  checks::on_device(indices, at::kCPU, "replay_update_priorities", "indices");
-  checks::on_device(values, at::kCPU, "replay_update_priorities", "values");
-  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong && values.scalar_type() == at::kFloat,
-                   "trainops.replay_update_priorities: 'indices' must be int64 and 'values' float32");
-  TORCH_CHECK_VALUE(indices.dim() == 1 && values.dim() == 1 && indices.numel() == values.numel() &&
+                       "trainops.replay_update_priorities: 'block_stats' must be contiguous float64 [2, ", nbc, "]");
+  checks::on_cpu(block_stats, "replay_update_priorities", "block_stats");
+  checks::on_cpu(indices, "replay_update_priorities", "indices");
+  checks::on_cpu(values, "replay_update_priorities", "values");
+  TRAINOPS_CHECK_TYPE(indices.scalar_type() == ScalarType::Long && values.scalar_type() == ScalarType::Float,
+                      "trainops.replay_update_priorities: 'indices' must be int64 and 'values' float32");
+  TRAINOPS_CHECK_VALUE(indices.dim() == 1 && values.dim() == 1 && indices.numel() == values.numel() &&
                         indices.is_contiguous() && values.is_contiguous(),
-                    "trainops.replay_update_priorities: 'indices' and 'values' must be contiguous 1-D of one length");
+                       "trainops.replay_update_priorities: 'indices' and 'values' must be contiguous 1-D of one length");
   const int64_t n = indices.numel();
   const int64_t* exp = nullptr;
   if (expected.has_value()) {
-    checks::on_device(*expected, at::kCPU, "replay_update_priorities", "expected_generations");
-    TORCH_CHECK_VALUE(expected->scalar_type() == at::kLong && expected->is_contiguous() && expected->numel() == n,
-                      "trainops.replay_update_priorities: 'expected_generations' must be int64 like 'indices'");
-    exp = expected->const_data_ptr<int64_t>();
+    checks::on_cpu(*expected, "replay_update_priorities", "expected_generations");
+    TRAINOPS_CHECK_VALUE(expected->scalar_type() == ScalarType::Long && expected->is_contiguous() && expected->numel() == n,
+                         "trainops.replay_update_priorities: 'expected_generations' must be int64 like 'indices'");
+    exp = st::cdata<int64_t>(*expected);
   }
-  const int64_t* idx = indices.const_data_ptr<int64_t>();
-  const float* val = values.const_data_ptr<float>();
-  const int64_t* gen = generations.const_data_ptr<int64_t>();
-  float* prio = priorities.data_ptr<float>();
-  float* w = weights.data_ptr<float>();
-  int32_t* win = winner.data_ptr<int32_t>();
-  at::Tensor applied = at::empty({n}, indices.options().dtype(at::kBool));
-  bool* app = applied.data_ptr<bool>();
+  const int64_t* idx = st::cdata<int64_t>(indices);
+  const float* val = st::cdata<float>(values);
+  const int64_t* gen = st::cdata<int64_t>(generations);
+  float* prio = st::data<float>(priorities);
+  float* w = st::data<float>(weights);
+  int32_t* win = st::data<int32_t>(winner);
+  Tensor applied = st::empty_cpu({n}, ScalarType::Bool);
+  bool* app = st::data<bool>(applied);
 
   // Checked before anything is written, so a bad call leaves the buffer unchanged. (Indices
   // outside [0, size) are not errors here: like stale entries they are ignored, and reported as
   // not applied. size <= capacity is checked above, so every slot written exists.)
   for (int64_t j = 0; j < n; ++j) {
-    TORCH_CHECK_VALUE(val[j] >= 0.0f && val[j] <= std::numeric_limits<float>::max(),
-                      "trainops.replay_update_priorities: priorities must be finite and >= 0, got ", val[j],
-                      " at position ", j, val[j] != val[j] ? " (NaN)" : "");
+    TRAINOPS_CHECK_VALUE(val[j] >= 0.0f && val[j] <= std::numeric_limits<float>::max(),
+                         "trainops.replay_update_priorities: priorities must be finite and >= 0, got ", val[j],
+                         " at position ", j, val[j] != val[j] ? " (NaN)" : "");
   }
   auto valid = [&](int64_t j) {
     const int64_t s = idx[j];
@@ -199,9 +204,9 @@ at::Tensor replay_update_priorities_cpu(at::Tensor priorities, at::Tensor weight
   }
   std::sort(blocks.begin(), blocks.end());
   blocks.erase(std::unique(blocks.begin(), blocks.end()), blocks.end());
-  double* bs = block_stats.data_ptr<double>();
+  double* bs = st::data<double>(block_stats);
   const replay::WeightSource src{replay::kWeights, w, nullptr, nullptr, 0, 0};
-  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 64, [&](int64_t k0, int64_t k1) {
+  torch::stable::parallel_for(0, static_cast<int64_t>(blocks.size()), 64, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t b = blocks[k];
       replay::block_stat<replay::kWeights>(src, b, capacity, &bs[b], &bs[nbc + b]);
@@ -212,9 +217,9 @@ at::Tensor replay_update_priorities_cpu(at::Tensor priorities, at::Tensor weight
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(trainops, CPU, m) {
-  m.impl("replay_insert", &replay_insert_cpu);
-  m.impl("replay_update_priorities", &replay_update_priorities_cpu);
+STABLE_TORCH_LIBRARY_IMPL(trainops, CPU, m) {
+  m.impl("replay_insert", TRAINOPS_BOX(&replay_insert_cpu));
+  m.impl("replay_update_priorities", TRAINOPS_BOX(&replay_update_priorities_cpu));
 }
 
 }  // namespace trainops

@@ -17,10 +17,10 @@
 //
 // Determinism: rows are processed in fixed chunks of kChunk rows whatever the thread
 // count; each chunk writes its own partial sums, added in chunk order at the end.
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-#include <torch/types.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
 
+#include "../common/boxing.h"
 #include "../common/op_checks.h"
 #include "buffer_pool.h"
 #include "router_rows.h"
@@ -61,12 +61,21 @@ class PieceQueue {
 // fixed split: a thread that the machine slows or deschedules leaves its pieces to the
 // others instead of holding up the whole call. The kernels write per piece (rows, chunk
 // partial sums), so results do not depend on which thread ran a piece.
+// Called from inside a parallel region, torch's parallel_for runs the whole range in one call
+// on the calling thread: one worker then drains the queue.
 template <typename F>
 void parallel_pieces(int64_t n, int64_t grain, const F& worker) {
   PieceQueue queue(n, grain);
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / grain);
-  if (workers <= 1 || at::in_parallel_region()) return worker(queue);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(queue); });
+  const int64_t workers = std::min<int64_t>(torch::stable::get_num_threads(), (n + grain - 1) / grain);
+  if (workers <= 1) return worker(queue);
+  torch::stable::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(queue); });
+}
+
+// t as a contiguous tensor of dtype: t itself when it already is one (the stable API's
+// conversions are dispatched ops even when they have nothing to do).
+Tensor as_contiguous(const Tensor& t, ScalarType dtype) {
+  Tensor out = t.scalar_type() == dtype ? t : torch::stable::to(t, dtype);
+  return out.is_contiguous() ? out : torch::stable::contiguous(out);
 }
 
 // The row kernels, as types whose members are constant function pointers (calls through
@@ -111,66 +120,69 @@ void load_row(const scalar_t* src, int64_t E, float* dst) {
   for (int64_t e = 0; e < E; ++e) dst[e] = static_cast<float>(src[e]);
 }
 
-void check_common(const at::Tensor& logits, int64_t k, const std::string& score, const c10::optional<at::Tensor>& mask) {
-  TORCH_CHECK_VALUE(logits.dim() == 2, "trainops: 'logits' must be 2-D [tokens, experts], got ", logits.dim(), "-D");
-  checks::on_device(logits, at::kCPU, "router_topk", "logits");
-  TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16 ||
-                       logits.scalar_type() == at::kHalf,
-                   "trainops: 'logits' must be float32, bfloat16 or float16, got ", logits.scalar_type());
-  TORCH_CHECK_VALUE(k >= 1 && k <= logits.size(1), "trainops: 'k' must be in [1, experts=", logits.size(1), "], got ", k);
-  TORCH_CHECK_VALUE(score == "softmax" || score == "sigmoid", "trainops: 'score' must be softmax or sigmoid, got ", score);
+void check_common(const Tensor& logits, int64_t k, const std::string_view score, const std::optional<Tensor>& mask) {
+  TRAINOPS_CHECK_VALUE(logits.dim() == 2, "trainops: 'logits' must be 2-D [tokens, experts], got ", logits.dim(), "-D");
+  checks::on_cpu(logits, "router_topk", "logits");
+  TRAINOPS_CHECK_TYPE(logits.scalar_type() == ScalarType::Float || logits.scalar_type() == ScalarType::BFloat16 ||
+                       logits.scalar_type() == ScalarType::Half,
+                      "trainops: 'logits' must be float32, bfloat16 or float16, got ", logits.scalar_type());
+  TRAINOPS_CHECK_VALUE(k >= 1 && k <= logits.size(1), "trainops: 'k' must be in [1, experts=", logits.size(1),
+                       "], got ", k);
+  TRAINOPS_CHECK_VALUE(score == "softmax" || score == "sigmoid", "trainops: 'score' must be softmax or sigmoid, got ",
+                       score);
   if (mask.has_value()) {
-    checks::on_device(*mask, at::kCPU, "router_topk", "mask");
-    TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, "trainops: 'mask' must be bool, got ", mask->scalar_type());
-    TORCH_CHECK_VALUE(mask->dim() == 1 && mask->size(0) == logits.size(0), "trainops: 'mask' must have shape [",
-                      logits.size(0), "], got ", mask->sizes());
+    checks::on_cpu(*mask, "router_topk", "mask");
+    TRAINOPS_CHECK_TYPE(mask->scalar_type() == ScalarType::Bool, "trainops: 'mask' must be bool, got ",
+                        mask->scalar_type());
+    TRAINOPS_CHECK_VALUE(mask->dim() == 1 && mask->size(0) == logits.size(0), "trainops: 'mask' must have shape [",
+                         logits.size(0), "], got ", st::sizes_str(*mask));
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_topk_cpu(
-    const at::Tensor& logits_in, int64_t k, c10::string_view score_sv, bool renormalize,
-    const c10::optional<at::Tensor>& expert_bias, const c10::optional<at::Tensor>& mask_in, bool with_z) {
-  const std::string score(score_sv);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> router_topk_cpu(const Tensor& logits_in, int64_t k,
+                                                                   std::string_view score, bool renormalize,
+                                                                   const std::optional<Tensor>& expert_bias,
+                                                                   const std::optional<Tensor>& mask_in, bool with_z) {
   check_common(logits_in, k, score, mask_in);
-  const at::Tensor logits = logits_in.contiguous();
+  const Tensor logits = as_contiguous(logits_in, logits_in.scalar_type());
   const int64_t T = logits.size(0), E = logits.size(1);
-  at::Tensor bias;
+  std::optional<Tensor> bias;
   if (expert_bias.has_value()) {
-    checks::on_device(*expert_bias, at::kCPU, "router_topk", "expert_bias");
-    TORCH_CHECK_TYPE(at::isFloatingType(expert_bias->scalar_type()), "trainops: 'expert_bias' must be a float tensor, got ",
-                     expert_bias->scalar_type());
-    TORCH_CHECK_VALUE(expert_bias->dim() == 1 && expert_bias->size(0) == E, "trainops: 'expert_bias' must have shape [",
-                      E, "], got ", expert_bias->sizes());
-    bias = expert_bias->to(at::kFloat).contiguous();
+    checks::on_cpu(*expert_bias, "router_topk", "expert_bias");
+    TRAINOPS_CHECK_TYPE(st::is_floating(expert_bias->scalar_type()), "trainops: 'expert_bias' must be a float tensor, got ",
+                        expert_bias->scalar_type());
+    TRAINOPS_CHECK_VALUE(expert_bias->dim() == 1 && expert_bias->size(0) == E, "trainops: 'expert_bias' must have shape [",
+                         E, "], got ", st::sizes_str(*expert_bias));
+    bias = as_contiguous(*expert_bias, ScalarType::Float);
     // Always checked (E values): a NaN bias would make every comparison of the top-k false and
     // the selection meaningless; an infinite one pins or bans an expert for every token.
-    const float* bp = bias.const_data_ptr<float>();
+    const float* bp = st::cdata<float>(*bias);
     for (int64_t e = 0; e < E; ++e) {
-      TORCH_CHECK_VALUE(std::isfinite(bp[e]), "trainops: 'expert_bias' must be finite, got ", bp[e], " at expert ", e);
+      TRAINOPS_CHECK_VALUE(std::isfinite(bp[e]), "trainops: 'expert_bias' must be finite, got ", bp[e], " at expert ", e);
     }
   }
-  const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
-  auto f32 = logits.options().dtype(at::kFloat);
+  const std::optional<Tensor> mask =
+      mask_in.has_value() ? std::optional<Tensor>(as_contiguous(*mask_in, ScalarType::Bool)) : std::nullopt;
   // Outputs and per-chunk partial sums from the buffer pool: after other work has let glibc
   // trim its heap, fresh blocks of these sizes page-fault on first touch.
-  at::Tensor weights = pooled_empty({T, k}, at::kFloat);
-  at::Tensor indices = pooled_empty({T, k}, at::kLong);
+  Tensor weights = pooled_empty({T, k}, ScalarType::Float);
+  Tensor indices = pooled_empty({T, k}, ScalarType::Long);
   const int64_t chunks = (T + kChunk - 1) / kChunk;
-  at::Tensor part_p_t = pooled_empty({chunks, E}, at::kFloat), part_c_t = pooled_empty({chunks, E}, at::kLong);
-  float* part_p = part_p_t.data_ptr<float>();
-  int64_t* part_c = part_c_t.data_ptr<int64_t>();
+  Tensor part_p_t = pooled_empty({chunks, E}, ScalarType::Float), part_c_t = pooled_empty({chunks, E}, ScalarType::Long);
+  float* part_p = st::data<float>(part_p_t);
+  int64_t* part_c = st::data<int64_t>(part_c_t);
   std::fill_n(part_p, chunks * E, 0.0f);
   std::fill_n(part_c, chunks * E, int64_t{0});
   std::vector<float> part_z(static_cast<size_t>(chunks), 0.0f);
   const bool softmax = score == "softmax";
-  const float* b = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
-  const bool* mk = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
-  float* w_out = weights.data_ptr<float>();
-  int64_t* i_out = indices.data_ptr<int64_t>();
+  const float* b = bias.has_value() ? st::cdata<float>(*bias) : nullptr;
+  const bool* mk = mask.has_value() ? st::cdata<bool>(*mask) : nullptr;
+  float* w_out = st::data<float>(weights);
+  int64_t* i_out = st::data<int64_t>(indices);
 
   with_row_kernels([&](auto rows) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "trainops_router_topk", [&] {
-    const scalar_t* X = logits.const_data_ptr<scalar_t>();
+  TRAINOPS_DISPATCH_FLOATING(logits.scalar_type(), "'logits'", [&] {
+    const scalar_t* X = st::cdata<scalar_t>(logits);
     parallel_pieces(chunks, 4, [&](PieceQueue& queue) {
       // Scratch for two rows: the top-k of a pair of rows runs interleaved (topk_rows2).
       const int64_t pad = E + 32;
@@ -253,13 +265,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
   });
   });
 
-  // Filled here rather than by at::zeros / fill_: each of those is a dispatched op, and at
+  // Filled here rather than by zeros / fill_: each of those is a dispatched op, and at
   // E = 64 their overhead is a visible share of the call.
-  at::Tensor counts = at::empty({E}, logits.options().dtype(at::kLong));
-  at::Tensor prob_sum = at::empty({E}, f32);
-  at::Tensor z_sum = at::empty({}, f32);
-  int64_t* cp = counts.data_ptr<int64_t>();
-  float* pp = prob_sum.data_ptr<float>();
+  Tensor counts = st::empty_cpu({E}, ScalarType::Long);
+  Tensor prob_sum = st::empty_cpu({E}, ScalarType::Float);
+  Tensor z_sum = st::empty_cpu({}, ScalarType::Float);
+  int64_t* cp = st::data<int64_t>(counts);
+  float* pp = st::data<float>(prob_sum);
   std::fill_n(cp, E, int64_t{0});
   std::fill_n(pp, E, 0.0f);
   float zs = 0.0f;
@@ -270,57 +282,61 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> router_to
     }
     zs += part_z[c];
   }
-  *z_sum.data_ptr<float>() = zs;
+  *st::data<float>(z_sum) = zs;
   return {weights, indices, counts, prob_sum, z_sum};
 }
 
-at::Tensor router_topk_backward_cpu(const at::Tensor& grad_weights_in, const at::Tensor& grad_prob_sum_in,
-                                    const at::Tensor& grad_z_sum, const at::Tensor& logits_in,
-                                    const at::Tensor& indices_in, const c10::optional<at::Tensor>& mask_in,
-                                    c10::string_view score_sv, bool renormalize, bool with_z) {
-  const std::string score(score_sv);
+Tensor router_topk_backward_cpu(const Tensor& grad_weights_in, const Tensor& grad_prob_sum_in, const Tensor& grad_z_sum,
+                                const Tensor& logits_in, const Tensor& indices_in, const std::optional<Tensor>& mask_in,
+                                std::string_view score, bool renormalize, bool with_z) {
   const char* op = "router_topk_backward";
-  TORCH_CHECK_VALUE(logits_in.dim() == 2, "trainops: 'logits' must be 2-D [tokens, experts], got ", logits_in.dim(), "-D");
-  TORCH_CHECK_VALUE(indices_in.dim() == 2 && indices_in.size(0) == logits_in.size(0),
-                    "trainops: 'indices' must be [tokens=", logits_in.size(0), ", k], got ", indices_in.sizes());
+  TRAINOPS_CHECK_VALUE(logits_in.dim() == 2, "trainops: 'logits' must be 2-D [tokens, experts], got ", logits_in.dim(),
+                       "-D");
+  TRAINOPS_CHECK_VALUE(indices_in.dim() == 2 && indices_in.size(0) == logits_in.size(0),
+                       "trainops: 'indices' must be [tokens=", logits_in.size(0), ", k], got ", st::sizes_str(indices_in));
   const int64_t k = indices_in.size(1);
   check_common(logits_in, k, score, mask_in);
-  const at::Tensor logits = logits_in.contiguous();
+  const Tensor logits = as_contiguous(logits_in, logits_in.scalar_type());
   const int64_t T = logits.size(0), E = logits.size(1);
-  checks::on_device(indices_in, at::kCPU, op, "indices");
-  TORCH_CHECK_TYPE(indices_in.scalar_type() == at::kLong || indices_in.scalar_type() == at::kInt,
-                   "trainops: 'indices' must be int64 or int32, got ", indices_in.scalar_type());
-  auto check_grad = [&](const at::Tensor& t, const char* name) {
-    checks::on_device(t, at::kCPU, op, name);
-    TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "trainops: '", name, "' must be a float tensor, got ",
-                     t.scalar_type());
+  checks::on_cpu(indices_in, op, "indices");
+  TRAINOPS_CHECK_TYPE(indices_in.scalar_type() == ScalarType::Long || indices_in.scalar_type() == ScalarType::Int,
+                      "trainops: 'indices' must be int64 or int32, got ", indices_in.scalar_type());
+  auto check_grad = [&](const Tensor& t, const char* name) {
+    checks::on_cpu(t, op, name);
+    TRAINOPS_CHECK_TYPE(st::is_floating(t.scalar_type()), "trainops: '", name, "' must be a float tensor, got ",
+                        t.scalar_type());
   };
   check_grad(grad_weights_in, "grad_weights");
   check_grad(grad_prob_sum_in, "grad_prob_sum");
   check_grad(grad_z_sum, "grad_z_sum");
-  TORCH_CHECK_VALUE(grad_weights_in.sizes() == indices_in.sizes(), "trainops: 'grad_weights' must be [tokens, k] like "
-                    "'indices' (", indices_in.sizes(), "), got ", grad_weights_in.sizes());
-  TORCH_CHECK_VALUE(grad_prob_sum_in.dim() == 1 && grad_prob_sum_in.numel() == E, "trainops: 'grad_prob_sum' must be [",
-                    E, "], got ", grad_prob_sum_in.sizes());
-  TORCH_CHECK_VALUE(grad_z_sum.numel() == 1, "trainops: 'grad_z_sum' must hold one value, got ", grad_z_sum.numel());
-  const at::Tensor gw_t = grad_weights_in.to(at::kFloat).contiguous();
-  const at::Tensor gp_t = grad_prob_sum_in.to(at::kFloat).contiguous();
-  const at::Tensor idx_t = indices_in.to(at::kLong).contiguous();
+  TRAINOPS_CHECK_VALUE(st::same_sizes(grad_weights_in, indices_in), "trainops: 'grad_weights' must be [tokens, k] like "
+                       "'indices' (", st::sizes_str(indices_in), "), got ", st::sizes_str(grad_weights_in));
+  TRAINOPS_CHECK_VALUE(grad_prob_sum_in.dim() == 1 && grad_prob_sum_in.numel() == E, "trainops: 'grad_prob_sum' must be [",
+                       E, "], got ", st::sizes_str(grad_prob_sum_in));
+  TRAINOPS_CHECK_VALUE(grad_z_sum.numel() == 1, "trainops: 'grad_z_sum' must hold one value, got ", grad_z_sum.numel());
+  const Tensor gw_t = as_contiguous(grad_weights_in, ScalarType::Float);
+  const Tensor gp_t = as_contiguous(grad_prob_sum_in, ScalarType::Float);
+  const Tensor idx_t = as_contiguous(indices_in, ScalarType::Long);
   // The kernels read and write row entries at these indices: range-checked first (T x k reads).
-  checks::indices_in_range(idx_t.const_data_ptr<int64_t>(), idx_t.numel(), E, op, "indices");
-  const float gz = with_z ? grad_z_sum.to(at::kFloat).item<float>() : 0.0f;
-  const at::Tensor mask = mask_in.has_value() ? mask_in->contiguous() : at::Tensor();
-  at::Tensor grad = pooled_empty({T, E}, logits.scalar_type());
+  checks::indices_in_range(st::cdata<int64_t>(idx_t), idx_t.numel(), E, op, "indices");
+  float gz = 0.0f;
+  if (with_z) {
+    TRAINOPS_DISPATCH_FLOATING(grad_z_sum.scalar_type(), "'grad_z_sum'",
+                               [&] { gz = static_cast<float>(*st::cdata<scalar_t>(grad_z_sum)); });
+  }
+  const std::optional<Tensor> mask =
+      mask_in.has_value() ? std::optional<Tensor>(as_contiguous(*mask_in, ScalarType::Bool)) : std::nullopt;
+  Tensor grad = pooled_empty({T, E}, logits.scalar_type());
   const bool softmax = score == "softmax";
-  const float* GW = gw_t.const_data_ptr<float>();
-  const float* GP = gp_t.const_data_ptr<float>();
-  const int64_t* IDX = idx_t.const_data_ptr<int64_t>();
-  const bool* mk = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
+  const float* GW = st::cdata<float>(gw_t);
+  const float* GP = st::cdata<float>(gp_t);
+  const int64_t* IDX = st::cdata<int64_t>(idx_t);
+  const bool* mk = mask.has_value() ? st::cdata<bool>(*mask) : nullptr;
 
   with_row_kernels([&](auto rows) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "trainops_router_topk_backward", [&] {
-    const scalar_t* X = logits.const_data_ptr<scalar_t>();
-    scalar_t* G = grad.data_ptr<scalar_t>();
+  TRAINOPS_DISPATCH_FLOATING(logits.scalar_type(), "'logits'", [&] {
+    const scalar_t* X = st::cdata<scalar_t>(logits);
+    scalar_t* G = st::data<scalar_t>(grad);
     parallel_pieces(T, 4 * kChunk, [&](PieceQueue& queue) {
       std::vector<float> x(2 * E), s(2 * E), p(E), ds(E), dx(2 * E);
       int64_t t0, t1;
@@ -375,9 +391,9 @@ at::Tensor router_topk_backward_cpu(const at::Tensor& grad_weights_in, const at:
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(trainops, CPU, m) {
-  m.impl("router_topk", &router_topk_cpu);
-  m.impl("router_topk_backward", &router_topk_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(trainops, CPU, m) {
+  m.impl("router_topk", TRAINOPS_BOX(&router_topk_cpu));
+  m.impl("router_topk_backward", TRAINOPS_BOX(&router_topk_backward_cpu));
 }
 
 }  // namespace trainops

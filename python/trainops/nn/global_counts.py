@@ -73,25 +73,25 @@ def _sum_over_group(buf: torch.Tensor, group: str) -> None:
         dist.all_reduce(buf, group=pg)
 
 
-def _op_when_compiling(name: str, mutates_args: tuple):
-    """Registers the decorated function as the op ``trainops::<name>`` and returns a function
-    that calls the op while torch.compile traces (one opaque graph node that runs at run
-    time) and the function itself in eager mode, without the custom-op dispatch (~100 us a
-    call on a CPU, more than the work). ``.op``: the registered op."""
+def _op_when_compiling(name: str):
+    """Registers the decorated function as the kernel of ``trainops::<name>`` (schema:
+    ops/_schemas.py) for every device, and returns a function that calls the op while
+    torch.compile traces (one opaque graph node that runs at run time) and the function
+    itself in eager mode, without the op dispatch (~100 us a call on a CPU, more than the
+    work)."""
     def wrap(fn):
-        op = torch.library.custom_op(f"trainops::{name}", fn, mutates_args=mutates_args)
+        torch.library.register_kernel(f"trainops::{name}", None, fn)
+        op = getattr(torch.ops.trainops, name)
 
         @functools.wraps(fn)
         def call(*args):
             return op(*args) if torch.compiler.is_compiling() else fn(*args)
 
-        call.op = op
         return call
     return wrap
 
 
-@_op_when_compiling("lbl_accumulate_global",
-                    mutates_args=("acc_counts", "acc_tokens", "snap_counts", "snap_totals", "snap_len"))
+@_op_when_compiling("lbl_accumulate_global")
 def accumulate_global(acc_counts: torch.Tensor, acc_tokens: torch.Tensor, snap_counts: torch.Tensor,
                       snap_totals: torch.Tensor, snap_len: torch.Tensor, counts: torch.Tensor,
                       num_tokens: torch.Tensor, reduced: torch.Tensor | None, group: str) -> torch.Tensor:
@@ -129,12 +129,12 @@ def _recomputed(snap_counts, snap_totals, written: int, local) -> torch.Tensor:
                        "(were the counts reset between forward and backward?)")
 
 
-@accumulate_global.op.register_fake
+@torch.library.register_fake("trainops::lbl_accumulate_global")
 def _(acc_counts, acc_tokens, snap_counts, snap_totals, snap_len, counts, num_tokens, reduced, group):
     return acc_counts.new_empty(acc_counts.shape[0] + 1)
 
 
-@_op_when_compiling("all_reduce_counts", mutates_args=())
+@_op_when_compiling("all_reduce_counts")
 def all_reduce_counts(flat: torch.Tensor, group: str) -> torch.Tensor:
     """The sum of ``flat`` over ``group`` (a copy): GlobalCountSync's single collective,
     also inside a compiled graph."""
@@ -143,12 +143,12 @@ def all_reduce_counts(flat: torch.Tensor, group: str) -> torch.Tensor:
     return out
 
 
-@all_reduce_counts.op.register_fake
+@torch.library.register_fake("trainops::all_reduce_counts")
 def _(flat, group):
     return torch.empty_like(flat)
 
 
-@_op_when_compiling("add_unless_recomputing", mutates_args=("acc",))
+@_op_when_compiling("add_unless_recomputing")
 def add_unless_recomputing(acc: torch.Tensor, x: torch.Tensor) -> None:
     """acc += x, except in a forward recomputed during backward (activation checkpointing):
     loads counted once per original forward, also under torch.compile."""
@@ -156,6 +156,6 @@ def add_unless_recomputing(acc: torch.Tensor, x: torch.Tensor) -> None:
         acc += x.detach().to(acc.dtype)
 
 
-@add_unless_recomputing.op.register_fake
+@torch.library.register_fake("trainops::add_unless_recomputing")
 def _(acc, x):
     return None

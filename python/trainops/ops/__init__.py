@@ -1,4 +1,5 @@
 """Functional API over ``torch.ops.trainops.*``: argument checks, dispatch, fake tensors, autograd."""
+from trainops.ops import _schemas  # noqa: F401  (first: the modules below register kernels for its ops)
 from trainops.ops.mora import mora, mora_routing
 from trainops.ops.quantize import (
     QuantizedTensor,

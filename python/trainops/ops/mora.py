@@ -5,12 +5,13 @@ layer output. The frozen base layer stays whatever it is (``nn.Linear``, a quant
 Linear, a tensor-parallel shard) and runs its own GEMM; ``MoRALinear`` adds the two.
 The delta costs ≈ R/d_out + k/d_in of the base GEMM's FLOPs.
 
-Registered ops (``torch.library.custom_op``, schema from the signature):
+Registered ops (schemas in ops/_schemas.py):
   ``trainops::mora_fwd(x, A_f, B_f, A, B, ...) -> (delta, p, idx, rho)``
   ``trainops::mora_bwd(dy, x, A_f, B_f, A, B, p, idx, rho, ...) -> (dx, dA, dB)``
 CUDA tensors run the Triton kernels of :mod:`trainops.kernels.mora` (fused shrink+gate,
-gated expand, fused gate backward). CPU tensors run the same algorithm in ATen (the
-GEMMs dominate; fusing the gate buys nothing on a CPU) — no C++ extension is needed.
+gated expand, fused gate backward). Tensors on other devices (CPU) run the same algorithm
+in ATen (the GEMMs dominate; fusing the gate buys nothing on a CPU) — no C++ extension is
+needed.
 Ranks come in two sources, frozen (A_f, B_f) then trainable (A, B): the kernels read
 both without concatenating them, and only the trainable ranks get gradients.
 
@@ -184,23 +185,17 @@ def _check_bwd_args(dy, x, A_f, B_f, A, B, p, idx, rho, top_k, temperature, thre
                          f"[{int(idx.min())}, {int(idx.max())}]")
 
 
-# --- registered ops -------------------------------------------------------------------------
+# --- registration (schemas: ops/_schemas.py) -----------------------------------------------
+# Kernels (ATen for every device without its own, Triton on CUDA), fakes and autograd.
 
-@torch.library.custom_op("trainops::mora_fwd", mutates_args=())
-def mora_fwd(x: torch.Tensor, A_f: torch.Tensor, B_f: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-             top_k: int, temperature: float, threshold: float, training: bool, scaling: float,
-             dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _mora_fwd_kernel(x, A_f, B_f, A, B, top_k, temperature, threshold, training, scaling, dropout_p, seed):
     """MoRA forward on x [T, D]: (delta [T, N], p [T, R], top-k indices [T, k] int64, ρ [T])."""
     _check_op_args(x, A_f, B_f, A, B, top_k, temperature, threshold, scaling, dropout_p)
     return _fwd_aten(x, A_f, B_f, A, B, top_k, temperature, threshold, training, scaling, dropout_p, seed)
 
 
-@torch.library.custom_op("trainops::mora_bwd", mutates_args=())
-def mora_bwd(dy: torch.Tensor, x: torch.Tensor, A_f: torch.Tensor, B_f: torch.Tensor, A: torch.Tensor,
-             B: torch.Tensor, p: torch.Tensor, idx: torch.Tensor, rho: torch.Tensor, top_k: int,
-             temperature: float, threshold: float, training: bool, scaling: float, dropout_p: float,
-             seed: int, need_dx: bool, need_dA: bool, need_dB: bool
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _mora_bwd_kernel(dy, x, A_f, B_f, A, B, p, idx, rho, top_k, temperature, threshold, training, scaling,
+                     dropout_p, seed, need_dx, need_dA, need_dB):
     """MoRA backward: (dx, dA, dB) for the trainable ranks; empty tensors where not needed."""
     _check_bwd_args(dy, x, A_f, B_f, A, B, p, idx, rho, top_k, temperature, threshold, scaling, dropout_p)
     dx, dA, dB = _bwd_aten(dy, x, A_f, B_f, A, B, p, idx, rho, top_k, temperature, threshold, training,
@@ -212,7 +207,12 @@ def _or_empty(t, like):
     return like.new_empty(0) if t is None else t
 
 
-@mora_fwd.register_fake
+# CompositeExplicitAutograd: every device without a kernel of its own (CPU; CUDA has Triton).
+torch.library.register_kernel("trainops::mora_fwd", None, _mora_fwd_kernel)
+torch.library.register_kernel("trainops::mora_bwd", None, _mora_bwd_kernel)
+
+
+@torch.library.register_fake("trainops::mora_fwd")
 def _(x, A_f, B_f, A, B, top_k, temperature, threshold, training, scaling, dropout_p, seed):
     T, R = _check_op_args(x, A_f, B_f, A, B, top_k, temperature, threshold, scaling, dropout_p)
     ct = _compute_dtype(x)
@@ -221,7 +221,7 @@ def _(x, A_f, B_f, A, B, top_k, temperature, threshold, training, scaling, dropo
             x.new_empty(T, dtype=ct))
 
 
-@mora_bwd.register_fake
+@torch.library.register_fake("trainops::mora_bwd")
 def _(dy, x, A_f, B_f, A, B, p, idx, rho, top_k, temperature, threshold, training, scaling, dropout_p, seed,
       need_dx, need_dA, need_dB):
     _check_bwd_args(dy, x, A_f, B_f, A, B, p, idx, rho, top_k, temperature, threshold, scaling, dropout_p,
@@ -247,10 +247,10 @@ def _backward(ctx, d_delta, _dp, _didx, _drho):
             None, None, None, None, None, None, None)
 
 
-mora_fwd.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("trainops::mora_fwd", _backward, setup_context=_setup_context)
 
 if HAS_TRITON:
-    @mora_fwd.register_kernel("cuda")
+    @torch.library.register_kernel("trainops::mora_fwd", "cuda")
     def _(x, A_f, B_f, A, B, top_k, temperature, threshold, training, scaling, dropout_p, seed):
         from trainops.kernels import mora as km
 
@@ -258,7 +258,7 @@ if HAS_TRITON:
         return km.mora_forward(x, A_f, B_f, A, B, top_k, temperature, threshold, training, scaling,
                                dropout_p, seed)
 
-    @mora_bwd.register_kernel("cuda")
+    @torch.library.register_kernel("trainops::mora_bwd", "cuda")
     def _(dy, x, A_f, B_f, A, B, p, idx, rho, top_k, temperature, threshold, training, scaling, dropout_p,
           seed, need_dx, need_dA, need_dB):
         from trainops.kernels import mora as km

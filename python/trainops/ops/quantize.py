@@ -102,7 +102,7 @@ def quantize(
     on NaN/Inf; ``"propagate"`` lets the affected blocks decode to NaN.
     """
     f = _check_quantize_args(x, fmt, block_size, nan_policy)
-    _extension.require("quantize")
+    _extension.require("quantize", x.device)
     seed = resolve_seed(stochastic, seed)
     data, scales = torch.ops.trainops.quantize(x.reshape(-1).contiguous(), f.name, block_size, bool(stochastic), seed)
     if nan_policy == "raise" and not torch.isfinite(scales).all():
@@ -155,7 +155,7 @@ def quantize_error_feedback(
         raise ValueError(f"error must be contiguous with {x.numel()} elements like x, got {error.numel()}")
     if error.device != x.device:
         raise ValueError(f"error is on {error.device} but x is on {x.device}")
-    _extension.require("quantize_error_feedback")
+    _extension.require("quantize_error_feedback", x.device)
     if nan_policy == "raise":
         _check_error_feedback_finite(x, error)
     seed = resolve_seed(stochastic, seed)
@@ -173,7 +173,7 @@ def dequantize(q: QuantizedTensor, *, dtype: torch.dtype | None = None) -> torch
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     _check_packed_op(q.data, q.scales, q.fmt, q.block_size, q.numel)
-    _extension.require("dequantize")
+    _extension.require("dequantize", q.data.device)
     flat = torch.ops.trainops.dequantize(q.data, q.scales, q.fmt, q.block_size, q.numel, dtype)
     return flat.view(q.shape)
 
@@ -206,7 +206,7 @@ def dequantize_accumulate(out: torch.Tensor, data: torch.Tensor, scales: torch.T
     for name, t in (("data", data), ("scales", scales)):
         if t.device != out.device:
             raise ValueError(f"{name} is on {t.device} but out is on {out.device}")
-    _extension.require("dequantize_accumulate")
+    _extension.require("dequantize_accumulate", out.device)
     torch.ops.trainops.dequantize_accumulate(out.view(-1), data.contiguous(), scales.contiguous(), f.name, block_size)
     return out
 
@@ -269,65 +269,61 @@ def _check_accumulate_op(out, data, scales, fmt, block_size):
     _check_packed_op(data, scales, fmt, block_size, out.numel(), chunks=data.shape[0], out=out)
 
 
-# --- registration: fake tensors (torch.compile, meta) and the Triton kernels on CUDA ------------
+# --- registration (schemas: ops/_schemas.py; CPU kernels: csrc/cpu/quantize.cpp) ---------------
+# Fakes (meta tensors, torch.compile) and the Triton kernels on CUDA, registered whether or not
+# the C++ extension loaded.
 
-def _register() -> None:
-    @torch.library.register_fake("trainops::quantize")
+@torch.library.register_fake("trainops::quantize")
+def _(x, fmt, block_size, stochastic, seed):
+    _check_flat_input_op(x, fmt, block_size)
+    n = x.numel()
+    return (x.new_empty(packed_bytes(fmt, n), dtype=torch.uint8),
+            x.new_empty(num_blocks(n, block_size), dtype=torch.float32))
+
+
+@torch.library.register_fake("trainops::quantize_error_feedback")
+def _(x, error, fmt, block_size, stochastic, seed):
+    _check_flat_input_op(x, fmt, block_size, error)
+    n = x.numel()
+    return (x.new_empty(packed_bytes(fmt, n), dtype=torch.uint8),
+            x.new_empty(num_blocks(n, block_size), dtype=torch.float32))
+
+
+@torch.library.register_fake("trainops::dequantize")
+def _(data, scales, fmt, block_size, numel, dtype):
+    _check_packed_op(data, scales, fmt, block_size, numel)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    return data.new_empty(numel, dtype=dtype)
+
+
+@torch.library.register_fake("trainops::dequantize_accumulate")
+def _(out, data, scales, fmt, block_size):
+    _check_accumulate_op(out, data, scales, fmt, block_size)
+    return None
+
+
+if HAS_TRITON:
+    from trainops.kernels import quantize as triton_quantize
+
+    @torch.library.register_kernel("trainops::quantize", "cuda")
     def _(x, fmt, block_size, stochastic, seed):
         _check_flat_input_op(x, fmt, block_size)
-        n = x.numel()
-        return (x.new_empty(packed_bytes(fmt, n), dtype=torch.uint8),
-                x.new_empty(num_blocks(n, block_size), dtype=torch.float32))
+        return triton_quantize.quantize(x, fmt, block_size, stochastic, seed)
 
-    @torch.library.register_fake("trainops::quantize_error_feedback")
+    @torch.library.register_kernel("trainops::quantize_error_feedback", "cuda")
     def _(x, error, fmt, block_size, stochastic, seed):
         _check_flat_input_op(x, fmt, block_size, error)
-        n = x.numel()
-        return (x.new_empty(packed_bytes(fmt, n), dtype=torch.uint8),
-                x.new_empty(num_blocks(n, block_size), dtype=torch.float32))
+        return triton_quantize.quantize(x, fmt, block_size, stochastic, seed, error=error)
 
-    @torch.library.register_fake("trainops::dequantize")
+    @torch.library.register_kernel("trainops::dequantize", "cuda")
     def _(data, scales, fmt, block_size, numel, dtype):
         _check_packed_op(data, scales, fmt, block_size, numel)
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-        return data.new_empty(numel, dtype=dtype)
+        return triton_quantize.dequantize(data.contiguous(), scales.contiguous(), fmt, block_size, numel, dtype=dtype)
 
-    @torch.library.register_fake("trainops::dequantize_accumulate")
+    @torch.library.register_kernel("trainops::dequantize_accumulate", "cuda")
     def _(out, data, scales, fmt, block_size):
         _check_accumulate_op(out, data, scales, fmt, block_size)
-        return None
-
-    if HAS_TRITON:
-        from trainops.kernels import quantize as triton_quantize
-
-        lib = torch.library.Library("trainops", "IMPL")
-        _register.lib = lib  # keep the registrations alive
-
-        def quantize_cuda(x, fmt, block_size, stochastic, seed):
-            _check_flat_input_op(x, fmt, block_size)
-            return triton_quantize.quantize(x, fmt, block_size, stochastic, seed)
-
-        def quantize_error_feedback_cuda(x, error, fmt, block_size, stochastic, seed):
-            _check_flat_input_op(x, fmt, block_size, error)
-            return triton_quantize.quantize(x, fmt, block_size, stochastic, seed, error=error)
-
-        def dequantize_cuda(data, scales, fmt, block_size, numel, dtype):
-            _check_packed_op(data, scales, fmt, block_size, numel)
-            if dtype not in FLOAT_DTYPES:
-                raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-            return triton_quantize.dequantize(data.contiguous(), scales.contiguous(), fmt, block_size, numel,
-                                              dtype=dtype)
-
-        def dequantize_accumulate_cuda(out, data, scales, fmt, block_size):
-            _check_accumulate_op(out, data, scales, fmt, block_size)
-            triton_quantize.dequantize(data.contiguous(), scales.contiguous(), fmt, block_size, out.numel(), out=out)
-
-        lib.impl("quantize", quantize_cuda, "CUDA")
-        lib.impl("quantize_error_feedback", quantize_error_feedback_cuda, "CUDA")
-        lib.impl("dequantize", dequantize_cuda, "CUDA")
-        lib.impl("dequantize_accumulate", dequantize_accumulate_cuda, "CUDA")
-
-
-if _extension.HAS_C:
-    _register()
+        triton_quantize.dequantize(data.contiguous(), scales.contiguous(), fmt, block_size, out.numel(), out=out)

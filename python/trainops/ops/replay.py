@@ -54,9 +54,11 @@ def _check_storage(storage: Sequence[torch.Tensor], name: str = "storage"):
 
 
 def _require(op: str, device: torch.device) -> None:
-    _extension.require(op)
+    """The replay kernels are C++: trainops._C on CPU, trainops._C_cuda on CUDA."""
     if device.type == "cuda":
         _extension.require_cuda(op)
+    else:
+        _extension.require(op)
 
 
 def replay_sample(storage: Sequence[torch.Tensor], n_replay: int, *, size: int, fresh=None, mode: str = "uniform",
@@ -216,37 +218,37 @@ def replay_update_priorities(priorities: torch.Tensor, weights: torch.Tensor, bl
                                                        int(size))
 
 
-def _register() -> None:
-    # The fakes check the scalar arguments as the kernels do (csrc/common/op_checks.h), so a
-    # traced or meta call fails like an eager one.
-    @torch.library.register_fake("trainops::replay_sample")
-    def _(storage, out, lengths, ragged, weights, block_stats, slot_key, table, weight_mode, size, n_fresh, n_replay,
-          now, beta, batch_max, replacement, seed, offset):
-        cap, _ = _check_storage(storage)
-        check_int("size", size, 1, cap)
-        check_int("n_fresh", n_fresh, 0)
-        check_int("n_replay", n_replay, 0, None if replacement else size)
-        check_int("weight_mode", weight_mode, 0, 3)
-        if not (math.isfinite(beta) and beta >= 0.0):
-            raise ValueError(f"beta must be finite and >= 0, got {beta}")
-        rows = n_fresh + n_replay
-        s = storage[0]
-        return (s.new_empty(rows, dtype=torch.int64), s.new_empty(rows, dtype=torch.float32),
-                s.new_empty(rows, dtype=torch.bool))
+# --- registration (schemas: ops/_schemas.py; kernels: csrc/cpu/replay_*.cpp, csrc/cuda) -----------
+# The fakes check the scalar arguments as the kernels do (csrc/common/op_checks.h), so a
+# traced or meta call fails like an eager one.
 
-    @torch.library.register_fake("trainops::replay_insert")
-    def _(storage, batch, generations, stamps, keys, eviction, size, cursor, step, seed):
-        cap, _ = _check_storage(storage)
-        check_int("eviction", eviction, 0, 1)
-        check_int("size", size, 0, cap)
-        check_int("cursor", cursor, size)
-        return generations.new_empty(batch[0].shape[0])
-
-    @torch.library.register_fake("trainops::replay_update_priorities")
-    def _(priorities, weights, block_stats, winner, generations, indices, values, expected, alpha, eps, size):
-        check_int("size", size, 0, priorities.numel())
-        return indices.new_empty(indices.shape[0], dtype=torch.bool)
+@torch.library.register_fake("trainops::replay_sample")
+def _(storage, out, lengths, ragged, weights, block_stats, slot_key, table, weight_mode, size, n_fresh, n_replay,
+      now, beta, batch_max, replacement, seed, offset):
+    cap, _ = _check_storage(storage)
+    check_int("size", size, 1, cap)
+    check_int("n_fresh", n_fresh, 0)
+    check_int("n_replay", n_replay, 0, None if replacement else size)
+    check_int("weight_mode", weight_mode, 0, 3)
+    if not (math.isfinite(beta) and beta >= 0.0):
+        raise ValueError(f"beta must be finite and >= 0, got {beta}")
+    rows = n_fresh + n_replay
+    s = storage[0]
+    return (s.new_empty(rows, dtype=torch.int64), s.new_empty(rows, dtype=torch.float32),
+            s.new_empty(rows, dtype=torch.bool))
 
 
-if _extension.HAS_C:
-    _register()
+@torch.library.register_fake("trainops::replay_insert")
+def _(storage, batch, generations, stamps, keys, eviction, size, cursor, step, seed):
+    cap, _ = _check_storage(storage)
+    check_int("eviction", eviction, 0, 1)
+    check_int("size", size, 0, cap)
+    check_int("cursor", cursor, size)
+    return generations.new_empty(batch[0].shape[0])
+
+
+@torch.library.register_fake("trainops::replay_update_priorities")
+def _(priorities, weights, block_stats, winner, generations, indices, values, expected, alpha, eps, size):
+    check_int("size", size, 0, priorities.numel())
+    return indices.new_empty(indices.shape[0], dtype=torch.bool)
+
