@@ -9,10 +9,17 @@ import importlib
 
 import torch  # noqa: F401  (loads libc10/libtorch, which the extensions link against)
 
+from trainops._build_info_check import torch_mismatch
+
 _errors: dict[str, BaseException] = {}
+# Set when the running torch is outside the range the binaries were built for.
+TORCH_MISMATCH = torch_mismatch()
 
 
 def _load(module: str) -> bool:
+    if TORCH_MISMATCH is not None:
+        _errors[module] = ImportError(TORCH_MISMATCH)
+        return False
     try:
         importlib.import_module(module)
         return True

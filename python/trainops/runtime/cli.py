@@ -156,6 +156,14 @@ def _run(cfg, under_torchrun: bool) -> dict:
     return results[0]
 
 
+def _missing_runtime_packages() -> list[str]:
+    """The packages of the `runtime` extra that are not installed (distribution names)."""
+    import importlib.util
+
+    needed = {"yaml": "pyyaml", "tqdm": "tqdm", "matplotlib": "matplotlib", "safetensors": "safetensors"}
+    return [dist for module, dist in needed.items() if importlib.util.find_spec(module) is None]
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
@@ -166,6 +174,10 @@ def main(argv=None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(_help())
         return 0
+    missing = _missing_runtime_packages()
+    if missing:
+        print(f"trainops train: needs {', '.join(missing)}: pip install 'trainops[runtime]'", file=sys.stderr)
+        return 2
     from trainops.runtime.config import ConfigError, load_config
     try:
         cfg = load_config(argv)
