@@ -4,11 +4,18 @@ Environment switches:
   TRAINOPS_SKIP_CUDA=1    never build the CUDA extension (built wherever nvcc and the CUDA
                           headers are found, whatever build of torch: it uses torch's stable ABI)
   TRAINOPS_CUDA_ARCHS     e.g. "8.0;9.0" (default: TORCH_CUDA_ARCH_LIST or 8.0;9.0;10.0;12.0)
-  TRAINOPS_CPU_ARCH       -march for the C++ CPU kernels (default: native; empty: compiler default)
+  TRAINOPS_CPU_ARCH       -march for the C++ CPU kernels (default on x86-64: x86-64-v2, a
+                          portable baseline; wider kernels are picked at run time; "native"
+                          for a binary tuned to the building CPU only; empty: compiler default)
 """
 import glob
 import os
+import platform
 import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import build_support  # noqa: E402  (torch range, _build_info.py, the PEP 517 backend)
 
 from setuptools import find_packages, setup
 
@@ -42,9 +49,11 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # -ffp-contract=off: no FMA contraction, so CPU results match the reference bit for bit.
-# -march: the kernels are vectorized loops; a source build targets the building CPU
-# (TRAINOPS_CPU_ARCH=x86-64-v2 or similar for a portable binary, empty for the default).
-CPU_ARCH = os.environ.get("TRAINOPS_CPU_ARCH", "native")
+# -march: a portable baseline by default, so a wheel runs on any x86-64 CPU that torch's
+# own CPU build runs on; the AVX2 + FMA kernels are compiled with target attributes and
+# chosen at run time (csrc/cpu/cpu_isa.h). TRAINOPS_CPU_ARCH=native opts in to a binary
+# for the building CPU only. Other machines (aarch64) use the compiler's default.
+CPU_ARCH = os.environ.get("TRAINOPS_CPU_ARCH", "x86-64-v2" if platform.machine() in ("x86_64", "AMD64") else "")
 CXX_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off", "-fopenmp"] + ([f"-march={CPU_ARCH}"] if CPU_ARCH else [])
 
 
@@ -59,8 +68,7 @@ def _rel(paths):
 
 
 def cpu_extension():
-    sources = _rel([os.path.join(ROOT, "csrc", "trainops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
-                   + glob.glob(os.path.join(ROOT, "csrc", "autograd", "*.cpp")))
+    sources = _rel([os.path.join(ROOT, "csrc", "trainops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     return CppExtension(
         "trainops._C",
         sources,
@@ -124,9 +132,16 @@ def extensions():
 
 
 packages = find_packages(where="python") + ["trainops.kernels"]
+ext_modules = extensions()
+torch_range = build_support.torch_range(ext_modules)
+build_support.write_build_info(os.path.join(ROOT, "python", "trainops", "_build_info.py"), ext_modules, torch_range,
+                               CPU_ARCH)
 setup(
     packages=packages,
     package_dir={"": "python", "trainops.kernels": "kernels"},
-    ext_modules=extensions(),
+    ext_modules=ext_modules,
+    # The torch this binary loads into: the stable-ABI range, or the torch it was built with.
+    install_requires=[f"torch{torch_range.specifier}", "numpy"],
+    options=build_support.wheel_options(ext_modules),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
 )

@@ -50,8 +50,7 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 root, work = os.environ["ROOT"], os.environ["WORK"]
 arch = os.environ.get("TRAINOPS_CPU_ARCH", "native")
-sources = sorted([os.path.join(root, "csrc", "trainops.cpp")] + glob.glob(os.path.join(root, "csrc", "cpu", "*.cpp"))
-                 + glob.glob(os.path.join(root, "csrc", "autograd", "*.cpp")))
+sources = sorted([os.path.join(root, "csrc", "trainops.cpp")] + glob.glob(os.path.join(root, "csrc", "cpu", "*.cpp")))
 sanitize = ["-fsanitize=address,undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=all"]
 cxx = (["-O1", "-g", "-fno-omit-frame-pointer", "-std=c++20", "-ffp-contract=off", "-fopenmp"] + sanitize
        + ([f"-march={arch}"] if arch else []))

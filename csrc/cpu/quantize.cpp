@@ -124,9 +124,11 @@ void quantize_kernel(const scalar_t* x, float* error, int64_t n, int64_t block_s
         int64_t done = 0;  // elements already encoded and packed
 #if defined(TRAINOPS_QUANTIZE_FP4_AVX2)
         if constexpr ((F == Format::FP4_E3M0 || F == Format::FP4_E2M1) && !Stochastic) {
-          done = len & ~int64_t{15};
-          quant_avx2::encode_fp4_nearest(values, done, scale, F == Format::FP4_E3M0 ? quant::kE3M0Mids : quant::kE2M1Mids,
-                                         out);
+          if (cpu_isa::has_avx2_fma()) {  // the AVX2 encoder runs only where the CPU has it
+            done = len & ~int64_t{15};
+            quant_avx2::encode_fp4_nearest(values, done, scale, F == Format::FP4_E3M0 ? quant::kE3M0Mids : quant::kE2M1Mids,
+                                           out);
+          }
         }
 #endif
         for (int64_t i = done; i < len; ++i) codes[i] = encode_at<F, Stochastic>(values, i, start, scale, key);

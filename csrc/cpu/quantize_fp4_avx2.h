@@ -6,13 +6,18 @@
 // strided packing loop the compiler leaves mostly scalar.
 #pragma once
 
-#if defined(__AVX2__)
+#include "cpu_isa.h"
+
+// Compiled on every x86-64 build (target attribute); quantize.cpp calls it only on CPUs
+// with AVX2 (cpu_isa::has_avx2_fma).
+#if defined(TRAINOPS_X86_DISPATCH)
 #define TRAINOPS_QUANTIZE_FP4_AVX2 1
 
 #include <immintrin.h>
 
 #include <cstdint>
 
+TRAINOPS_TARGET_AVX2_FMA_BEGIN
 namespace trainops {
 namespace quant_avx2 {
 
@@ -58,5 +63,6 @@ inline void encode_fp4_nearest(const float* values, int64_t n16, float scale, co
 
 }  // namespace quant_avx2
 }  // namespace trainops
+TRAINOPS_TARGET_AVX2_FMA_END
 
-#endif  // __AVX2__
+#endif  // TRAINOPS_X86_DISPATCH

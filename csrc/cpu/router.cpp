@@ -80,8 +80,9 @@ Tensor as_contiguous(const Tensor& t, ScalarType dtype) {
 
 // The row kernels, as types whose members are constant function pointers (calls through
 // them are direct and inline). with_row_kernels(f) calls f with the AVX2 + FMA kernels
-// when the build has them, unless the environment sets TRAINOPS_ROUTER_PORTABLE=1 (read
-// at each call, so tests also run the portable kernels that other CPUs use).
+// when the running CPU has AVX2 + FMA, unless the environment sets
+// TRAINOPS_ROUTER_PORTABLE=1 (read at each call, so tests also run the portable kernels
+// that other CPUs use).
 struct PortableRows {
   static constexpr auto exp_row = portable::exp_row;
   static constexpr auto scores_row = portable::scores_row;
@@ -110,7 +111,7 @@ template <typename F>
 void with_row_kernels(F f) {
 #if defined(TRAINOPS_ROUTER_AVX2)
   const char* env = std::getenv("TRAINOPS_ROUTER_PORTABLE");
-  if (env == nullptr || std::strcmp(env, "1") != 0) return f(Avx2Rows{});
+  if (cpu_isa::has_avx2_fma() && (env == nullptr || std::strcmp(env, "1") != 0)) return f(Avx2Rows{});
 #endif
   f(PortableRows{});
 }

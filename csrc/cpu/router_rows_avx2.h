@@ -5,7 +5,11 @@
 // products) but are deterministic for a given build.
 #pragma once
 
-#if defined(__AVX2__) && defined(__FMA__)
+#include "cpu_isa.h"
+
+// Compiled on every x86-64 build (target attribute); router.cpp calls them only on CPUs
+// with AVX2 + FMA (cpu_isa::has_avx2_fma).
+#if defined(TRAINOPS_X86_DISPATCH)
 #define TRAINOPS_ROUTER_AVX2 1
 
 #include <immintrin.h>
@@ -17,6 +21,7 @@
 
 #include "router_rows.h"
 
+TRAINOPS_TARGET_AVX2_FMA_BEGIN
 namespace trainops {
 namespace {
 namespace avx2 {
@@ -419,5 +424,6 @@ inline void backward_rows2_softmax(const float* const* x, int64_t E, int64_t k, 
 }  // namespace avx2
 }  // namespace
 }  // namespace trainops
+TRAINOPS_TARGET_AVX2_FMA_END
 
-#endif  // __AVX2__ && __FMA__
+#endif  // TRAINOPS_X86_DISPATCH

@@ -4,11 +4,16 @@ Submodules: ``ops`` (functional ops over ``torch.ops.trainops``), ``reference`` 
 PyTorch specs), ``distributed`` (quantized all-reduce, DDP hook, DiLoCo), ``nn``,
 ``replay``, ``integrations``, ``runtime``.
 """
+import warnings
+
 from trainops.ops import _schemas  # noqa: F401  (every op schema, before _extension loads the C++ kernels)
 from trainops import _extension, formats, ops, reference  # noqa: F401
 from trainops import distributed, nn, replay  # noqa: F401  (public subpackages, importable as attributes)
 
 __version__ = "0.1.0"
+
+if _extension.TORCH_MISMATCH is not None:
+    warnings.warn(_extension.TORCH_MISMATCH, RuntimeWarning, stacklevel=2)
 
 
 def has_extension() -> bool:

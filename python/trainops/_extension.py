@@ -15,10 +15,17 @@ import torch
 
 from trainops.ops import _schemas  # before the extensions: they register kernels for these ops
 
+from trainops._build_info_check import torch_mismatch
+
 _errors: dict[str, BaseException] = {}
+# Set when the running torch is outside the range the binaries were built for.
+TORCH_MISMATCH = torch_mismatch()
 
 
 def _load(module: str) -> bool:
+    if TORCH_MISMATCH is not None:
+        _errors[module] = ImportError(TORCH_MISMATCH)
+        return False
     try:
         importlib.import_module(module)
         return True

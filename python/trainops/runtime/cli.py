@@ -189,6 +189,14 @@ def _run(cfg, under_torchrun: bool) -> dict:
     return results[0]
 
 
+def _missing_runtime_packages() -> list[str]:
+    """The packages of the `runtime` extra that are not installed (distribution names)."""
+    import importlib.util
+
+    needed = {"yaml": "pyyaml", "tqdm": "tqdm", "matplotlib": "matplotlib", "safetensors": "safetensors"}
+    return [dist for module, dist in needed.items() if importlib.util.find_spec(module) is None]
+
+
 def main(argv=None) -> int:
     """``trainops <command> ...``: a bare ``trainops`` (or ``--help``) prints the commands."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -211,6 +219,10 @@ def train_main(argv=None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(_help())
         return 0
+    missing = _missing_runtime_packages()
+    if missing:
+        print(f"trainops train: needs {', '.join(missing)}: pip install 'trainops[runtime]'", file=sys.stderr)
+        return 2
     from trainops.runtime.config import ConfigError, load_config
     try:
         cfg = load_config(argv)
