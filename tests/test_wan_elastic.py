@@ -124,6 +124,23 @@ def test_cleanup_removes_leftovers_of_a_killed_harness():
         cleanup()
 
 
+@needs_netns
+def test_sigterm_removes_the_hosts():
+    script = ("import sys, time; sys.path.insert(0, sys.argv[1]); from benchmarks.wan.hosts import Hosts\n"
+              "with Hosts(2, rate='10mbit') as h:\n"
+              "    h.popen(1, ['sleep', '60']); print('up', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", script, ROOT], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        assert len(leftovers()[0]) == 2
+        proc.terminate()
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        assert leftovers() == ([], [])
+    finally:
+        proc.kill()
+        cleanup()
+
+
 # -- elastic restart over the emulated links --------------------------------------------------
 
 def _worker_pid(agent_pid: int) -> int | None:
