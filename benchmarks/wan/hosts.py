@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-__all__ = ["Hosts", "cleanup", "leftovers", "netns_permitted", "HostsError"]
+__all__ = ["Hosts", "cleanup", "leftovers", "netns_permitted", "HostsError", "descendants", "cmdline"]
 
 PREFIX = "trainops-"
 BRIDGE = PREFIX + "br"
