@@ -21,8 +21,9 @@ if [ "${TRAINOPS_CI_KEEP_VENV:-0}" != 1 ] || [ ! -x "$PY" ]; then
   nice -n 10 "$PY" -m pip install -q "torch==2.14.1" numpy pytest hypothesis
   echo "ci_torch214: torch 2.14.1 + test deps installed in $(( $(date +%s) - t ))s" >&2
 fi
-# --no-deps: keep this torch whatever range the wheel declares (pip would swap it).
-"$PY" -m pip install -q --no-deps "$WHEEL"
+# --no-deps: keep this torch whatever range the wheel declares (pip would swap it);
+# --force-reinstall: a kept venv may hold an earlier build of the same version.
+"$PY" -m pip install -q --no-deps --force-reinstall "$WHEEL"
 status=0
 if "$PY" -c "
 import sys, torch
