@@ -34,6 +34,16 @@ sys.exit(0 if b.TORCH_MINIMUM <= v < b.TORCH_BOUND else 1)"; then
   # Run from outside the checkout's python/ so the installed package is tested.
   "$PY" -m pytest -x -q -p no:cacheprovider tests/test_extension_loading.py tests/test_quantize.py \
     tests/test_router_op.py tests/test_replay_ops.py tests/test_mora_ops.py || status=$?
+  # TorchRL 0.14.1's compiled parts need torch 2.14: here FusedPrioritizedSampler is compared
+  # with TorchRL's own PrioritizedSampler (distribution, importance weights); none may skip.
+  if [ "$status" = 0 ]; then
+    "$PY" -m pip install -q "torchrl==0.14.1" safetensors
+    log=$(mktemp)
+    "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_replay_torchrl_stock.py tests/test_replay_torchrl.py \
+      | tee "$log" || status=$?
+    if grep -q "SKIPPED" "$log"; then echo "ci_torch214: TorchRL comparison skipped" >&2; status=1; fi
+    rm -f "$log"
+  fi
 else
   echo "ci_torch214: the wheel does not declare torch 2.14 (not a stable-ABI build): checking its mismatch message" >&2
   "$PY" - <<'PY' || status=$?
