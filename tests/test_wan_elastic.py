@@ -21,7 +21,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.wan.hosts import Hosts, cleanup, cmdline, descendants, leftovers, netns_permitted  # noqa: E402
+from benchmarks.wan.hosts import Hosts, cleanup, cmdline, descendants, leftovers, namespace, netns_permitted  # noqa: E402
 from test_runtime_e2e import TINY, _argv  # noqa: E402
 from test_runtime_resume_exact import _comparable, _differences, _final, _rows  # noqa: E402
 from trainops.runtime import elastic  # noqa: E402
@@ -118,7 +118,7 @@ def test_cleanup_removes_leftovers_of_a_killed_harness():
         assert len(leftovers()[0]) == 2
         done = subprocess.run([sys.executable, "-m", "benchmarks.wan.run", "--cleanup"], cwd=ROOT,
                               capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0 and "trainops-h0" in done.stdout, done.stdout + done.stderr
+        assert done.returncode == 0 and namespace(0) in done.stdout, done.stdout + done.stderr
         assert leftovers() == ([], [])
     finally:
         proc.kill()

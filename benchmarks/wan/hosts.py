@@ -9,7 +9,9 @@ two limited links, the sender's upload and the receiver's download, as on real m
 their own uplinks.
 
 Needs root (CAP_NET_ADMIN) and ``ip``/``tc`` (iproute2). Everything is named with the
-``trainops-`` prefix so :func:`cleanup` can remove leftovers of a killed harness.
+``trainops-`` prefix so :func:`cleanup` can remove leftovers of a killed harness;
+``TRAINOPS_NETNS_PREFIX`` (at most 6 characters, as Linux caps interface names at 15) sets
+another, so two harnesses on one machine never touch each other's namespaces.
 
     with Hosts(2, rate="100mbit") as hosts:
         procs = hosts.launch_torchrun(["--exchange", "fp4_e3m0", "--out-dir", out], max_restarts=1)
@@ -24,7 +26,9 @@ import time
 
 __all__ = ["Hosts", "cleanup", "leftovers", "netns_permitted", "HostsError", "descendants", "cmdline"]
 
-PREFIX = "trainops-"
+PREFIX = os.environ.get("TRAINOPS_NETNS_PREFIX", "trainops-")
+if PREFIX != "trainops-" and (len(PREFIX) > 6 or not PREFIX.replace("-", "").isalnum()):
+    raise ValueError(f"TRAINOPS_NETNS_PREFIX={PREFIX!r}: at most 6 letters, digits or '-'")
 BRIDGE = PREFIX + "br"
 SUBNET = "10.77.0"
 
