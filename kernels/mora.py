@@ -16,14 +16,14 @@ p and the gated projection Z = p ⊙ w (fp32).
 Kernels:
   _shrink_gate_kernel   p, ρ, signed top-k, softmax, eval pruning in one pass → Z, p, idx, ρ
   _expand_kernel        delta = (Z Bᵀ) · scaling
-  _gate_bwd_kernel      dZ = scaling · dY B, then the gate backward (REFERENCE.md):
+  _gate_bwd_kernel      dZ = scaling · dY B, then the gate backward (the softmax-over-top-k Jacobian):
                           h = dZ ⊙ p ⊙ m;  du_K = g_K (h_K − Σ g h);  dn = du / τ
                           dp = dZ ⊙ w + ρ (dn − s (s·dn))        (dense over all R)
   _dx_kernel            dx̃ = dp A, times the dropout mask
   _tn_kernel            Σ_t L[t, i] R[t, j]: dA_t = dp_tᵀ x̃ and dB_t = scaling · dYᵀ Z_t
 
 Dropout is a counter-based hash of the element index (the stream of
-``trainops.reference.quantize.uniform01``), so the backward regenerates the mask from
+``trainops._counter_rng.hash_uniform01``), so the backward regenerates the mask from
 the seed instead of saving it. Accumulation is fp32 throughout.
 """
 from __future__ import annotations
@@ -34,8 +34,6 @@ import triton.language as tl
 
 from trainops.formats import seed_key
 from trainops.kernels.quantize import _uniform01
-
-EPS = 1e-12  # as torch.nn.functional.normalize: s = p / max(‖p‖, ε)
 
 
 def block_r(num_ranks: int) -> int:
@@ -114,7 +112,7 @@ def _shrink_gate_kernel(x_ptr, af_ptr, at_ptr, z_ptr, p_ptr, idx_ptr, rho_ptr,
         acc += _dot(xt, tl.trans(a), x_ptr, LOWP)
     p = acc
     norm = tl.sqrt(tl.sum(p * p, axis=1))
-    rho = 1.0 / tl.maximum(norm, 1e-12)
+    rho = 1.0 / tl.maximum(norm, 1e-12)  # ε = 1e-12 as torch.nn.functional.normalize
     valid = r < R
     if SELECT_ALL:
         sel = valid[None, :] & tmask[:, None]

@@ -22,7 +22,7 @@ from trainops._validation import CheckedFloat, check_finite_float, check_int
 from trainops.nn._state import CheckedLoad, nonnegative
 from trainops.nn.global_counts import (SNAPSHOTS, accumulate_global, all_reduce_counts, count_buffer, group_name,
                                       in_backward)
-from trainops.reference.router import probability, router_scores
+from trainops._router_scores import probability, router_scores
 
 __all__ = ["LoadBalancingLoss", "GlobalCountSync", "reset_load_balancing", "register_reset_hook", "SCOPES"]
 

@@ -29,7 +29,7 @@ import torch
 
 from trainops._triton import HAS_TRITON
 from trainops._validation import resolve_seed
-from trainops.reference.mora import dropout_mask
+from trainops._counter_rng import dropout_keep_mask
 
 __all__ = ["mora", "mora_routing", "num_selected"]
 
@@ -49,7 +49,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def _dropped(x, training, dropout_p, seed, ct):
     xt = x.to(ct)
     if training and dropout_p > 0.0:
-        keep = dropout_mask(xt.shape, seed, dropout_p, xt.device)
+        keep = dropout_keep_mask(xt.shape, seed, dropout_p, xt.device)
         xt = torch.where(keep, xt * (1.0 / (1.0 - dropout_p)), torch.zeros_like(xt))
     return xt
 
@@ -110,7 +110,7 @@ def _bwd_aten(dy, x, A_f, B_f, A, B, p, idx, rho, top_k, temperature, threshold,
     if need_dx:
         dxt = _two_source_mm(dp, F, A_f.to(ct), A.to(ct))
         if training and dropout_p > 0.0:
-            keep = dropout_mask(dxt.shape, seed, dropout_p, dxt.device)
+            keep = dropout_keep_mask(dxt.shape, seed, dropout_p, dxt.device)
             dxt = torch.where(keep, dxt * (1.0 / (1.0 - dropout_p)), torch.zeros_like(dxt))
         dx = dxt.to(x.dtype)
     if need_dA:

@@ -9,18 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from trainops.reference.quantize import uniform01
+from trainops._counter_rng import dropout_keep_mask
 
 EPS = 1e-12
-
-
-def dropout_mask(shape, seed: int, p: float, device="cpu") -> torch.Tensor:
-    """Keep-mask of the counter-based dropout: element i (row-major) kept iff u_i ≥ p."""
-    n = 1
-    for s in shape:
-        n *= s
-    index = torch.arange(n, dtype=torch.int64, device=device)
-    return (uniform01(index, seed) >= p).view(shape)
 
 
 def mora(x, A, B, *, top_k=8, temperature=0.03, threshold=0.2, training=True, scaling=1.0,
@@ -38,7 +29,7 @@ def mora(x, A, B, *, top_k=8, temperature=0.03, threshold=0.2, training=True, sc
     shape = x.shape
     xt = x.reshape(-1, shape[-1]).to(ct)
     if training and dropout_p > 0.0:
-        keep = dropout_mask(xt.shape, seed, dropout_p, xt.device)
+        keep = dropout_keep_mask(xt.shape, seed, dropout_p, xt.device)
         xt = torch.where(keep, xt * (1.0 / (1.0 - dropout_p)), torch.zeros_like(xt))
     R = A.shape[0]
     k = min(max(top_k, 2), R)
@@ -52,16 +43,3 @@ def mora(x, A, B, *, top_k=8, temperature=0.03, threshold=0.2, training=True, sc
     experts = p.unsqueeze(-1) * B.t().unsqueeze(0)              # [T, R, N]: each rank-1 expert's output
     delta = (w.unsqueeze(-1) * experts).sum(dim=1) * scaling
     return delta.to(out_dtype).reshape(*shape[:-1], B.shape[0])
-
-
-def mora_gates(x, A, *, top_k=8, temperature=0.03, threshold=0.2, training=True, frozen_A=None):
-    """The gate w [T, R] (zero off the top-k), for inspecting routing."""
-    if frozen_A is not None and frozen_A.shape[0] > 0:
-        A = torch.cat([frozen_A, A], dim=0)
-    xt = x.reshape(-1, x.shape[-1]).float()
-    p = xt @ A.float().t()
-    s = torch.nn.functional.normalize(p, dim=-1, eps=EPS)
-    k = min(max(top_k, 2), A.shape[0])
-    vals, idx = torch.topk(s, k, dim=-1)
-    w = torch.softmax(torch.full_like(s, float("-inf")).scatter(-1, idx, vals) / temperature, dim=-1)
-    return w if training else w * (s >= threshold)

@@ -7,28 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from trainops.formats import get_format, num_blocks, seed_key
+from trainops._counter_rng import hash_uniform01
+from trainops.formats import get_format, num_blocks
 
 _FLT_MAX = torch.finfo(torch.float32).max
-_MASK32 = 0xFFFFFFFF
-
-
-def _lowbias32(x: torch.Tensor) -> torch.Tensor:
-    # int64 arithmetic keeps the low 32 bits of every product exact.
-    x = x & _MASK32
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _MASK32
-    return x ^ (x >> 16)
-
-
-def uniform01(index: torch.Tensor, seed: int) -> torch.Tensor:
-    """u_i in [0, 1): the top 24 bits of lowbias32((i mod 2^32) xor key(seed))."""
-    h = _lowbias32((index & _MASK32) ^ seed_key(seed))
-    return (h >> 8).to(torch.float32) * (1.0 / 16777216.0)
-
-
 def _pow2(e: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(e, dtype=torch.float32), e)
 
@@ -136,7 +118,7 @@ def quantize(x, fmt="fp4_e3m0", block_size=128, stochastic=False, seed=0, error=
     y = torch.minimum(a / safe[:, None], torch.tensor(f.max_code))
     u = None
     if stochastic:
-        u = uniform01(torch.arange(v.numel()).view_as(v), seed)
+        u = hash_uniform01(torch.arange(v.numel()).view_as(v), seed)
     mag = _magnitude_codes(f, y, u)
     if f.name in ("int8", "int4"):
         codes = torch.where(v < 0, -mag, mag) & (0xFF if f.bits == 8 else 0xF)

@@ -17,22 +17,9 @@ from __future__ import annotations
 
 import torch
 
+from trainops._router_scores import probability, router_scores
+
 __all__ = ["router_scores", "router_topk", "lbl_from_stats", "load_balancing_loss", "sequence_load_balancing_loss"]
-
-
-def router_scores(logits: torch.Tensor, score: str = "softmax") -> torch.Tensor:
-    """fp32 score of every expert: softmax over experts, or elementwise sigmoid."""
-    x = logits.float()
-    if score == "softmax":
-        return torch.softmax(x, dim=-1)
-    if score == "sigmoid":
-        return torch.sigmoid(x)
-    raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
-
-
-def probability(scores: torch.Tensor, score: str) -> torch.Tensor:
-    """The distribution P_i averages: softmax as is; sigmoid normalized per token (DeepSeek-V3)."""
-    return scores if score == "softmax" else scores / scores.sum(-1, keepdim=True)
 
 
 def router_topk(logits: torch.Tensor, k: int, *, score: str = "softmax", renormalize: bool = True,
