@@ -20,5 +20,5 @@ PYTHON="$VENV/bin/python" ./scripts/install.sh  # the users' install, keeping th
 "$VENV/bin/python" -m pytest -q tests
 RECORD=$(mktemp)
 TRAINOPS_AOT_RECORD=$RECORD PYTHONPATH=scripts/triton_aot "$VENV/bin/python" -m pytest -q -p record_launches \
-  tests/test_quantize_triton.py tests/test_router_triton.py tests/test_mora_ops.py
+  tests/test_quantize_triton.py tests/test_router_triton.py tests/test_mora.py tests/test_mora_triton.py
 "$VENV/bin/python" scripts/triton_aot/compile_launches.py "$RECORD" 80 90

@@ -35,9 +35,9 @@ tests=(
   tests/test_quantize.py::test_shapes_non_contiguous_and_partial_blocks
   tests/test_quantize.py::test_error_feedback_matches_reference
   tests/test_quantize.py::test_dequantize_accumulate_matches_reference
-  tests/test_router_op.py
+  tests/test_router.py
   tests/test_replay_ops.py
-  tests/test_mora_ops.py
+  tests/test_mora.py
 )
 echo "ci_qemu_haswell: trainops from $origin under qemu-x86_64 -cpu $QEMU_CPU" >&2
 status=0
