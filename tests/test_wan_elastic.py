@@ -2,7 +2,7 @@
 
 Two network namespaces joined by 100mbit token-bucket links (benchmarks.wan.hosts) run
 one torchrun agent each with a c10d rendezvous on host 0. One worker is SIGKILLed after the
-first checkpoint; under ``--max-restarts 2`` every worker restarts, resumes from the last
+first checkpoint; under ``--max-restarts 1`` every worker restarts, resumes from the last
 complete checkpoint and the job ends with a final checkpoint and metrics equal to an
 uninterrupted run's, bit for bit (the runtime's resume is exact from every step); a worker
 lost before any checkpoint makes the restarted job start over, with the same result. The
@@ -65,6 +65,93 @@ def test_restart_refuses_a_damaged_checkpoint(tmp_path, monkeypatch):
     (tmp_path / "checkpoint" / "latest.json").write_text("{not json")
     with pytest.raises(ConfigError, match="torchrun restart 2: cannot resume"):
         elastic.restart_config(_cfg(tmp_path), 2)
+
+
+# -- joining torchrun's shared store after a restart ------------------------------------------
+
+def test_generation_handshake_ignores_a_previous_starts_keys():
+    """The keys a finished start left behind (hello, welcome and ready of rank 1) must neither
+    let rank 0 go ahead without the live rank 1 nor hand rank 1 the old generation."""
+    import threading
+
+    import torch.distributed as dist
+
+    from trainops.distributed.agent_store import agree_generation
+
+    store = dist.HashStore()
+    keys = "trainops/join"
+    store.set(f"{keys}/hello/1", "old")
+    store.set(f"{keys}/welcome/1", "old gen0")
+    store.set(f"{keys}/ready/1", "old gen0")
+    got = {}
+
+    def join(rank):
+        got[rank] = agree_generation(store, rank, 2, timeout_s=30)
+
+    first = threading.Thread(target=join, args=(0,))
+    first.start()
+    first.join(0.3)
+    assert first.is_alive()  # rank 0 waits for the live rank 1, the stale ready/1 does not count
+    second = threading.Thread(target=join, args=(1,))
+    second.start()
+    first.join(30)
+    second.join(30)
+    assert got[0] == got[1] != "gen0" and len(got[0]) == 32
+
+
+def test_generation_handshake_times_out_naming_the_missing_rank():
+    import torch.distributed as dist
+
+    from trainops.distributed.agent_store import agree_generation
+
+    with pytest.raises(TimeoutError, match=r"ranks \[1, 2\] did not join"):
+        agree_generation(dist.HashStore(), 0, 3, timeout_s=0.2)
+    with pytest.raises(TimeoutError, match="rank 2: rank 0 did not answer"):
+        agree_generation(dist.HashStore(), 2, 3, timeout_s=0.2)
+
+
+_JOIN = """
+import os, signal, sys, torch, torch.distributed as dist
+from trainops.runtime.elastic import agreed_restart_count
+print("joining", flush=True)
+restarts = agreed_restart_count(float(sys.argv[1]))  # joins the process group
+t = torch.ones(1)
+dist.all_reduce(t)
+print("sum", t.item(), "restarts", restarts, flush=True)
+if sys.argv[2] == "die":  # as torchrun's workers end before a restart: nothing cleaned up
+    os.kill(os.getpid(), signal.SIGKILL)
+dist.destroy_process_group()
+"""
+
+
+def test_workers_restarted_on_torchruns_shared_store_connect():
+    """Workers of a second start on the same agent store (as after a torchrun restart) join
+    when rank 0 arrives well before rank 1: without a fresh key space rank 0 reads the
+    killed rank 1's address and gloo's connectFullMesh fails. They know they restart
+    although no agent counted a restart (TORCHELASTIC_RESTART_COUNT unset)."""
+    import torch.distributed as dist
+
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, multi_tenant=True, wait_for_workers=False)
+    env = {**os.environ, "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(server.port), "TORCHELASTIC_USE_AGENT_STORE": "True", "GLOO_SOCKET_IFNAME": "lo",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "python"),
+                                                                    os.environ.get("PYTHONPATH", "")])}
+
+    def start(rank, end="exit"):
+        return subprocess.Popen([sys.executable, "-c", _JOIN, "20", end], env={**env, "RANK": str(rank)},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def finish(procs, restarts, returncode=0):
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+        for p, out in zip(procs, outs):
+            assert p.returncode == returncode and f"sum 2.0 restarts {restarts}" in out, out[-3000:]
+
+    # the first start is killed and leaves its keys in the store
+    finish([start(0, "die"), start(1, "die")], restarts=0, returncode=-signal.SIGKILL)
+    early = start(0)
+    assert early.stdout.readline().strip() == "joining"
+    time.sleep(1.0)  # rank 0 is in init_process_group before rank 1 has even started
+    finish([early, start(1)], restarts=1)
 
 
 # -- the harness ------------------------------------------------------------------------------
@@ -163,15 +250,6 @@ def _wait(what, timeout=180.0, procs=()):
     raise AssertionError("timed out")
 
 
-# Not yet reliable: in about half the runs here torchrun restarts the healthy host as a
-# membership change (its TORCHELASTIC_RESTART_COUNT stays 0 while the failed host's is 1)
-# and every later gloo connectFullMesh of the restarted workers is refused by the address
-# rank 0 advertised, until the restarts run out. Still run (xpass when the restart works,
-# and then exactness is asserted); to be fixed in the launch, not hidden.
-restart_race = pytest.mark.xfail(strict=False, reason="torchrun restart: gloo connect refused after a "
-                                 "membership-change restart (diverging restart counts); see comment")
-
-
 def _metrics_row(out):
     path = os.path.join(out, "metrics.jsonl")
     return os.path.exists(path) and os.path.getsize(path) > 0
@@ -183,9 +261,9 @@ def _run_job(hosts, out, port, kill_rank_host=None, run=RUN, kill_when="checkpoi
     args = _argv({**run, "out_dir": out})
     # files, not pipes: a pipe nobody reads while waiting on the other host fills and blocks its writer
     logs = [open(f"{out}.host{i}.log", "w+") for i in range(hosts.n)]
-    # 2, not 1: once in about six runs here the first restart's gloo connect was refused
-    # (rank 0's advertised address not listening yet), and that second failure needs a restart too
-    procs = hosts.launch_torchrun(args, port=port, max_restarts=2, stdout_per_host=logs, stderr=subprocess.STDOUT)
+    # one restart must do: the workers of a restart join under keys of their own in the agent's
+    # store (trainops.distributed.agent_store), never the dead workers' addresses
+    procs = hosts.launch_torchrun(args, port=port, max_restarts=1, stdout_per_host=logs, stderr=subprocess.STDOUT)
     killed_at = None
     if kill_rank_host is not None:
         pointer = os.path.join(out, "checkpoint", "latest.json")
@@ -220,7 +298,6 @@ def _run_job(hosts, out, port, kill_rank_host=None, run=RUN, kill_when="checkpoi
 
 
 @needs_netns
-@restart_race
 def test_killed_worker_restarts_and_ends_like_an_uninterrupted_run(tmp_path):
     with Hosts(2, rate="100mbit") as hosts:
         straight = str(tmp_path / "straight")
@@ -240,7 +317,6 @@ def test_killed_worker_restarts_and_ends_like_an_uninterrupted_run(tmp_path):
 
 
 @needs_netns
-@restart_race
 def test_worker_lost_before_any_checkpoint_restarts_from_scratch(tmp_path):
     run = {**RUN, "checkpoint_every": 0}  # only the final checkpoint
     with Hosts(2, rate="100mbit") as hosts:

@@ -250,10 +250,21 @@ def spawn(fn, world_size: int, *args, backend: str | None = None, timeout_s: flo
 
 
 def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> tuple[int, int]:
-    """init_process_group from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT)."""
+    """init_process_group from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT).
+
+    In torchrun's shared store the process group's keys go under a prefix of this start of
+    the workers only, so a restart never reads its predecessors' (:mod:`.agent_store`)."""
+    from trainops.distributed.agent_store import fresh_agent_store, uses_agent_store
+
     backend = backend or default_backend()
     if not dist.is_initialized():
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if uses_agent_store():
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            dist.init_process_group(backend, store=fresh_agent_store(rank, world, timeout_s), rank=rank,
+                                    world_size=world, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()

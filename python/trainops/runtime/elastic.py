@@ -36,14 +36,17 @@ def agreed_restart_count(timeout_s: float) -> int:
     Each torchrun agent counts its own restarts, and only failures count: when a worker on
     another host dies, this host's agent may restart its healthy worker as a membership
     change with ``TORCHELASTIC_RESTART_COUNT`` still 0. Any worker above 0 means this
-    round is a restart of the job."""
+    round is a restart of the job; so does rank 0 finding an earlier start in the agent's
+    store (:func:`trainops.distributed.agent_store.earlier_start_seen`), which also covers
+    a restart that no agent counted, e.g. all hosts restarting for a replacement host."""
     import torch
     import torch.distributed as dist
 
     from trainops.distributed import init_from_env
+    from trainops.distributed.agent_store import earlier_start_seen
 
     init_from_env(timeout_s=timeout_s)
-    n = torch.tensor([restart_count()], dtype=torch.int64)
+    n = torch.tensor([max(restart_count(), int(earlier_start_seen()))], dtype=torch.int64)
     dist.all_reduce(n, op=dist.ReduceOp.MAX)
     return int(n.item())
 
