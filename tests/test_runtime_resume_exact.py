@@ -33,6 +33,8 @@ from trainops.distributed import spawn
 from trainops.runtime.checkpoint import load_checkpoint
 from trainops.runtime.config import config_from_dict
 
+# measured seconds (rows and run state) differ between any two runs
+TIMES = ("tokens_per_s", "phase_seconds", "wall_s", "comm_s", "flag_s")
 STEPS = TINY["pretrain_steps"] + 2 * TINY["task_steps"]  # 12
 CASES = {
     "diloco": {**TINY, "fragments": 1, "sync_every": 2},
@@ -83,7 +85,7 @@ def _final(out_dir, rank):
 
 def _rows(out_dir):
     with open(os.path.join(out_dir, "metrics.jsonl")) as fh:
-        return [{k: v for k, v in json.loads(ln).items() if k != "tokens_per_s"} for ln in fh]
+        return [{k: v for k, v in json.loads(ln).items() if k not in TIMES} for ln in fh]
 
 
 def _bits(t):
@@ -112,7 +114,7 @@ def _comparable(ckpt):
     (out_dir, resume, stop_after) and wall-clock times."""
     ckpt = dict(ckpt)
     ckpt["config"] = {k: v for k, v in ckpt["config"].items() if k not in ("out_dir", "resume", "stop_after")}
-    ckpt["state"] = {k: v for k, v in ckpt["state"].items() if k != "phase_seconds"}
+    ckpt["state"] = {k: v for k, v in ckpt["state"].items() if k not in TIMES}
     return ckpt
 
 

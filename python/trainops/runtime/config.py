@@ -19,6 +19,7 @@ DOMAIN_NAMES = ("arith", "reverse", "sort", "grammar")
 LBL_SCOPES = ("micro_batch", "sequence", "global")
 REPLAY_MODES = ("off", "power_law", "reservoir")
 ADAPTERS = ("mora", "lora", "none")
+SYNC_MODES = ("diloco", "ddp")
 
 
 class ConfigError(ValueError):
@@ -31,7 +32,7 @@ class ConfigError(ValueError):
 MAX_SIZES = {"workers": 256, "threads": 256, "seq_len": 4096, "batch_size": 8192, "eval_size": 65536,
              "d_model": 8192, "n_layers": 128, "n_heads": 256, "num_experts": 1024, "top_k": 1024,
              "ffn_size": 65536, "grad_accum": 4096, "adapter_rank": 1024, "mora_top_k": 65536,
-             "replay_capacity": 1_000_000, "sync_every": 1_000_000, "fragments": 1024, "block_size": 65536,
+             "replay_capacity": 1_000_000, "sync_every": 1_000_000, "overlap_steps": 1_000_000, "fragments": 1024, "block_size": 65536,
              "pretrain_steps": 10**9, "task_steps": 10**9, "checkpoint_every": 10**9, "stop_after": 10**12, "log_every": 10**9,
              "min_numel": 2**40}
 # Tokens (rows x seq_len) of one micro-batch, of the held-out set of one domain and of the
@@ -90,9 +91,15 @@ class TrainConfig:
     replay_ratio: float = _f(0.25, "fraction of each task batch drawn from the replay buffer")
     replay_capacity: int = _f(2048, "replay buffer rows per worker")
     # --- distributed -------------------------------------------------------------------
+    sync: str = _f("diloco", "how workers are kept in agreement: diloco (the DiLoCo / Streaming DiLoCo keys below) | "
+                             "ddp (DistributedDataParallel: gradients averaged every optimizer step, see --ddp-hook)")
+    ddp_hook: str = _f("fp32", "with --sync ddp: gradient all-reduce format, fp32 (plain all-reduce) or a "
+                               "trainops.formats name (int8, fp4_e3m0, ...) through trainops' quantized_comm_hook")
     exchange: str = _f("fp4_e3m0", "DiLoCo pseudo-gradient format: fp32 or a trainops.formats name (fp4_e3m0, ...)")
     sync_every: int = _f(10, "DiLoCo H: inner steps between syncs of a fragment")
     fragments: int = _f(1, "Streaming DiLoCo fragments")
+    overlap_steps: int = _f(0, "Streaming DiLoCo tau: inner steps a fragment's exchange runs in the background "
+                               "before its outer step is applied (0: wait for it; must be < sync_every)")
     outer_lr: float = _f(1.0, "DiLoCo outer SGD learning rate")
     outer_momentum: float = _f(0.5, "DiLoCo outer Nesterov momentum (0: plain SGD; the paper's 0.9 is tuned for H in the hundreds and slows this short-H run down)")
     error_feedback: bool = _f(True, "carry each fragment's quantization residual to the next sync")
@@ -141,10 +148,22 @@ class TrainConfig:
         need(self.adapter in ADAPTERS, "adapter", f"must be one of {', '.join(ADAPTERS)}")
         need(0.0 <= self.replay_ratio < 1.0, "replay_ratio", "must be in [0, 1)")
         need(0.0 <= self.outer_momentum < 1.0, "outer_momentum", "must be in [0, 1)")
-        need(self.sync_every % self.fragments == 0, "sync_every", f"must be divisible by fragments={self.fragments}")
-        need(self.task_steps % self.sync_every == 0 and self.pretrain_steps % self.sync_every == 0, "sync_every",
-             f"must divide pretrain_steps={self.pretrain_steps} and task_steps={self.task_steps} "
-             "(every phase ends on a sync)")
+        need(self.sync in SYNC_MODES, "sync", f"must be one of {', '.join(SYNC_MODES)}")
+        need(self.overlap_steps >= 0, "overlap_steps", "must be >= 0")
+        if self.sync == "diloco":  # the DiLoCo schedule; DDP syncs every step
+            need(self.sync_every % self.fragments == 0, "sync_every",
+                 f"must be divisible by fragments={self.fragments}")
+            need(self.task_steps % self.sync_every == 0 and self.pretrain_steps % self.sync_every == 0, "sync_every",
+                 f"must divide pretrain_steps={self.pretrain_steps} and task_steps={self.task_steps} "
+                 "(every phase ends on a sync)")
+            need(self.overlap_steps < self.sync_every, "overlap_steps", f"must be < sync_every={self.sync_every}")
+        if self.ddp_hook != "fp32":
+            from trainops.formats import check_block_size, get_format
+            try:
+                get_format(self.ddp_hook)
+                check_block_size(self.block_size)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"ddp_hook={self.ddp_hook!r} / block_size={self.block_size}: {e}") from None
         if self.exchange != "fp32":
             from trainops.formats import check_block_size, get_format
             try:

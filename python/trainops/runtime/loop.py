@@ -3,8 +3,9 @@
 Phases: ``pretrain`` (mixture of every domain, each micro-batch one domain, ``grad_accum``
 micro-batches per step) then one phase per task (its domain only, plus rehearsal rows
 from the :class:`~trainops.replay.ReplayBuffer` when ``replay`` is on). The workers
-are synchronized by Streaming DiLoCo in the ``exchange`` format; a new
-:class:`~trainops.distributed.DiLoCo` starts each phase because the trainable parameters
+are synchronized by Streaming DiLoCo in the ``exchange`` format (``sync: diloco``) or by
+DistributedDataParallel with the ``ddp_hook`` format (``sync: ddp``); a new synchronizer
+(:mod:`trainops.runtime.sync`) starts each phase because the trainable parameters
 change (adapters added). Each phase ends with a sync of every fragment, so all workers
 hold the same weights (recorded as a digest per phase). After each phase rank 0
 evaluates every domain (the accuracy matrix: greedy-decoding exact match, and
@@ -13,6 +14,7 @@ teacher-forced accuracy per answer byte) and the expert-by-domain routing counts
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,7 +26,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from trainops.distributed import DiLoCo
 from trainops.distributed.stats import CommStats, ring_all_reduce_bytes
 from trainops.nn import domain_expert_counts, reset_load_balancing, specialization_score
 from trainops.replay import ReplayBuffer
@@ -33,6 +34,7 @@ from trainops.runtime.config import ConfigError, TrainConfig, config_from_dict
 from trainops.runtime.domains import VOCAB, generator, make_domains
 from trainops.runtime.model import MoETransformer, apply_adapter, lbl_disabled, next_task_adapter
 from trainops.runtime.monitor import RunMonitor
+from trainops.runtime.sync import make_sync
 
 __all__ = ["run_worker"]
 
@@ -233,14 +235,29 @@ def run_worker(rank: int, world: int, cfg_dict: dict) -> dict:
     def barrier():
         dist.barrier()
 
-    def checkpoint(phase_idx, step, opt, diloco, final=False):
+    def checkpoint(phase_idx, step, opt, sync, final=False):
         torch_state = {
             "config": cfg.to_dict(), "world_size": world, "phase": phase_idx, "step": step,
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "diloco": diloco.state_dict(),
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "diloco": sync.state_dict(),
             "replay": None if buffer is None else buffer.state_dict(), "rng": torch.get_rng_state(),
             "state": state, "comm": stats.as_dict()}
         save_checkpoint(ckpt_root, state["global_step"], rank, torch_state, barrier, final)
 
+    # Time stamps of the rows, cumulative over resumed runs: wall_s since the start of
+    # training; comm_s blocked in the exchange (see trainops.runtime.sync); flag_s blocked
+    # in the per-step agreement on stopping. Compute utilization = 1 - (comm_s + flag_s) / wall_s.
+    for key in ("wall_s", "comm_s", "flag_s"):
+        state.setdefault(key, 0.0)
+    clock_base, clock_start = state["wall_s"], time.perf_counter()
+    sync = None
+
+    def clock():
+        state["wall_s"] = clock_base + time.perf_counter() - clock_start
+        if sync is not None:
+            state["comm_s"] += sync.comm_s
+            sync.comm_s = 0.0
+
+    hook_group = None
     interrupted = False
     for phase_idx in range(start_phase, len(phases)):
         name, steps, task = phases[phase_idx]
@@ -257,16 +274,16 @@ def run_worker(rank: int, world: int, cfg_dict: dict) -> dict:
             "mora_ranks": [m.num_ranks for m in model.modules() if type(m).__name__ == "MoRALinear"][:1]}
         opt = torch.optim.AdamW(params, lr=cfg.lr if task is None else cfg.task_lr, weight_decay=0.0)
         # On resume the model holds this worker's own checkpointed weights, which differ
-        # between the workers when the checkpoint lies between two syncs: no broadcast.
-        diloco = DiLoCo(model, opt, sync_every=cfg.sync_every, num_fragments=cfg.fragments,
-                        outer_lr=cfg.outer_lr, outer_momentum=cfg.outer_momentum, nesterov=cfg.outer_momentum > 0,
-                        fmt=None if cfg.exchange == "fp32" else cfg.exchange, block_size=cfg.block_size,
-                        error_feedback=cfg.error_feedback, min_numel=cfg.min_numel, stats=stats,
-                        broadcast_init=not resuming_here)
+        # between the DiLoCo workers when the checkpoint lies between two syncs: no
+        # broadcast. (DDP broadcasts rank 0's; under DDP the workers agree at every step.)
+        if cfg.sync == "ddp" and cfg.ddp_hook != "fp32" and hook_group is None:
+            hook_group = dist.new_group()  # the quantized hook's background reductions, for every phase
+        sync = make_sync(model, opt, cfg, stats, broadcast_init=not resuming_here, comm_group=hook_group)
+        forward = sync.ddp if cfg.sync == "ddp" else model
         first = 1
         if resuming_here:
             opt.load_state_dict(saved["optimizer"])
-            diloco.load_state_dict(saved["diloco"])
+            sync.load_state_dict(saved["diloco"])
             torch.set_rng_state(saved["rng"])
             first = start_step + 1
         bar = None
@@ -278,13 +295,18 @@ def run_worker(rank: int, world: int, cfg_dict: dict) -> dict:
             state["global_step"] += 1
             gs = state["global_step"]
             replay_rows = 0
+            elements_before = stats.elements
             if task is None:  # pre-training: one domain per micro-batch, rotating over ranks
                 lbl_sum, ce_sum = 0.0, 0.0
                 for m in range(cfg.grad_accum):
                     d = (step * cfg.grad_accum + m + rank) % n_tasks
                     tokens, mask = domains[d].sample(generator(cfg.seed, rank, phase_idx, step, m), cfg.batch_size)
-                    ce, aux = _loss(model, tokens.to(device), mask.to(device))
-                    ((ce + aux) / cfg.grad_accum).backward()
+                    last = m == cfg.grad_accum - 1
+                    with contextlib.nullcontext() if last else sync.no_sync():  # DDP: all-reduce once per step
+                        ce, aux = _loss(forward, tokens.to(device), mask.to(device))
+                        ((ce + aux) / cfg.grad_accum).backward()
+                    if last:
+                        sync.after_backward(time.perf_counter())
                     ce_sum, lbl_sum = ce_sum + ce.item(), lbl_sum + aux.item()
                     tokens_done += tokens.numel()
                 ce_val, lbl_val = ce_sum / cfg.grad_accum, lbl_sum / cfg.grad_accum
@@ -297,23 +319,26 @@ def run_worker(rank: int, world: int, cfg_dict: dict) -> dict:
                     rb = buffer.sample(cfg.batch_size, fresh=fresh, replay_ratio=cfg.replay_ratio)
                     tokens, mask = rb.batch["tokens"], rb.batch["mask"]
                     replay_rows = int(rb.is_replay.sum())
-                ce, aux = _loss(model, tokens, mask)
+                ce, aux = _loss(forward, tokens, mask)
                 (ce + aux).backward()
+                sync.after_backward(time.perf_counter())
                 ce_val, lbl_val = ce.item(), aux.item()
                 tokens_done += tokens.numel()
             opt.step()
             opt.zero_grad(set_to_none=True)
             reset_load_balancing(model)
-            before = stats.elements
-            diloco.step()
-            if stats.elements > before:  # what the same sync would have cost in fp32 (ring all-reduce)
-                state["bytes_fp32"] += ring_all_reduce_bytes(4 * (stats.elements - before), world)
+            sync.step()
+            if stats.elements > elements_before:  # what the same sync would have cost in fp32 (ring all-reduce)
+                state["bytes_fp32"] += ring_all_reduce_bytes(4 * (stats.elements - elements_before), world)
             elapsed = time.perf_counter() - t0
             tps = tokens_done * world / max(elapsed, 1e-9)
+            clock()
             row = {"global_step": gs, "phase": name, "step": step, "loss": ce_val, "lbl": lbl_val,
                    "lbl_scope": model.moe_layers()[0].router.lbl.scope if model.moe_layers()[0].router.lbl
                    else None, "replay_rows": replay_rows, "tokens_per_s": tps, "bytes_sent": stats.bytes_sent,
-                   "bytes_fp32_equiv": state["bytes_fp32"], "exchange": cfg.exchange}
+                   "bytes_fp32_equiv": state["bytes_fp32"], "exchange": cfg.exchange if cfg.sync == "diloco"
+                   else f"ddp:{cfg.ddp_hook}", "wall_s": state["wall_s"], "comm_s": state["comm_s"],
+                   "flag_s": state["flag_s"]}
             metrics.log(**row)
             if bar is not None:
                 bar.set_postfix(loss=f"{ce_val:.3f}", lbl=f"{lbl_val:.4f}", tok_s=f"{tps:,.0f}",
@@ -322,10 +347,13 @@ def run_worker(rank: int, world: int, cfg_dict: dict) -> dict:
             # Every worker must stop at the same step: agree on the stop flag.
             flag = torch.tensor([1 if _STOP["flag"] or (cfg.stop_after and gs == cfg.stop_after) else 0],
                                 device=device)
+            t_flag = time.perf_counter()
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stop = bool(flag.item())
+            state["flag_s"] += time.perf_counter() - t_flag
             if stop or (cfg.checkpoint_every and gs % cfg.checkpoint_every == 0):
-                checkpoint(phase_idx, step, opt, diloco)
+                clock()
+                checkpoint(phase_idx, step, opt, sync)
             if stop:
                 interrupted = True
                 break
@@ -337,7 +365,8 @@ def run_worker(rank: int, world: int, cfg_dict: dict) -> dict:
         # each worker: sync them all, so every worker holds the same weights for evaluation,
         # the next phase and the final checkpoint.
         before = stats.elements
-        diloco.sync_all()
+        sync.sync_all()
+        clock()
         state["bytes_fp32"] += ring_all_reduce_bytes(4 * (stats.elements - before), world)
         state["weights_sha1"][name] = _weights_sha1(model)
         state["phase_seconds"][name] = state["phase_seconds"].get(name, 0.0) + time.perf_counter() - t0
@@ -360,7 +389,8 @@ def run_worker(rank: int, world: int, cfg_dict: dict) -> dict:
                       + f" specialization={spec:.3f}", flush=True)
     monitor.close()
     if not interrupted:  # the final checkpoint: phase index past the end marks a complete run
-        checkpoint(len(phases), 0, opt, diloco, final=True)
+        clock()
+        checkpoint(len(phases), 0, opt, sync, final=True)
     summary = {"interrupted": interrupted, "state": state, "domains": [d.name for d in domains],
                "chance": [d.chance for d in domains],
                "bytes_sent": stats.bytes_sent, "comm": stats.as_dict()}
