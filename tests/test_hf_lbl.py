@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not trainops.has_extension(), reason="C++ extension not built")
 
 import trainops.integrations.transformers as tr_integration  # noqa: E402
+from trainops.integrations import _hf_forwards, _hf_lbl_state  # noqa: E402
 from trainops.integrations.transformers import apply_global_load_balancing, revert  # noqa: E402
 from trainops.nn import reset_load_balancing  # noqa: E402
 
@@ -69,7 +70,7 @@ def test_patched_model_matches_and_aux_is_reference(kind):
     losses = apply_global_load_balancing(model, scope="micro_batch")
     routers = _routers(model)
     assert len(losses) == len(routers) == 2
-    fused = (tr_integration._router_forward, tr_integration._sparse_block_forward)
+    fused = (_hf_forwards._router_forward, _hf_forwards._sparse_block_forward)
     assert all(r.forward.__trainops_impl__ in fused for r in routers)
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
     torch.testing.assert_close(out.logits, base.logits, rtol=1e-5, atol=1e-5)
@@ -391,11 +392,11 @@ def test_transformers4_sparse_block_path(norm_topk_prob, training):
     torch.manual_seed(5)
     base_out, base_logits = block(hidden.clone())
     assert tr_integration._router_modules(torch.nn.Sequential(block)) == [block]
-    state = tr_integration._ModelState()
+    state = _hf_lbl_state._ModelState()
     lbl = tr_integration._patch_router(block, "micro_batch", None, state)
-    assert block.forward.__trainops_impl__ is tr_integration._sparse_block_forward
+    assert block.forward.__trainops_impl__ is _hf_forwards._sparse_block_forward
     torch.manual_seed(5)  # the same jitter draw
-    coll = state.collector = tr_integration._Collector(None, 7)
+    coll = state.collector = _hf_lbl_state._Collector(None, 7)
     x = hidden.clone().requires_grad_()
     out, logits = block(x)
     torch.testing.assert_close(logits, base_logits)

@@ -6,7 +6,6 @@ import torch
 
 import trainops  # noqa: F401  (registers the ops)
 from trainops.ops import mora, mora_routing
-from trainops.ops.mora import num_selected
 from trainops.reference.mora import mora as ref_mora
 
 HP = dict(temperature=0.03, threshold=0.2)
