@@ -38,6 +38,7 @@ from torchrl.data.replay_buffers.samplers import PrioritizedSampler
 from trainops._validation import check_finite_float
 from trainops import _extension
 from trainops.ops import replay as rops
+from trainops.replay._host import host_range
 
 __all__ = ["FusedPrioritizedSampler"]
 
@@ -45,17 +46,6 @@ _FORMAT = "trainops.replay.torchrl/1"
 _FILE = "sampler.safetensors"
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 _MODE_WEIGHTS = rops.MODES["weights"]
-
-
-def _host_range(t: torch.Tensor) -> tuple[float, float]:
-    """(min, max) of a non-empty tensor as Python numbers (NaN if it holds one). A CPU tensor is
-    read through NumPy (a view, no copy), whose reductions cost a fraction of torch's per-call
-    dispatch at small sizes; elsewhere the two reductions come back in one host read."""
-    if t.device.type == "cpu":
-        a = t.numpy()
-        return a.min().item(), a.max().item()
-    lo, hi = torch.aminmax(t)
-    return tuple(torch.stack([lo.double(), hi.double()]).tolist())
 
 
 class FusedPrioritizedSampler(PrioritizedSampler):
@@ -208,7 +198,7 @@ class FusedPrioritizedSampler(PrioritizedSampler):
         if n == 0:
             return
         priority = priority.reshape(n).float()
-        (imin, imax), (pmin, pmax) = _host_range(index), _host_range(priority)
+        (imin, imax), (pmin, pmax) = host_range(index), host_range(priority)
         if imax >= self._max_capacity:
             raise ValueError(f"index must be < max_capacity={self._max_capacity}, got {int(imax)}")
         self._check_values(priority, pmin, pmax)
