@@ -460,7 +460,7 @@ class ReplayBuffer:
                                                 self.generations, indices.reshape(-1).long().contiguous(), prio,
                                                 generation, float(self.alpha), float(self.priority_eps), self.size)
         if n:
-            self._raise_max_priority(prio, applied)
+            self._raise_max_priority(prio, applied, pmax)
         return applied
 
     def _weights_clearly_finite(self, pmin: float, pmax: float) -> bool:
@@ -474,14 +474,14 @@ class ReplayBuffer:
         except OverflowError:
             return False
 
-    def _raise_max_priority(self, prio: torch.Tensor, applied: torch.Tensor) -> None:
-        """max_priority = max(max_priority, the largest applied priority) (new tensor when it grows)."""
+    def _raise_max_priority(self, prio: torch.Tensor, applied: torch.Tensor, pmax: float) -> None:
+        """max_priority = max(max_priority, the largest applied priority) (new tensor when it grows);
+        ``pmax`` is the largest of all ``prio``."""
         if self.device.type == "cpu":  # NumPy views: a fraction of torch's per-op cost at small sizes
             mask = applied.numpy()
-            if mask.any():
-                top = prio.numpy()[mask].max().item()
-                if top > self.max_priority.numpy()[0]:
-                    self.max_priority = torch.tensor([top], dtype=torch.float32)
+            top = pmax if mask.all() else (prio.numpy()[mask].max().item() if mask.any() else 0.0)
+            if top > self.max_priority.numpy()[0]:
+                self.max_priority = torch.tensor([top], dtype=torch.float32)
             return
         top = torch.where(applied, prio, torch.zeros_like(prio)).max().reshape(1)
         self.max_priority = torch.maximum(self.max_priority, top)
