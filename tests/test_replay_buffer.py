@@ -165,6 +165,24 @@ def test_stale_and_duplicate_priority_updates():
     assert float(buf.max_priority) == 5.0  # the ignored 9.0 does not count
 
 
+def test_priorities_near_the_float32_limit_and_max_priority_tracking():
+    # alpha = 2: p = 1.5e19 stores 2.25e38 (a float32), p = 1.9e19 would store 3.61e38 (not one);
+    # both are past the range that update_priorities accepts without the exact check.
+    buf = ReplayBuffer(8, spec(), sampler="prioritized", seed=0, alpha=2.0)
+    buf.add(items(0, 8))
+    state = buf.state_dict()
+    assert buf.update_priorities(torch.tensor([3]), torch.tensor([1.5e19])).tolist() == [True]
+    assert float(buf.weights[3]) == pytest.approx(2.25e38, rel=1e-6)
+    assert float(buf.max_priority) == pytest.approx(1.5e19) and float(state["max_priority"]) == 1.0  # not aliased
+    with pytest.raises(ValueError, match="overflows float32"):
+        buf.update_priorities(torch.tensor([4]), torch.tensor([1.9e19]))
+    assert float(buf.priorities[4]) == 1.0
+    # a priority that requires grad (a loss term) is read, not differentiated
+    p = torch.tensor([2.0, 3.0], requires_grad=True)
+    assert buf.update_priorities(torch.tensor([5, 6]), p * 1.0).tolist() == [True, True]
+    assert buf.priorities[5:7].tolist() == [2.0, 3.0] and float(buf.max_priority) == pytest.approx(1.5e19)
+
+
 @pytest.mark.parametrize("sampler,eviction", [("prioritized", "reservoir"), ("power_law", "fifo")])
 def test_save_load_same_batches(tmp_path, sampler, eviction):
     buf = ReplayBuffer(40, spec(), sampler=sampler, eviction=eviction, seed=9, max_tasks=4)

@@ -195,6 +195,8 @@ def test_bad_files_and_input(tmp_path):
         FusedPrioritizedSampler(8, 0.6, 0.4, max_priority_within_buffer=True)
     with pytest.raises(ValueError, match="dtype"):
         FusedPrioritizedSampler(8, 0.6, 0.4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="batch_size"):
+        s.sample(rb._storage, -1)
     with pytest.raises(RuntimeError, match="empty storage"):
         ReplayBuffer(storage=LazyTensorStorage(8), sampler=FusedPrioritizedSampler(8, 0.6, 0.4)).sample(4)
     rb.empty()

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "../common/boxing.h"
@@ -156,35 +157,57 @@ std::tuple<Tensor, Tensor, Tensor> replay_sample_cpu(
   const uint64_t useed = static_cast<uint64_t>(seed);
   const uint64_t uoff = static_cast<uint64_t>(offset);
 
-  // Block sums and smallest positive weights: maintained (mode 1) or computed here.
-  const int64_t nb = (size + kBlock - 1) / kBlock;
-  std::vector<double> bsum(nb), bmin(nb);
+  // Block sums and smallest positive weights: maintained (mode 1, read in place) or computed
+  // here (modes 2 and 3). Uniform sampling needs neither. This pass is the O(size / kBlock)
+  // part of a call, so it touches each block once and allocates without zero-filling.
+  const int64_t nb = mode == replay::kUniform ? 0 : (size + kBlock - 1) / kBlock;
+  const double* bsum = nullptr;
+  const double* bmin = nullptr;
+  std::unique_ptr<double[]> computed;
   if (mode == replay::kWeights) {
     TRAINOPS_CHECK_VALUE(block_stats->scalar_type() == ScalarType::Double && block_stats->is_contiguous() &&
                           block_stats->dim() == 2 && block_stats->size(0) == 2 &&
                           block_stats->size(1) == (capacity + kBlock - 1) / kBlock,
                          "trainops.replay_sample: 'block_stats' must be contiguous float64 [2, ceil(capacity / 32)]");
     const double* bs = st::cdata<double>(*block_stats);
-    const int64_t stride = block_stats->size(1);
-    std::copy(bs, bs + nb, bsum.begin());
-    std::copy(bs + stride, bs + stride + nb, bmin.begin());
+    bsum = bs;
+    bmin = bs + block_stats->size(1);
   } else if (mode != replay::kUniform) {
+    computed.reset(new double[2 * nb]);
+    double* cs = computed.get();
     replay::dispatch_mode(mode, [&](auto m) {
       torch::stable::parallel_for(0, nb, 256, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) replay::block_stat<decltype(m)::value>(src, b, size, &bsum[b], &bmin[b]);
+        for (int64_t b = b0; b < b1; ++b) replay::block_stat<decltype(m)::value>(src, b, size, &cs[b], &cs[nb + b]);
       });
     });
+    bsum = cs;
+    bmin = cs + nb;
   }
-  std::vector<double> prefix(nb);
-  double total = 0.0, wmin = std::numeric_limits<double>::infinity();
+  // Exclusive prefix sums, accumulated block by block in order (the rounding every
+  // implementation shares: see replay_common.h).
+  std::unique_ptr<double[]> prefix_buf(new double[nb > 0 ? nb : 1]);
+  double* prefix = prefix_buf.get();
+  double total = 0.0;
   for (int64_t b = 0; b < nb; ++b) {
     prefix[b] = total;
     total += bsum[b];
-    wmin = std::min(wmin, bmin[b]);
   }
   // All weights zero (or a non-finite total): fall back to uniform over the stored items.
   const bool uniform = mode == replay::kUniform || !(total > 0.0) || !std::isfinite(total);
   if (uniform) src.mode = replay::kUniform;
+  // Smallest positive weight of the buffer, only when the importance weights use it. A minimum
+  // is exact in any order, so four independent lanes (which the compiler vectorizes) give the
+  // value of a sequential scan.
+  double wmin = std::numeric_limits<double>::infinity();
+  if (!uniform && beta != 0.0 && !batch_max) {
+    double lane[4] = {wmin, wmin, wmin, wmin};
+    int64_t b = 0;
+    for (; b + 4 <= nb; b += 4) {
+      for (int k = 0; k < 4; ++k) lane[k] = std::min(lane[k], bmin[b + k]);
+    }
+    for (; b < nb; ++b) lane[0] = std::min(lane[0], bmin[b]);
+    wmin = std::min(std::min(lane[0], lane[1]), std::min(lane[2], lane[3]));
+  }
 
   std::vector<double> wsel(n_replay, 1.0);
   if (replacement) {
@@ -207,7 +230,7 @@ std::tuple<Tensor, Tensor, Tensor> replay_sample_cpu(
           for (int64_t j = j0; j < j1; ++j) {
             const double u = philox::uniform01(philox::draw(useed, uoff, j, philox::kSample));
             ts[j - j0] = replay::stratified_target(j, n_replay, u, total);
-            hint = replay::find_block(prefix.data(), nb, ts[j - j0], hint);
+            hint = replay::find_block(prefix, nb, ts[j - j0], hint);
             bs[j - j0] = hint;
           }
           constexpr int64_t kAhead = 8;
@@ -216,7 +239,7 @@ std::tuple<Tensor, Tensor, Tensor> replay_sample_cpu(
               __builtin_prefetch(src.weights + bs[j + kAhead - j0] * kBlock);
               __builtin_prefetch(src.weights + bs[j + kAhead - j0] * kBlock + 16);
             }
-            const int64_t slot = replay::scan_block<M>(src, prefix.data(), bsum.data(), bs[j - j0], size, ts[j - j0]);
+            const int64_t slot = replay::scan_block<M>(src, prefix, bsum, bs[j - j0], size, ts[j - j0]);
             idx[n_fresh + j] = slot;
             wsel[j] = replay::weight_at<M>(src, slot);
           }

@@ -187,27 +187,58 @@ Tensor replay_update_priorities_cpu(const Tensor& priorities, const Tensor& weig
     const int64_t s = idx[j];
     return s >= 0 && s < size && (exp == nullptr || gen[s] == exp[j]);
   };
+  // The slots are scattered over the buffer: each pass fetches the lines of an entry a few
+  // positions ahead, so the cache misses of consecutive entries overlap.
+  constexpr int64_t kAhead = 8;
+  auto prefetch_slot = [&](int64_t j, bool for_write) {
+    if (j >= n) return;
+    const int64_t s = idx[j];
+    if (s < 0 || s >= size) return;
+    if (for_write) {
+      __builtin_prefetch(prio + s, 1);
+      __builtin_prefetch(w + s, 1);
+    } else {
+      __builtin_prefetch(win + s, 1);
+      if (exp != nullptr) __builtin_prefetch(gen + s);
+    }
+  };
   for (int64_t j = 0; j < n; ++j) {
+    prefetch_slot(j + kAhead, false);
     if (valid(j)) win[idx[j]] = static_cast<int32_t>(j);
   }
+  // Touched blocks, each listed once (a bitmap over the blocks instead of sorting the list:
+  // O(n + capacity / 2048) words; every block is refreshed on its own, so order is free).
+  std::vector<uint64_t> seen((nbc + 63) / 64, 0);
   std::vector<int64_t> blocks;
+  blocks.reserve(static_cast<size_t>(n));
   for (int64_t j = 0; j < n; ++j) {
+    prefetch_slot(j + kAhead, true);
     app[j] = valid(j) && win[idx[j]] == j;
     if (app[j]) {
       prio[idx[j]] = val[j];
       w[idx[j]] = replay::priority_weight(val[j], alpha, eps);
-      blocks.push_back(idx[j] / kBlock);
+      const int64_t b = idx[j] / kBlock;
+      const uint64_t bit = uint64_t{1} << (b & 63);
+      if (!(seen[b >> 6] & bit)) {
+        seen[b >> 6] |= bit;
+        blocks.push_back(b);
+      }
     }
   }
   for (int64_t j = 0; j < n; ++j) {
     if (app[j]) win[idx[j]] = -1;
   }
-  std::sort(blocks.begin(), blocks.end());
-  blocks.erase(std::unique(blocks.begin(), blocks.end()), blocks.end());
   double* bs = st::data<double>(block_stats);
   const replay::WeightSource src{replay::kWeights, w, nullptr, nullptr, 0, 0};
   torch::stable::parallel_for(0, static_cast<int64_t>(blocks.size()), 64, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
+      if (k + kAhead < k1) {  // the block's two lines of weights and its two stats
+        const int64_t ahead = blocks[k + kAhead];
+        __builtin_prefetch(w + ahead * kBlock);
+        __builtin_prefetch(w + ahead * kBlock + kBlock / 2);
+        __builtin_prefetch(bs + ahead, 1);
+        __builtin_prefetch(bs + nbc + ahead, 1);
+      }
       const int64_t b = blocks[k];
       replay::block_stat<replay::kWeights>(src, b, capacity, &bs[b], &bs[nbc + b]);
     }

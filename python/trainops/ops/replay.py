@@ -119,15 +119,27 @@ def replay_sample(storage: Sequence[torch.Tensor], n_replay: int, *, size: int, 
         _check_tensor(slot_key, "slot_key", torch.int64, device, cap)
     if m == 3:
         _check_tensor(table, "table", torch.float64, device)
+    return launch_sample(list(storage), n_replay, size, fresh, lengths, ragged, m, weights, block_stats, slot_key,
+                         table, int(now), beta, bool(batch_max), bool(replacement), int(seed), int(offset))
+
+
+def launch_sample(storage: list, n_replay: int, size: int, fresh, lengths, ragged: list, mode: int, weights,
+                  block_stats, slot_key, table, now: int, beta: float, batch_max: bool, replacement: bool, seed: int,
+                  offset: int):
+    """:func:`replay_sample` without its Python checks, for callers whose arguments hold them by
+    construction (:class:`trainops.replay.ReplayBuffer`); ``mode`` is the number in :data:`MODES`.
+    The op still checks every size, index and device itself."""
+    device = storage[0].device
     _require("replay_sample", device)
+    n_fresh = 0 if fresh is None else fresh[0].shape[0]
     rows = n_fresh + n_replay
     out = [torch.empty((rows, *st.shape[1:]), dtype=st.dtype, device=device) for st in storage]
     if n_fresh:
         for o, fr in zip(out, fresh):
             o[:n_fresh].copy_(fr)
     indices, isw, is_replay = torch.ops.trainops.replay_sample(
-        list(storage), out, lengths, ragged, weights, block_stats, slot_key, table, m, size, n_fresh, n_replay,
-        int(now), beta, bool(batch_max), bool(replacement), int(seed), int(offset))
+        storage, out, lengths, ragged, weights, block_stats, slot_key, table, mode, size, n_fresh, n_replay, now,
+        beta, batch_max, replacement, seed, offset)
     return out, indices, isw, is_replay
 
 
@@ -212,10 +224,19 @@ def replay_update_priorities(priorities: torch.Tensor, weights: torch.Tensor, bl
             raise ValueError("priorities must be >= 0 (got a negative value)")
         if torch.isinf(values).any():
             raise ValueError("priorities must be finite (got Inf)")
-    _require("replay_update_priorities", device)
+    return launch_update_priorities(priorities, weights, block_stats, winner, generations, indices, values,
+                                    expected_generations, alpha, eps, int(size))
+
+
+def launch_update_priorities(priorities, weights, block_stats, winner, generations, indices, values,
+                             expected_generations, alpha: float, eps: float, size: int) -> torch.Tensor:
+    """:func:`replay_update_priorities` without its Python checks (and without the value check on
+    CUDA), for callers whose arguments hold them by construction: ``indices`` int64, ``values``
+    float32 and ``expected_generations`` int64, each contiguous and 1-d. The op still checks every
+    size, index and device itself."""
+    _require("replay_update_priorities", priorities.device)
     return torch.ops.trainops.replay_update_priorities(priorities, weights, block_stats, winner, generations, indices,
-                                                       values, expected_generations, float(alpha), float(eps),
-                                                       int(size))
+                                                       values, expected_generations, alpha, eps, size)
 
 
 # --- registration (schemas: ops/_schemas.py; kernels: csrc/cpu/replay_*.cpp, csrc/cuda) -----------

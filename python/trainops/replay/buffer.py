@@ -27,6 +27,7 @@ import torch
 from trainops._validation import CheckedFloat, check_finite_float, check_int
 from trainops.ops import replay as rops
 from trainops.replay import _rows
+from trainops.replay._host import host_range
 from trainops.reference.replay import block_stats as _block_stats
 from trainops.reference.replay import priority_weight as _priority_weight
 
@@ -445,30 +446,58 @@ class ReplayBuffer:
         if indices.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"indices must be int64 or int32, got {indices.dtype}")
         n = indices.numel()
-        prio = self._per_item(priorities, n, torch.float32, "priorities")
+        prio = self._per_item(priorities, n, torch.float32, "priorities").detach()
         if generation is not None:
-            generation = self._per_item(generation, n, torch.int64, "generation")
-        if n and bool(((indices < -1) | (indices >= self.capacity)).any()):
-            raise ValueError(f"indices must be -1 (fresh rows) or slots in [0, capacity={self.capacity})")
-        self._check_priorities(prio)
-        applied = rops.replay_update_priorities(self.priorities, self.weights, self.block_stats, self._winner,
-                                                self.generations, indices, prio, generation, alpha=self.alpha,
-                                                eps=self.priority_eps, size=self.size, validate=False)
+            generation = self._per_item(generation, n, torch.int64, "generation").contiguous()
+        if n:  # one host read of each range for every check; the detailed checks only on failure
+            (imin, imax), (pmin, pmax) = host_range(indices), host_range(prio)
+            if imin < -1 or imax >= self.capacity:
+                raise ValueError(f"indices must be -1 (fresh rows) or slots in [0, capacity={self.capacity})")
+            if not self._weights_clearly_finite(pmin, pmax):
+                self._check_priorities(prio)
+        prio = prio.contiguous()
+        applied = rops.launch_update_priorities(self.priorities, self.weights, self.block_stats, self._winner,
+                                                self.generations, indices.reshape(-1).long().contiguous(), prio,
+                                                generation, float(self.alpha), float(self.priority_eps), self.size)
         if n:
-            top = torch.where(applied, prio, torch.zeros_like(prio)).max().reshape(1)
-            self.max_priority = torch.maximum(self.max_priority, top)
+            self._raise_max_priority(prio, applied, pmax)
         return applied
 
+    def _weights_clearly_finite(self, pmin: float, pmax: float) -> bool:
+        """Whether priorities in [pmin, pmax] are valid with room to spare: finite, >= 0 and a
+        stored weight max(p, eps)^alpha (monotone in p) far below float32's largest value, so that
+        no rounding of the fp64 power decides it. Otherwise :meth:`_check_priorities` decides."""
+        if not (pmin >= 0.0 and pmax < float("inf")):
+            return False
+        try:
+            return max(pmax, self.priority_eps) ** self.alpha < 1e38
+        except OverflowError:
+            return False
+
+    def _raise_max_priority(self, prio: torch.Tensor, applied: torch.Tensor, pmax: float) -> None:
+        """max_priority = max(max_priority, the largest applied priority) (new tensor when it grows);
+        ``pmax`` is the largest of all ``prio``."""
+        if self.device.type == "cpu":  # NumPy views: a fraction of torch's per-op cost at small sizes
+            mask = applied.numpy()
+            top = pmax if mask.all() else (prio.numpy()[mask].max().item() if mask.any() else 0.0)
+            if top > self.max_priority.numpy()[0]:
+                self.max_priority = torch.tensor([top], dtype=torch.float32)
+            return
+        top = torch.where(applied, prio, torch.zeros_like(prio)).max().reshape(1)
+        self.max_priority = torch.maximum(self.max_priority, top)
+
     # ------------------------------------------------------------------ sampling
-    def _mode_args(self) -> dict:
+    def _mode_args(self) -> tuple:
+        """(mode number, weights, block_stats, slot_key, table, now, beta, batch_max) of the sampler,
+        as :func:`trainops.ops.replay.launch_sample` takes them."""
         if self.sampler == "uniform":
-            return {"mode": "uniform"}
+            return rops.MODES["uniform"], None, None, None, None, 0, 0.0, False
         if self.sampler == "prioritized":
-            return {"mode": "weights", "weights": self.weights, "block_stats": self.block_stats, "beta": self.beta,
-                    "batch_max": self.weight_norm == "batch"}
+            return (rops.MODES["weights"], self.weights, self.block_stats, None, None, 0, float(self.beta),
+                    self.weight_norm == "batch")
         if self.sampler == "recency":
-            return {"mode": "recency", "slot_key": self.stamps, "now": max(self.step - 1, 0)}
-        return {"mode": "table", "slot_key": self.storage[self.task_field], "table": self.task_table()}
+            return rops.MODES["recency"], None, None, self.stamps, None, max(self.step - 1, 0), 0.0, False
+        return (rops.MODES["table"], None, None, self.storage[self.task_field], self.task_table(), 0, 0.0, False)
 
     def task_table(self) -> torch.Tensor:
         """Per-slot weight of each task for the power-law sampler (float64 [max_tasks]):
@@ -541,9 +570,12 @@ class ReplayBuffer:
                                torch.ones(rows, device=self.device), torch.zeros(rows, dtype=torch.bool,
                                                                                   device=self.device),
                                out[-1].view(rows))
-        out, indices, isw, is_replay = rops.replay_sample(
-            storage, n_replay, size=self.size, fresh=fresh_fields, lengths=lengths, ragged=ragged,
-            replacement=replacement, seed=self.seed, offset=self._next_offset(), **self._mode_args())
+        # Every argument is the buffer's own state or checked above (the op checks sizes, indices
+        # and devices again): the checking wrapper would only add Python time to small batches.
+        mode, weights, block_stats, slot_key, table, now, beta, batch_max = self._mode_args()
+        out, indices, isw, is_replay = rops.launch_sample(
+            storage, n_replay, self.size, fresh_fields, lengths, ragged, mode, weights, block_stats, slot_key, table,
+            now, beta, batch_max, bool(replacement), self.seed, self._next_offset())
         batch = self._rows_out(dict(zip(names, out[:-1])), (batch_size,))
         return ReplayBatch(batch, indices, isw, is_replay, out[-1].view(-1))
 

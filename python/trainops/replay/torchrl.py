@@ -38,12 +38,14 @@ from torchrl.data.replay_buffers.samplers import PrioritizedSampler
 from trainops._validation import check_finite_float
 from trainops import _extension
 from trainops.ops import replay as rops
+from trainops.replay._host import host_range
 
 __all__ = ["FusedPrioritizedSampler"]
 
 _FORMAT = "trainops.replay.torchrl/1"
 _FILE = "sampler.safetensors"
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+_MODE_WEIGHTS = rops.MODES["weights"]
 
 
 class FusedPrioritizedSampler(PrioritizedSampler):
@@ -162,9 +164,16 @@ class FusedPrioritizedSampler(PrioritizedSampler):
         else:
             seed, offset = self._seed, self._offset
             self._offset += 1
-        _, index, isw, _ = rops.replay_sample([self._rows], int(batch_size), size=n, mode="weights",
-                                              weights=self._weights, block_stats=self._block_stats, beta=self._beta,
-                                              seed=seed, offset=offset)
+        # The registered op directly (it checks every size, index and device itself): every
+        # tensor but the scratch output is the sampler's own, shaped and typed at construction,
+        # and at small batches the wrapper's Python checks cost as much as the draws.
+        batch_size = int(batch_size)
+        if batch_size < 0:
+            raise ValueError(f"batch_size must be >= 0, got {batch_size}")
+        out = torch.empty((batch_size, 1), dtype=torch.uint8, device=self._rows.device)
+        index, isw, _ = torch.ops.trainops.replay_sample(
+            [self._rows], [out], None, [False], self._weights, self._block_stats, None, None, _MODE_WEIGHTS, n, 0,
+            batch_size, 0, float(self._beta), False, True, seed, offset)
         return index, {"priority_weight": isw}
 
     @torch.no_grad()
@@ -189,9 +198,7 @@ class FusedPrioritizedSampler(PrioritizedSampler):
         if n == 0:
             return
         priority = priority.reshape(n).float()
-        # One host read for every check (small batches are dominated by per-op overheads).
-        (imin, imax), (pmin, pmax) = (x.tolist() for x in torch.stack(
-            [torch.stack(torch.aminmax(index)).double(), torch.stack(torch.aminmax(priority)).double()]))
+        (imin, imax), (pmin, pmax) = host_range(index), host_range(priority)
         if imax >= self._max_capacity:
             raise ValueError(f"index must be < max_capacity={self._max_capacity}, got {int(imax)}")
         self._check_values(priority, pmin, pmax)
