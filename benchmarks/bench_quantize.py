@@ -11,12 +11,13 @@ P = N·b/8, scales S = 4·ceil(N/B)):
 ``pct_of_copy_bw`` = 100 · bandwidth / copy bandwidth, both timed in the same process,
 round-robin (harness.measure_interleaved: one block of calls of each row in turn, so a
 slow phase of a shared machine falls on all rows), at each thread count of
-``--threads``. On CPUs with AVX2 + FMA the ops run their AVX2 kernels; the "portable"
+``--threads`` (the composed-PyTorch reference, trainops.reference, is timed alone after
+them). On CPUs with AVX2 + FMA the ops run their AVX2 kernels; the "portable"
 rows run the same ops with TRAINOPS_QUANTIZE_PORTABLE=1 (the x86-64-v2 kernels), and
 ``speedup`` is portable median / AVX2 median.
 
     python benchmarks/bench_quantize.py [--numel 16777216] [--block-size 128] [--chunks 1 2 4]
-        [--threads 1 2] [--formats ...] [--reference]
+        [--threads 1 2] [--formats ...] [--skip-reference]
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def main(argv=None):
     p.add_argument("--formats", nargs="+", default=list(FORMATS))
     p.add_argument("--device", default=default_device())
     p.add_argument("--min-run-time", type=float, default=0.5, help="seconds per row and case")
-    p.add_argument("--reference", action="store_true", help="also time the (slow) composed reference")
+    p.add_argument("--skip-reference", action="store_true", help="skip the slow composed reference")
     p.add_argument("--out", default=None, help="CSV name under benchmarks/results/")
     args = p.parse_args(argv)
 
@@ -80,7 +81,7 @@ def main(argv=None):
             q_bytes = packed_bytes(f, n) + 4 * num_blocks(n, B)
             q = ops.quantize(x, fmt, B)
             moved = {"quantize": 4 * n + q_bytes}
-            rows = {"copy fp32": copy, "quantize": lambda: ops.quantize(x, fmt, B, nan_policy="propagate")}
+            rows = {"copy fp32 (memcpy)": copy, "quantize": lambda: ops.quantize(x, fmt, B, nan_policy="propagate")}
             stacked = {}
             for c in args.chunks:
                 stacked[c] = (torch.stack([q.data] * c), torch.stack([q.scales] * c))
@@ -90,16 +91,16 @@ def main(argv=None):
             if on_cpu:
                 rows.update({f"{name} portable": portable(fn) for name, fn in list(rows.items()) if name in moved})
             t = measure_interleaved(rows, dev, args.min_run_time)
-            copy_gbs = 8 * n / t["copy fp32"].median_s / 1e9
+            copy_gbs = 8 * n / t["copy fp32 (memcpy)"].median_s / 1e9
             for op, nbytes in moved.items():
                 case = {"threads": threads or "", "op": op, "fmt": fmt}
-                table.add(case, "copy fp32", t["copy fp32"], GBps=round(copy_gbs, 2))
+                table.add(case, "copy fp32 (memcpy)", t["copy fp32 (memcpy)"], GBps=round(copy_gbs, 2))
                 for impl in ("portable", "trainops") if on_cpu else ("trainops",):
                     timing = t[op if impl == "trainops" else f"{op} portable"]
                     gbs = nbytes / timing.median_s / 1e9
                     table.add(case, impl, timing, baseline="portable" if impl == "trainops" and on_cpu else None,
                               GBps=round(gbs, 2), pct_of_copy_bw=round(100 * gbs / copy_gbs, 1))
-                if args.reference:
+                if not args.skip_reference:
                     if op == "quantize":
                         ref = measure(lambda: reference.quantize(x, fmt, B), dev, min_run_time=0.2)
                     else:
