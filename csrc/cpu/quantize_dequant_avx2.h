@@ -70,15 +70,15 @@ inline __m256 decode8_int8(const uint8_t* codes) {
 }
 
 inline __m256 decode8_fp8_e4m3(const uint8_t* codes) {
-  const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes)));
+  // Sign-extended, so bit 31 is the code's sign bit.
+  const __m256i c = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes)));
   const __m256i mag = _mm256_and_si256(c, _mm256_set1_epi32(0x7F));
   const __m256i normal_bits = _mm256_add_epi32(_mm256_slli_epi32(mag, 20), _mm256_set1_epi32(120 << 23));
   const __m256 subnormal = _mm256_mul_ps(_mm256_cvtepi32_ps(mag), _mm256_set1_ps(0.001953125f));  // m * 2^-9
-  const __m256i exponent_zero = _mm256_cmpeq_epi32(_mm256_and_si256(mag, _mm256_set1_epi32(0x78)),
-                                                   _mm256_setzero_si256());
+  const __m256i exponent_zero = _mm256_cmpgt_epi32(_mm256_set1_epi32(8), mag);  // mag < 8: e = 0
   const __m256 value = _mm256_blendv_ps(_mm256_castsi256_ps(normal_bits), subnormal,
                                         _mm256_castsi256_ps(exponent_zero));
-  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x80)), 24);
+  const __m256i sign = _mm256_and_si256(c, _mm256_set1_epi32(static_cast<int>(0x80000000u)));
   return _mm256_or_ps(value, _mm256_castsi256_ps(sign));
 }
 
