@@ -7,8 +7,12 @@ Both stages of error feedback are on (as in DiLoCo and the DDP hook). The rows o
 are timed round-robin (one call of each row per round, each after a barrier), so the
 ratios do not depend on when a row ran on a shared machine; rank 0's times give the
 median and 20/80 percentiles, and every row's speedup is against the one-piece row.
-``--pipeline-numel`` is the sweep parameter (elements of the message per piece); a
-slow-link emulation can run this script with its own process-group setup unchanged.
+``--pipeline-numel`` is the sweep parameter (elements of the message per piece).
+
+``--hosts N --rate 10gbit,1gbit,100mbit`` runs the exchange between N emulated hosts
+instead (network namespaces with rate-limited links, one worker each; needs root), with
+the fp32 all_reduce baseline and each time against the bytes each worker really sent
+divided by the link rate: benchmarks/bench_exchange_link_rates.py, which this delegates to.
 """
 from __future__ import annotations
 
@@ -66,8 +70,16 @@ def main(argv=None):
                    help="comma-separated piece sizes in elements of the message (the sweep)")
     p.add_argument("--reps", type=int, default=5, help="timed rounds (default 5)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per rank (default 1)")
+    p.add_argument("--hosts", type=int, default=0, help="emulated hosts (0: local ranks; see the docstring)")
+    p.add_argument("--rate", default="10gbit,1gbit,100mbit", help="with --hosts: comma-separated link rates")
     args = p.parse_args(argv)
     pieces = [int(v) for v in args.pipeline_numel.split(",") if v]
+    if args.hosts:
+        from benchmarks import bench_exchange_link_rates
+
+        return bench_exchange_link_rates.main([
+            "--hosts", str(args.hosts), "--rate", args.rate, "--reps", str(args.reps), "--numel", str(args.numel),
+            "--formats", args.fmt, "--pipeline-numel", args.pipeline_numel, "--threads", str(args.threads)])
 
     from trainops.distributed import spawn
 

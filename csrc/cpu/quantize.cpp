@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <cfloat>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -18,6 +20,7 @@
 #include "../common/boxing.h"
 #include "../common/op_checks.h"
 #include "../common/quant_format.h"
+#include "quantize_dequant_avx2.h"
 #include "quantize_fp4_avx2.h"
 
 namespace trainops {
@@ -61,6 +64,18 @@ std::vector<float> decode_table(Format f) {
   return table;
 }
 
+// The AVX2 kernels (FP4 encoder, decoder) run where the CPU has AVX2 + FMA, unless
+// TRAINOPS_QUANTIZE_PORTABLE=1 (read at each call, so the tests run the portable kernels
+// too on such a CPU). Both produce the same bytes.
+bool use_avx2() {
+#if defined(TRAINOPS_X86_DISPATCH)
+  const char* env = std::getenv("TRAINOPS_QUANTIZE_PORTABLE");
+  return cpu_isa::has_avx2_fma() && (env == nullptr || std::strcmp(env, "1") != 0);
+#else
+  return false;
+#endif
+}
+
 template <Format F, bool Stochastic>
 inline uint8_t encode_at(const float* values, int64_t i, int64_t start, float scale, uint32_t key) {
   const float u = Stochastic ? quant::uniform01(start + i, key) : 0.0f;
@@ -76,6 +91,7 @@ void quantize_kernel(const scalar_t* x, float* error, int64_t n, int64_t block_s
   constexpr bool kDirect = std::is_same_v<scalar_t, float>;
   const float max_code = quant::max_code_of(F);
   const std::vector<float> table = decode_table(F);
+  const bool avx2 = use_avx2();
   torch::stable::parallel_for(0, num_blocks(n, block_size), grain_for(block_size), [&](int64_t b0, int64_t b1) {
     std::vector<float> staged(block_size + 1);
     std::vector<uint8_t> codes(block_size + 2);
@@ -124,7 +140,7 @@ void quantize_kernel(const scalar_t* x, float* error, int64_t n, int64_t block_s
         int64_t done = 0;  // elements already encoded and packed
 #if defined(TRAINOPS_QUANTIZE_FP4_AVX2)
         if constexpr ((F == Format::FP4_E3M0 || F == Format::FP4_E2M1) && !Stochastic) {
-          if (cpu_isa::has_avx2_fma()) {  // the AVX2 encoder runs only where the CPU has it
+          if (avx2) {
             done = len & ~int64_t{15};
             quant_avx2::encode_fp4_nearest(values, done, scale, F == Format::FP4_E3M0 ? quant::kE3M0Mids : quant::kE2M1Mids,
                                            out);
@@ -149,13 +165,45 @@ void quantize_kernel(const scalar_t* x, float* error, int64_t n, int64_t block_s
 
 // out[i] (+)= sum over chunks c of decode(data[c][i]) * scales[c][block(i)], in chunk order.
 // Per block, chunk by chunk into a small fp32 accumulator, so the inner loops are
-// straight table look-ups and adds over contiguous elements.
+// straight table look-ups and adds over contiguous elements. With an fp32 output on an
+// AVX2 CPU, quant_avx2::dequantize_range decodes 16 elements at a time instead and keeps
+// them in registers over the chunks (the same operations in the same order).
 template <Format F, bool Accumulate, typename out_t>
 void dequantize_kernel(const uint8_t* data, int64_t data_stride, const float* scales,
                        int64_t scale_stride, int64_t chunks, int64_t n, int64_t block_size, out_t* out) {
   constexpr bool kFour = (F == Format::INT4 || F == Format::FP4_E3M0 || F == Format::FP4_E2M1);
   const std::vector<float> table_storage = decode_table(F);
   const float* table = table_storage.data();
+#if defined(TRAINOPS_DEQUANTIZE_AVX2)
+  if constexpr (std::is_same_v<out_t, float>) {
+    if (use_avx2()) {
+      int block_log2 = 0;
+      while ((int64_t{1} << block_log2) < block_size) ++block_log2;
+      // Tasks over 16-element steps (as many elements per task as the portable kernel's
+      // grain); the last partial step of the tensor is done one element at a time.
+      const int64_t grain = grain_for(block_size) * block_size / 16;
+      torch::stable::parallel_for(0, (n + 15) / 16, grain, [&](int64_t s0, int64_t s1) {
+        const int64_t e0 = s0 * 16;
+        const int64_t e1 = std::min(s1 * 16, n);
+        const int64_t v1 = e0 + ((e1 - e0) & ~int64_t{15});
+        quant_avx2::dequantize_range<F, Accumulate>(data, data_stride, scales, scale_stride, chunks, block_log2, e0,
+                                                    v1, out);
+        for (int64_t e = v1; e < e1; ++e) {
+          const int64_t b = e >> block_log2;
+          float v = Accumulate ? out[e] : 0.0f;
+          for (int64_t c = 0; c < chunks; ++c) {
+            const uint8_t* d = data + c * data_stride;
+            const uint32_t code = kFour ? (d[e >> 1] >> ((e & 1) * 4)) & 0xF : d[e];
+            const float term = table[code] * scales[c * scale_stride + b];
+            v = (!Accumulate && c == 0) ? term : v + term;
+          }
+          out[e] = v;
+        }
+      });
+      return;
+    }
+  }
+#endif
   torch::stable::parallel_for(0, num_blocks(n, block_size), grain_for(block_size), [&](int64_t b0, int64_t b1) {
     std::vector<float> acc_storage(block_size + 1);
     float* acc = acc_storage.data();
