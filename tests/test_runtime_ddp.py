@@ -8,7 +8,6 @@
 * resume of a ``--sync ddp`` run continues bit for bit; bad keys fail naming the key.
 """
 import copy
-import json
 import os
 
 import pytest
@@ -19,23 +18,12 @@ from trainops.distributed import spawn
 from trainops.runtime.checkpoint import load_checkpoint
 from trainops.runtime.cli import main
 from trainops.runtime.config import ConfigError, config_from_dict
+from test_runtime_e2e import _argv, _rows  # noqa: E402  (tests/ is on sys.path)
 
 TINY = {"tasks": "arith", "seq_len": 12, "batch_size": 8, "eval_size": 16, "d_model": 32, "n_layers": 2,
         "n_heads": 2, "num_experts": 4, "top_k": 2, "ffn_size": 32, "pretrain_steps": 3, "grad_accum": 2,
         "task_steps": 3, "replay": "off", "checkpoint_every": 0, "progress": False, "log_every": 0,
         "timeout_s": 60, "sync": "ddp"}
-
-
-def _argv(d: dict) -> list:
-    out = []
-    for k, v in d.items():
-        out += [f"--{k.replace('_', '-')}", str(v)]
-    return out
-
-
-def _rows(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as fh:
-        return [json.loads(ln) for ln in fh]
 
 
 def _batch(cfg, step, micro, rank):
