@@ -12,14 +12,13 @@ Usage: python benchmarks/bench_router_isa.py [--quick] [--threads N]
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.harness import Table, measure_interleaved  # noqa: E402
+from benchmarks.harness import Table, measure_interleaved, quick_cpu_args  # noqa: E402
 import trainops  # noqa: E402, F401  (registers the ops)
 
 CASES = [(256, 64, 8), (4096, 64, 8), (16384, 64, 8), (16384, 256, 8), (16384, 128, 4)]
@@ -52,12 +51,7 @@ def workloads(T: int, E: int, k: int, score: str):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="two small cases, short timing")
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = quick_cpu_args(__doc__.splitlines()[0], argv)
     table = Table("router_topk fwd+bwd on CPU: hand-written AVX2 + FMA rows vs portable rows", "cpu")
     try:
         for score in ("softmax", "sigmoid"):

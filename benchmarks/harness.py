@@ -229,3 +229,17 @@ def results_suffix(device: str) -> str:
         if tag in name:
             return tag
     return "cuda"
+
+
+def quick_cpu_args(description: str, argv=None):
+    """The options of a small CPU comparison script: ``--quick`` (two small cases, short
+    timing) and ``--threads N`` (applied here). Returns the parsed arguments."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="two small cases, short timing")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
