@@ -134,8 +134,7 @@ def test_workers_restarted_on_torchruns_shared_store_connect():
     server = dist.TCPStore("127.0.0.1", 0, is_master=True, multi_tenant=True, wait_for_workers=False)
     env = {**os.environ, "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(server.port), "TORCHELASTIC_USE_AGENT_STORE": "True", "GLOO_SOCKET_IFNAME": "lo",
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "python"),
-                                                                    os.environ.get("PYTHONPATH", "")])}
+           "OMP_NUM_THREADS": "1"}  # the workers import the trainops this test imports (installed or editable)
 
     def start(rank, end="exit"):
         return subprocess.Popen([sys.executable, "-c", _JOIN, "20", end], env={**env, "RANK": str(rank)},
