@@ -232,13 +232,6 @@ Tensor replay_update_priorities_cpu(const Tensor& priorities, const Tensor& weig
   const replay::WeightSource src{replay::kWeights, w, nullptr, nullptr, 0, 0};
   torch::stable::parallel_for(0, static_cast<int64_t>(blocks.size()), 64, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
-      if (k + kAhead < k1) {  // the block's two lines of weights and its two stats
-        const int64_t ahead = blocks[k + kAhead];
-        __builtin_prefetch(w + ahead * kBlock);
-        __builtin_prefetch(w + ahead * kBlock + kBlock / 2);
-        __builtin_prefetch(bs + ahead, 1);
-        __builtin_prefetch(bs + nbc + ahead, 1);
-      }
       const int64_t b = blocks[k];
       replay::block_stat<replay::kWeights>(src, b, capacity, &bs[b], &bs[nbc + b]);
     }
