@@ -157,20 +157,14 @@ class TrainConfig:
                  f"must divide pretrain_steps={self.pretrain_steps} and task_steps={self.task_steps} "
                  "(every phase ends on a sync)")
             need(self.overlap_steps < self.sync_every, "overlap_steps", f"must be < sync_every={self.sync_every}")
-        if self.ddp_hook != "fp32":
-            from trainops.formats import check_block_size, get_format
-            try:
-                get_format(self.ddp_hook)
-                check_block_size(self.block_size)
-            except (TypeError, ValueError) as e:
-                raise ConfigError(f"ddp_hook={self.ddp_hook!r} / block_size={self.block_size}: {e}") from None
-        if self.exchange != "fp32":
-            from trainops.formats import check_block_size, get_format
-            try:
-                get_format(self.exchange)
-                check_block_size(self.block_size)
-            except (TypeError, ValueError) as e:
-                raise ConfigError(f"exchange={self.exchange!r} / block_size={self.block_size}: {e}") from None
+        for key in ("ddp_hook", "exchange"):  # both take fp32 or a quantization format at block_size
+            if getattr(self, key) != "fp32":
+                from trainops.formats import check_block_size, get_format
+                try:
+                    get_format(getattr(self, key))
+                    check_block_size(self.block_size)
+                except (TypeError, ValueError) as e:
+                    raise ConfigError(f"{key}={getattr(self, key)!r} / block_size={self.block_size}: {e}") from None
         names = self.task_list()
         need(len(names) >= 1, "tasks", "must name at least one domain")
         need(len(set(names)) == len(names), "tasks", "names a domain twice")
