@@ -21,6 +21,21 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+
+def _own_prefix() -> str:
+    """'t' + this pytest's pid in base 36 + '-': another harness on this machine (a second test
+    run, a benchmark, the leftovers of a killed one) has other names, so neither refuses to
+    start nor cleans up the other. Set before the harness module reads it; the scripts these
+    tests start inherit it."""
+    n, digits = os.getpid() % 36 ** 4, ""
+    while n or not digits:
+        n, d = divmod(n, 36)
+        digits = "0123456789abcdefghijklmnopqrstuvwxyz"[d] + digits
+    return f"t{digits}-"
+
+
+os.environ.setdefault("TRAINOPS_NETNS_PREFIX", _own_prefix())
+
 from benchmarks.wan.hosts import Hosts, cleanup, cmdline, descendants, leftovers, namespace, netns_permitted  # noqa: E402
 from test_runtime_e2e import TINY, _argv  # noqa: E402
 from test_runtime_resume_exact import _comparable, _differences, _final, _rows  # noqa: E402
