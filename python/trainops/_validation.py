@@ -1,4 +1,9 @@
-"""Argument checks shared by the ops, modules and distributed code (one message style)."""
+"""Argument checks shared by the ops, modules, distributed code and runtime.
+
+One message style: the right exception type (TypeError for a wrong type, ValueError for a
+value out of range) and a message naming the argument, what it must be, and what it got.
+A bool is never accepted as a number (``True`` is an ``int`` subclass in Python).
+"""
 from __future__ import annotations
 
 import math
@@ -6,10 +11,34 @@ import numbers
 
 import torch
 
+#: The floating-point dtypes the kernels take as activations / gradients. The order is part
+#: of quantized_all_reduce's header (a dtype travels as its index here): append only.
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-def check_int(name: str, value, lo: int | None = None, hi: int | None = None) -> int:
-    """``value`` must be an int (not a bool) within [lo, hi] where given."""
-    if isinstance(value, bool) or not isinstance(value, int):
+
+def is_int(value, *, symint: bool = False) -> bool:
+    """True for an int that is not a bool (and for a ``torch.SymInt`` with ``symint``: the
+    op checks also run on symbolic shapes under torch.compile)."""
+    types = (int, torch.SymInt) if symint else int
+    return isinstance(value, types) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """True for a real number (int, float, numpy scalar...) that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_bool(name: str, value) -> bool:
+    """``value`` must be a bool (1 / 0 and other truthy values are refused)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_int(name: str, value, lo: int | None = None, hi: int | None = None, *, symint: bool = False) -> int:
+    """``value`` must be an int (not a bool; a ``torch.SymInt`` too with ``symint``) within
+    [lo, hi] where given."""
+    if not is_int(value, symint=symint):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         bound = f">= {lo}" if hi is None else (f"<= {hi}" if lo is None else f"in [{lo}, {hi}]")
@@ -24,7 +53,7 @@ def resolve_seed(active: bool, seed: int | None) -> int:
         return 0
     if seed is None:
         return int(torch.randint(0, 2**62, (1,)).item())
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not is_int(seed):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
     if not -(2**63) <= seed < 2**63:
         raise ValueError(f"seed must fit in a signed 64-bit integer, got {seed}")
@@ -32,14 +61,15 @@ def resolve_seed(active: bool, seed: int | None) -> int:
 
 
 def check_finite_float(name: str, value, lo: float | None = None, hi: float | None = None, *,
-                       lo_open: bool = False, hi_open: bool = False) -> float:
+                       lo_open: bool = False, hi_open: bool = False, allow_inf: bool = False) -> float:
     """``value`` must be a real number (not a bool), finite, within ``lo``/``hi`` where given
-    (excluded with ``lo_open``/``hi_open``); returns it as a float."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    (excluded with ``lo_open``/``hi_open``); returns it as a float. ``allow_inf`` lets ±inf
+    through (NaN never passes), for arguments where an infinite bound has a meaning."""
+    if not is_number(value):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
+    if math.isnan(value) or (not allow_inf and math.isinf(value)):
+        raise ValueError(f"{name} must be {'not NaN' if allow_inf else 'finite'}, got {value}")
     low = lo is not None and (value <= lo if lo_open else value < lo)
     high = hi is not None and (value >= hi if hi_open else value > hi)
     if low or high:

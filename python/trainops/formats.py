@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from trainops._validation import check_int
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,6 @@ FORMATS: dict[str, QuantFormat] = {
     "fp4_e2m1": QuantFormat("fp4_e2m1", 4, 6.0, _E2M1_VALUES, _mids(_E2M1_VALUES)),
 }
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIN_BLOCK_SIZE = 16
 MAX_BLOCK_SIZE = 8192
 NAN_POLICIES = ("raise", "propagate")
@@ -70,8 +69,7 @@ def get_format(fmt: str) -> QuantFormat:
 
 
 def check_block_size(block_size: int) -> int:
-    if isinstance(block_size, bool) or not isinstance(block_size, int):
-        raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
+    check_int("block_size", block_size)
     if not (MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE) or block_size & (block_size - 1):
         raise ValueError(
             f"block_size must be a power of two in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}], got {block_size}"

@@ -53,8 +53,8 @@ from trainops.distributed._layout import chunk_layout, owner_chunk_numel, pack_r
     unpack_rows
 from trainops.distributed.pipelined import pipelined_two_shot
 from trainops.distributed.stats import CommStats, comm_stats, ring_all_reduce_bytes
-from trainops.formats import FLOAT_DTYPES, FORMATS, NAN_POLICIES, check_block_size, check_nan_policy, get_format, \
-    packed_bytes
+from trainops._validation import FLOAT_DTYPES, check_bool, is_int
+from trainops.formats import FORMATS, NAN_POLICIES, check_block_size, check_nan_policy, get_format, packed_bytes
 from trainops.ops.quantize import QuantizedTensor, dequantize, dequantize_accumulate, quantize, quantize_error_feedback
 
 __all__ = ["quantized_all_reduce", "DEFAULT_MIN_NUMEL", "chunk_layout", "owner_chunk_numel"]
@@ -64,6 +64,24 @@ __all__ = ["quantized_all_reduce", "DEFAULT_MIN_NUMEL", "chunk_layout", "owner_c
 DEFAULT_MIN_NUMEL = 8192
 
 _OPS = ("sum", "avg")
+
+
+def check_exchange_settings(fmt, block_size, nan_policy, min_numel, pipeline_numel, **flags) -> None:
+    """The settings of a quantized exchange, checked the same way for quantized_all_reduce,
+    QuantizedCommState and DiLoCo: fmt (None: full precision) and block_size, nan_policy,
+    min_numel int >= 0, pipeline_numel None or int >= 1, and each of ``flags`` a bool.
+    min_numel and pipeline_numel raise ValueError for any bad value, a wrong type included
+    (the long-standing behaviour of quantized_all_reduce and QuantizedCommState)."""
+    if fmt is not None:
+        get_format(fmt)
+        check_block_size(block_size)
+    check_nan_policy(nan_policy)
+    if not is_int(min_numel) or min_numel < 0:
+        raise ValueError(f"min_numel must be an int >= 0, got {min_numel!r}")
+    if pipeline_numel is not None and (not is_int(pipeline_numel) or pipeline_numel < 1):
+        raise ValueError(f"pipeline_numel must be None or an int >= 1, got {pipeline_numel!r}")
+    for name, value in flags.items():
+        check_bool(name, value)
 
 
 def _check_residual(name, residual, numel, device, what):
@@ -87,15 +105,7 @@ def _check_args(tensor, op, group, fmt, block_size, error_feedback, min_numel, n
         raise ValueError("tensor is empty: nothing to reduce")
     if op not in _OPS:
         raise ValueError(f"op must be one of {_OPS}, got {op!r}")
-    if fmt is not None:
-        get_format(fmt)
-        check_block_size(block_size)
-    check_nan_policy(nan_policy)
-    if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
-        raise ValueError(f"min_numel must be an int >= 0, got {min_numel!r}")
-    if pipeline_numel is not None and (isinstance(pipeline_numel, bool) or not isinstance(pipeline_numel, int)
-                                       or pipeline_numel < 1):
-        raise ValueError(f"pipeline_numel must be None or an int >= 1, got {pipeline_numel!r}")
+    check_exchange_settings(fmt, block_size, nan_policy, min_numel, pipeline_numel)
     if error_feedback is not None:
         _check_residual("error_feedback", error_feedback, tensor.numel(), tensor.device, "like tensor")
     if not dist.is_available() or not dist.is_initialized():

@@ -46,9 +46,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from trainops.distributed.all_reduce import DEFAULT_MIN_NUMEL, owner_chunk_numel, quantized_all_reduce
+from trainops.distributed.all_reduce import DEFAULT_MIN_NUMEL, check_exchange_settings, owner_chunk_numel, \
+    quantized_all_reduce
 from trainops.distributed.stats import CommStats, comm_stats
-from trainops.formats import check_block_size, check_nan_policy, get_format
 
 __all__ = ["QuantizedCommState", "quantized_comm_hook"]
 
@@ -69,21 +69,10 @@ class QuantizedCommState:
                  min_numel: int = DEFAULT_MIN_NUMEL, async_comm: bool = True, comm_group=None,
                  nan_policy: str = "raise", stats: Optional[CommStats] = None, owner_error_feedback: bool = True,
                  pipeline_numel: Optional[int] = None):
-        if fmt is not None:
-            get_format(fmt)
-            check_block_size(block_size)
-        check_nan_policy(nan_policy)
-        if not isinstance(error_feedback, bool):
-            raise TypeError(f"error_feedback must be a bool, got {type(error_feedback).__name__}")
-        if not isinstance(owner_error_feedback, bool):
-            raise TypeError(f"owner_error_feedback must be a bool, got {type(owner_error_feedback).__name__}")
-        if pipeline_numel is not None and (isinstance(pipeline_numel, bool) or not isinstance(pipeline_numel, int)
-                                           or pipeline_numel < 1):
-            raise ValueError(f"pipeline_numel must be None or an int >= 1, got {pipeline_numel!r}")
+        check_exchange_settings(fmt, block_size, nan_policy, min_numel, pipeline_numel, error_feedback=error_feedback,
+                                owner_error_feedback=owner_error_feedback, async_comm=async_comm)
         if module is not None and not isinstance(module, torch.nn.Module):
             raise TypeError(f"module must be a torch.nn.Module or None, got {type(module).__name__}")
-        if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
-            raise ValueError(f"min_numel must be an int >= 0, got {min_numel!r}")
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("QuantizedCommState needs an initialized process group (dist.init_process_group)")
         self.process_group = process_group

@@ -28,21 +28,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from trainops._validation import check_int
-from trainops.distributed.all_reduce import DEFAULT_MIN_NUMEL, owner_chunk_numel, quantized_all_reduce
+from trainops._validation import check_finite_float, check_int
+from trainops.distributed.all_reduce import DEFAULT_MIN_NUMEL, check_exchange_settings, owner_chunk_numel, \
+    quantized_all_reduce
 from trainops.distributed.fragments import strided_fragments
 from trainops.distributed.stats import CommStats
-from trainops.formats import check_block_size, get_format
 
 __all__ = ["DiLoCo"]
-
-
-def _check_float(name, value, lo, hi, hi_open=False, lo_open=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    bad = value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi)
-    if bad:
-        raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}, got {value}")
 
 
 class _InFlight:
@@ -106,19 +98,14 @@ class DiLoCo:
         if sync_every % num_fragments:
             raise ValueError(f"sync_every ({sync_every}) must be divisible by num_fragments ({num_fragments})")
         check_int("overlap_steps", overlap_steps, 0, sync_every - 1)
-        _check_float("outer_lr", outer_lr, 0.0, float("inf"), lo_open=True, hi_open=True)
-        _check_float("outer_momentum", outer_momentum, 0.0, 1.0, hi_open=True)
-        _check_float("fragment_alpha", fragment_alpha, 0.0, 1.0)
+        check_finite_float("outer_lr", outer_lr, lo=0.0, lo_open=True)
+        check_finite_float("outer_momentum", outer_momentum, 0.0, 1.0, hi_open=True)
+        check_finite_float("fragment_alpha", fragment_alpha, 0.0, 1.0)
         if nesterov and outer_momentum == 0:
             raise ValueError("nesterov=True needs outer_momentum > 0")
-        if fmt is not None:
-            get_format(fmt)
-            check_block_size(block_size)
-        check_int("min_numel", min_numel, 0)
-        if not isinstance(owner_error_feedback, bool):
-            raise TypeError(f"owner_error_feedback must be a bool, got {type(owner_error_feedback).__name__}")
-        if pipeline_numel is not None:
-            check_int("pipeline_numel", pipeline_numel, 1)
+        check_exchange_settings(fmt, block_size, "raise", min_numel, pipeline_numel, nesterov=nesterov,
+                                error_feedback=error_feedback, owner_error_feedback=owner_error_feedback,
+                                broadcast_init=broadcast_init)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("model has no trainable parameters")

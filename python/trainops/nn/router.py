@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from trainops._validation import CheckedFloat, check_finite_float, check_int
+from trainops._validation import CheckedFloat, check_bool, check_finite_float, check_int
 from trainops.nn._state import CheckedLoad, finite, nonnegative
 from trainops.nn.global_counts import add_unless_recomputing
 from trainops.nn.load_balancing import LoadBalancingLoss
@@ -50,9 +50,8 @@ class TopKRouter(CheckedLoad, nn.Module):
         check_int("top_k (at most num_experts)", top_k, lo=1, hi=num_experts)
         if score not in ("softmax", "sigmoid"):
             raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
-        for name, flag in (("renormalize", renormalize), ("aux_free_bias", aux_free_bias)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        check_bool("renormalize", renormalize)
+        check_bool("aux_free_bias", aux_free_bias)
         lbl_coeff = check_finite_float("lbl_coeff", lbl_coeff, lo=0.0)
         self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
         self.score, self.renormalize = score, renormalize

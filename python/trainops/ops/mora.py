@@ -23,18 +23,16 @@ T·R·d_in shrink GEMM.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
 from trainops._triton import HAS_TRITON
-from trainops._validation import resolve_seed
+from trainops._validation import FLOAT_DTYPES, check_finite_float, check_int, resolve_seed
 from trainops._counter_rng import dropout_keep_mask
 
 __all__ = ["mora", "mora_routing", "num_selected"]
 
 EPS = 1e-12
-_ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def num_selected(top_k: int, num_ranks: int) -> int:
@@ -129,18 +127,17 @@ def _bwd_aten(dy, x, A_f, B_f, A, B, p, idx, rho, top_k, temperature, threshold,
 def _check_op_scalars(top_k, temperature, threshold, scaling, dropout_p):
     """top_k int >= 1, temperature finite > 0, threshold not NaN (+-inf: keep / prune every rank
     in eval), scaling finite, dropout_p in [0, 1). Returns the four numbers as floats."""
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, torch.SymInt)):
-        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
-    if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    return (_check_number(temperature, "temperature", positive=True), _check_number(threshold, "threshold"),
-            _check_number(scaling, "scaling", finite=True), _check_number(dropout_p, "dropout_p", unit=True))
+    check_int("top_k", top_k, lo=1, symint=True)
+    return (check_finite_float("temperature", temperature, lo=0.0, lo_open=True),
+            check_finite_float("threshold", threshold, allow_inf=True),
+            check_finite_float("scaling", scaling),
+            check_finite_float("dropout_p", dropout_p, lo=0.0, hi=1.0, hi_open=True))
 
 
 def _check_op_banks(x, A_f, B_f, A, B):
     """x [T, D]; A_f [F, D], B_f [N, F]; A [Rt, D], B [N, Rt]; one device; F + Rt >= 1.
     Returns (T, R)."""
-    act = _ACT_DTYPES + ((torch.float64,) if isinstance(x, torch.Tensor) and x.device.type != "cuda" else ())
+    act = FLOAT_DTYPES + ((torch.float64,) if isinstance(x, torch.Tensor) and x.device.type != "cuda" else ())
     _check_tensor(x, "x", act)
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [tokens, in_features], got shape {tuple(x.shape)}")
@@ -166,7 +163,7 @@ def _check_bwd_args(dy, x, A_f, B_f, A, B, p, idx, rho, top_k, temperature, thre
                     check_values=True):
     T, R = _check_op_args(x, A_f, B_f, A, B, top_k, temperature, threshold, scaling, dropout_p)
     ct = _compute_dtype(x)
-    _check_tensor(dy, "dy", _ACT_DTYPES + (torch.float64,), x.device)
+    _check_tensor(dy, "dy", FLOAT_DTYPES + (torch.float64,), x.device)
     if tuple(dy.shape) != (T, B.shape[0]):
         raise ValueError(f"dy must have shape [{T}, {B.shape[0]}], got {tuple(dy.shape)}")
     _check_tensor(p, "p", (ct,), x.device)
@@ -281,23 +278,8 @@ def _check_tensor(t, name, dtypes, device=None):
         raise ValueError(f"{name} is on {t.device} but x is on {device}")
 
 
-def _check_number(v, name, *, positive=False, unit=False, finite=False):
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
-    v = float(v)
-    if math.isnan(v):
-        raise ValueError(f"{name} is NaN")
-    if finite and not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    if positive and not (v > 0.0 and math.isfinite(v)):
-        raise ValueError(f"{name} must be a finite number > 0, got {v}")
-    if unit and not 0.0 <= v < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {v}")
-    return v
-
-
 def _validate(x, A, B, frozen_A, frozen_B, top_k, temperature, threshold, scaling, dropout_p, check_nan):
-    act = _ACT_DTYPES + ((torch.float64,) if isinstance(x, torch.Tensor) and x.device.type == "cpu" else ())
+    act = FLOAT_DTYPES + ((torch.float64,) if isinstance(x, torch.Tensor) and x.device.type == "cpu" else ())
     _check_tensor(x, "x", act)
     if x.dim() < 1 or x.numel() == 0:
         raise ValueError(f"x is empty (shape {tuple(x.shape)}): nothing to adapt")

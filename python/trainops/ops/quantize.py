@@ -14,9 +14,8 @@ import torch
 
 from trainops import _extension
 from trainops._triton import HAS_TRITON
-from trainops._validation import resolve_seed
+from trainops._validation import FLOAT_DTYPES, is_int, resolve_seed
 from trainops.formats import (
-    FLOAT_DTYPES,
     bits_per_element,
     check_block_size,
     check_nan_policy,
@@ -249,7 +248,7 @@ def _check_packed_op(data, scales, fmt, block_size, numel, chunks=None, out=None
     for name, t in (("data", data), ("scales", scales)):
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but {ref_name} is on {device}")
-    if isinstance(numel, bool) or not isinstance(numel, (int, torch.SymInt)) or not 0 <= numel <= _MAX_NUMEL:
+    if not is_int(numel, symint=True) or not 0 <= numel <= _MAX_NUMEL:  # ValueError, as the C++ kernel
         raise ValueError(f"numel must be an int in [0, 2^62], got {numel!r}")
     nbytes, nb = packed_bytes(f, numel), num_blocks(numel, block_size)
     if chunks is None:

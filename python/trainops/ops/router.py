@@ -17,17 +17,17 @@ import torch
 
 from trainops import _extension
 from trainops._triton import HAS_TRITON
+from trainops._validation import FLOAT_DTYPES, check_int
 
 __all__ = ["router_topk"]
 
 _SCORES = ("softmax", "sigmoid")
-_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _check(logits, k, score, expert_bias, mask, allow_empty=False):
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dtype not in _FLOAT:
+    if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D [tokens, experts], got shape {tuple(logits.shape)}")
@@ -36,8 +36,7 @@ def _check(logits, k, score, expert_bias, mask, allow_empty=False):
     T, E = logits.shape
     if E == 0 or (T == 0 and not allow_empty):
         raise ValueError(f"logits is empty (shape {tuple(logits.shape)}): nothing to route")
-    if isinstance(k, bool) or not isinstance(k, (int, torch.SymInt)):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    check_int("k", k, symint=True)
     if not 1 <= k <= E:
         raise ValueError(f"k must be in [1, num_experts={E}], got {k}")
     if score not in _SCORES:
@@ -45,7 +44,7 @@ def _check(logits, k, score, expert_bias, mask, allow_empty=False):
     if expert_bias is not None:
         if not isinstance(expert_bias, torch.Tensor):
             raise TypeError(f"expert_bias must be a torch.Tensor or None, got {type(expert_bias).__name__}")
-        if expert_bias.dtype not in _FLOAT:
+        if expert_bias.dtype not in FLOAT_DTYPES:
             raise TypeError(f"expert_bias must be a float tensor, got {expert_bias.dtype}")
         if expert_bias.shape != (E,):
             raise ValueError(f"expert_bias must have shape [{E}], got {tuple(expert_bias.shape)}")

@@ -38,6 +38,7 @@ import stat
 
 import torch
 
+from trainops._validation import is_int
 from trainops.runtime.config import RESUME_KEYS, ConfigError
 
 __all__ = ["CheckpointError", "FORMAT", "flatten_state", "unflatten_state", "state_to_bytes", "state_from_bytes",
@@ -203,7 +204,7 @@ def unflatten_state(tensors: dict[str, torch.Tensor], skeleton, device: str | No
             return torch.device(str(x.get("v")))
         if tag == "size":
             v = x.get("v")
-            if not isinstance(v, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in v):
+            if not isinstance(v, list) or not all(map(is_int, v)):
                 raise ValueError("bad torch.Size in the state skeleton")
             return torch.Size(v)
         if tag == "bytes":
@@ -393,7 +394,7 @@ def read_pointer(root: str) -> dict:
         raise CheckpointError(f"--resume: {pointer} names {name!r}; only step-<N> or final-<N> inside {root} "
                               "is accepted")
     for key, typ in (("step", int), ("world_size", int), ("final", bool), ("manifest_sha256", str)):
-        if not isinstance(meta.get(key), typ) or (typ is int and isinstance(meta.get(key), bool)):
+        if not (is_int(meta.get(key)) if typ is int else isinstance(meta.get(key), typ)):
             raise CheckpointError(f"--resume: {pointer}: {key} is missing or not a {typ.__name__}")
     if meta["world_size"] < 1 or int(name.split("-")[1]) != meta["step"]:
         raise CheckpointError(f"--resume: {pointer}: inconsistent step / world_size")
