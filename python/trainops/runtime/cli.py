@@ -1,4 +1,5 @@
-"""``trainops train [--config file.yaml] [--key value ...]`` (also ``python -m trainops.train``).
+"""``trainops train|rl [--config file.yaml] [--key value ...]`` (also ``python -m trainops.train`` /
+``python -m trainops.rl``).
 
 Spawns ``--workers`` local processes (gloo on CPU, NCCL on CUDA) through
 :func:`trainops.distributed.spawn`; under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) this
@@ -14,13 +15,15 @@ import signal
 import sys
 import time
 
-__all__ = ["main", "train", "train_main"]
+__all__ = ["main", "train", "train_main", "rl_main"]
 
 COMMANDS = """usage: trainops <command> [options]
 
 commands:
   train   continual training of a small MoE transformer (MoRA adapters, replay, Streaming
           DiLoCo with an FP4 exchange) on 2 CPU workers by default; options: trainops train --help
+  rl      GRPO on verifiable tasks with RLEP (replay of verified rollouts per prompt) over the
+          same workers, checkpoints and reports; options: trainops rl --help
 
 `trainops train` with no options runs the default job.
 """
@@ -36,9 +39,22 @@ options:
 """
 
 
-def _help() -> str:
-    from trainops.runtime.config import help_text
-    return USAGE + help_text()
+RL_USAGE = """usage: trainops rl [--config FILE.yaml] [--key value ...]
+
+GRPO post-training of the same small MoE transformer on verifiable embedded tasks (reward:
+exact match of the sampled answer), after a brief supervised warm-up, with RLEP: verified
+completions are kept per prompt in trainops' ReplayBuffer and M of them join each group
+(--rlep on|off, --replay-per-group M, --rlep-store successes|all). Workers, sync modes,
+checkpoints, --resume, progress and reports as in `trainops train`.
+
+options:
+"""
+
+
+def _help(cls=None) -> str:
+    from trainops.runtime.config import TrainConfig, help_text
+    cls = cls or TrainConfig
+    return (RL_USAGE if cls.COMMAND == "rl" else USAGE) + help_text(cls)
 
 
 LOCK_FILE = ".lock"
@@ -164,6 +180,8 @@ def _run(cfg, under_torchrun: bool) -> dict:
     from trainops.runtime.checkpoint import atomic_write_text
     from trainops.runtime.loop import run_worker
 
+    if cfg.COMMAND == "rl":
+        from trainops.runtime.rl_loop import run_rl_worker as run_worker
     if under_torchrun:
         rank, world = init_from_env(timeout_s=cfg.timeout_s)
         if rank == 0:
@@ -205,50 +223,64 @@ def main(argv=None) -> int:
         return 0
     if argv[0] == "train":
         return train_main(argv[1:])
+    if argv[0] == "rl":
+        return rl_main(argv[1:])
     if argv[0].startswith("-"):
         print(f"trainops: options follow a command: trainops train {' '.join(argv)}", file=sys.stderr)
     else:
-        print(f"trainops: unknown command {argv[0]!r}; the command is `trainops train` (see `trainops --help`)",
+        print(f"trainops: unknown command {argv[0]!r}; the commands are `trainops train` and `trainops rl` (see `trainops --help`)",
               file=sys.stderr)
     return 2
 
 
 def train_main(argv=None) -> int:
     """``trainops train [options]`` and ``python -m trainops.train [options]``."""
+    from trainops.runtime.config import TrainConfig
+    return _command_main(argv, TrainConfig)
+
+
+def rl_main(argv=None) -> int:
+    """``trainops rl [options]`` and ``python -m trainops.rl [options]``."""
+    from trainops.runtime.rl_config import RLConfig
+    return _command_main(argv, RLConfig)
+
+
+def _command_main(argv, cls) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    me = f"trainops {cls.COMMAND}"
     if any(a in ("-h", "--help") for a in argv):
-        print(_help())
+        print(_help(cls))
         return 0
     missing = _missing_runtime_packages()
     if missing:
-        print(f"trainops train: needs {', '.join(missing)}: pip install 'trainops[runtime]'", file=sys.stderr)
+        print(f"{me}: needs {', '.join(missing)}: pip install 'trainops[runtime]'", file=sys.stderr)
         return 2
     from trainops.runtime.config import ConfigError, load_config
     try:
-        cfg = load_config(argv)
+        cfg = load_config(argv, cls)
     except ConfigError as e:
-        print(f"trainops train: error: {e}", file=sys.stderr)
+        print(f"{me}: error: {e}", file=sys.stderr)
         return 2
     start = time.perf_counter()
     try:
         summary = train(cfg)
     except ConfigError as e:
-        print(f"trainops train: error: {e}", file=sys.stderr)
+        print(f"{me}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
         return _worker_failed(cfg, e)
     except OSError as e:  # e.g. out_dir not writable, disk full while writing config.yaml
         where = f"{e.filename}: " if e.filename else ""
-        print(f"trainops train: error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"{me}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     took = time.perf_counter() - start
     if summary.get("rank", 0) != 0:  # under torchrun: rank 0 speaks for the job
         return 130 if summary.get("interrupted") else 0
     if summary.get("interrupted"):
-        print(f"trainops train: stopped; checkpoint saved in {cfg.out_dir}/checkpoint "
+        print(f"{me}: stopped; checkpoint saved in {cfg.out_dir}/checkpoint "
               f"(continue with --resume) after {took:.1f}s", file=sys.stderr)
         return 130
-    print(f"trainops train: done in {took:.1f}s; report: {os.path.join(cfg.out_dir, 'report.md')}")
+    print(f"{me}: done in {took:.1f}s; report: {os.path.join(cfg.out_dir, 'report.md')}")
     return 0
 
 
@@ -297,7 +329,7 @@ def _worker_failed(cfg, e: RuntimeError) -> int:
     msg = str(e)
     raised = [m.group(1) for m in map(_RAISED.search, msg.splitlines()) if m]
     if raised:  # a config or checkpoint error raised inside a worker: the message, not the traceback
-        print(f"trainops train: error: {raised[-1]}", file=sys.stderr)
+        print(f"trainops {cfg.COMMAND}: error: {raised[-1]}", file=sys.stderr)
         return 2
     log = os.path.join(cfg.out_dir, ERROR_LOG)
     try:
@@ -305,7 +337,7 @@ def _worker_failed(cfg, e: RuntimeError) -> int:
             fh.write(msg + "\n")
     except OSError:
         log = None
-    lines = [f"trainops train: a worker failed; {_checkpoint_status(cfg)}."]
+    lines = [f"trainops {cfg.COMMAND}: a worker failed; {_checkpoint_status(cfg)}."]
     lines += [f"  {ln}" for ln in _worker_summary(msg)]
     if log:
         lines.append(f"  full worker tracebacks: {log}")

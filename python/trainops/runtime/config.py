@@ -11,11 +11,12 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 __all__ = ["TrainConfig", "ConfigError", "load_config", "config_from_dict", "preflight", "DOMAIN_NAMES",
            "RESUME_KEYS", "MAX_SIZES", "MAX_TOKENS"]
 
-DOMAIN_NAMES = ("arith", "reverse", "sort", "grammar")
+DOMAIN_NAMES = ("arith", "reverse", "sort", "grammar", "add")
 LBL_SCOPES = ("micro_batch", "sequence", "global")
 REPLAY_MODES = ("off", "power_law", "reservoir")
 ADAPTERS = ("mora", "lora", "none")
@@ -47,6 +48,8 @@ def _f(default, help: str, **kw):
 
 @dataclass
 class TrainConfig:
+    COMMAND: ClassVar[str] = "train"  # the `trainops <command>` these options belong to (errors name it)
+
     # --- run ---------------------------------------------------------------------------
     out_dir: str = _f("runs/default", "output directory (metrics.jsonl, config.yaml, report.md, plots/, checkpoint/)")
     seed: int = _f(0, "seed of model init, data and replay sampling")
@@ -262,22 +265,23 @@ def _coerce(f: dataclasses.Field, value, source: str):
     raise ConfigError(f"{source}: {f.name} must be {typ.__name__}, got {value!r}")
 
 
-def config_from_dict(values: dict, source: str = "config") -> TrainConfig:
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+def config_from_dict(values: dict, source: str = "config", cls: type = TrainConfig) -> TrainConfig:
+    """A validated ``cls`` (TrainConfig or a subclass such as the RL config) from key: value pairs."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
         if name not in fields:
             close = [n for n in fields if n.startswith(name[:4])]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ConfigError(f"{source}: unknown key {key!r}{hint}; see `trainops train --help`")
+            raise ConfigError(f"{source}: unknown key {key!r}{hint}; see `trainops {cls.COMMAND} --help`")
         kwargs[name] = _coerce(fields[name], value, source)
-    return TrainConfig(**kwargs).validate()
+    return cls(**kwargs).validate()
 
 
-def help_text() -> str:
+def help_text(cls: type = TrainConfig) -> str:
     lines = []
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         typ = f.type if isinstance(f.type, str) else f.type.__name__
         most = f", at most {MAX_SIZES[f.name]}" if f.name in MAX_SIZES else ""
@@ -287,9 +291,9 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
-def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:
+def parse_overrides(argv: list[str], cls: type = TrainConfig) -> tuple[str | None, dict]:
     """``[--config FILE] [--key value | --flag | --no-flag ...]`` -> (config path, overrides)."""
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     path, out, i = None, {}, 0
     while i < len(argv):
         arg = argv[i]
@@ -311,7 +315,7 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:
             out[name] = True
         else:
             if name not in fields:
-                raise ConfigError(f"unknown option --{key}; see `trainops train --help`")
+                raise ConfigError(f"unknown option --{key}; see `trainops {cls.COMMAND} --help`")
             if not eq:
                 i += 1
                 if i >= len(argv):
@@ -322,9 +326,9 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:
     return path, out
 
 
-def load_config(argv: list[str]) -> TrainConfig:
+def load_config(argv: list[str], cls: type = TrainConfig) -> TrainConfig:
     """Defaults < ``--config`` YAML file < ``--key value`` overrides; validated."""
-    path, overrides = parse_overrides(argv)
+    path, overrides = parse_overrides(argv, cls)
     values: dict = {}
     if path is not None:
         import yaml
@@ -343,9 +347,9 @@ def load_config(argv: list[str]) -> TrainConfig:
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config {path}: must be a mapping of key: value")
         values.update(loaded)
-        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        fields = {f.name for f in dataclasses.fields(cls)}
         for k in loaded:
             if str(k).replace("-", "_") not in fields:
-                raise ConfigError(f"{path}: unknown key {k!r}; see `trainops train --help`")
+                raise ConfigError(f"{path}: unknown key {k!r}; see `trainops {cls.COMMAND} --help`")
     values.update(overrides)
-    return config_from_dict(values, source=path or "command line")
+    return config_from_dict(values, source=path or "command line", cls=cls)

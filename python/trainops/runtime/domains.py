@@ -7,6 +7,9 @@ the model is trained (and scored) on predicting the answer bytes only. Domains:
   reverse  four letters a-f reversed: ``"cafe<"`` -> ``"efac"``
   sort     five letters a-f sorted: ``"cafeb>"`` -> ``"abcef"``
   grammar  Dyck-1 membership of 8 parentheses (half of them balanced): ``"(()())()?"`` -> ``"Y"``
+  add      two-digit addition, three answer digits: ``"37+85="`` -> ``"122"`` (the harder
+           task of ``trainops rl``: carries make a briefly pre-trained model start far below
+           the ceiling)
 
 A text file (one line ``prompt<TAB>answer``) is a domain too; its examples are drawn
 uniformly from its lines. Batches are a pure function of the generator's seed, so the
@@ -97,6 +100,16 @@ class Grammar(Domain):
         return prompt, torch.where(balanced[pick], ord("Y"), ord("N")).view(n, 1)
 
 
+class Add(Domain):
+    chance = 1e-3
+
+    def raw(self, gen, n):
+        a, b = torch.randint(0, 100, (2, n), generator=gen)
+        digits = lambda x, k: torch.stack([(x // 10 ** (k - 1 - i)) % 10 + 48 for i in range(k)], 1)  # noqa: E731
+        prompt = torch.cat([digits(a, 2), torch.full((n, 1), ord("+")), digits(b, 2), torch.full((n, 1), ord("="))], 1)
+        return prompt, digits(a + b, 3)
+
+
 class TextFile(Domain):
     """Lines ``prompt<TAB>answer`` of a text file (ASCII); drawn uniformly with replacement."""
 
@@ -130,7 +143,7 @@ class TextFile(Domain):
         return tokens, mask
 
 
-_EMBEDDED = {"arith": Arith, "reverse": Reverse, "sort": Sort, "grammar": Grammar}
+_EMBEDDED = {"arith": Arith, "reverse": Reverse, "sort": Sort, "grammar": Grammar, "add": Add}
 
 
 def make_domains(names: list[str], seq_len: int) -> list[Domain]:

@@ -67,6 +67,34 @@ def _loss(model, tokens, mask):
     return (ce * m).sum() / m.sum().clamp_min(1), aux
 
 
+def pretrain_step(forward, sync, domains, cfg, rank: int, phase_idx: int, step: int, device):
+    """One supervised step on the mixture of ``domains`` (one domain per micro-batch, rotating
+    over ranks, ``grad_accum`` micro-batches); returns (mean cross-entropy, mean LBL, tokens)."""
+    lbl_sum, ce_sum, tokens_done = 0.0, 0.0, 0
+    for m in range(cfg.grad_accum):
+        d = (step * cfg.grad_accum + m + rank) % len(domains)
+        tokens, mask = domains[d].sample(generator(cfg.seed, rank, phase_idx, step, m), cfg.batch_size)
+        last = m == cfg.grad_accum - 1
+        with contextlib.nullcontext() if last else sync.no_sync():  # DDP: all-reduce once per step
+            ce, aux = _loss(forward, tokens.to(device), mask.to(device))
+            ((ce + aux) / cfg.grad_accum).backward()
+        if last:
+            sync.after_backward(time.perf_counter())
+        ce_sum, lbl_sum = ce_sum + ce.item(), lbl_sum + aux.item()
+        tokens_done += tokens.numel()
+    return ce_sum / cfg.grad_accum, lbl_sum / cfg.grad_accum, tokens_done
+
+
+def agree_to_stop(cfg, global_step: int, device) -> tuple[bool, float]:
+    """Every worker must stop at the same step: the MAX over the workers of "a signal arrived
+    or --stop-after is reached"; returns (stop, seconds spent waiting for the others)."""
+    flag = torch.tensor([1 if _STOP["flag"] or (cfg.stop_after and global_step == cfg.stop_after) else 0],
+                        device=device)
+    t0 = time.perf_counter()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item()), time.perf_counter() - t0
+
+
 @torch.no_grad()
 def greedy_answers(model, tokens, mask):
     """Free generation: the answer bytes of ``tokens`` replaced by the model's own greedy
@@ -296,20 +324,9 @@ def run_worker(rank: int, world: int, cfg_dict: dict) -> dict:
             gs = state["global_step"]
             replay_rows = 0
             elements_before = stats.elements
-            if task is None:  # pre-training: one domain per micro-batch, rotating over ranks
-                lbl_sum, ce_sum = 0.0, 0.0
-                for m in range(cfg.grad_accum):
-                    d = (step * cfg.grad_accum + m + rank) % n_tasks
-                    tokens, mask = domains[d].sample(generator(cfg.seed, rank, phase_idx, step, m), cfg.batch_size)
-                    last = m == cfg.grad_accum - 1
-                    with contextlib.nullcontext() if last else sync.no_sync():  # DDP: all-reduce once per step
-                        ce, aux = _loss(forward, tokens.to(device), mask.to(device))
-                        ((ce + aux) / cfg.grad_accum).backward()
-                    if last:
-                        sync.after_backward(time.perf_counter())
-                    ce_sum, lbl_sum = ce_sum + ce.item(), lbl_sum + aux.item()
-                    tokens_done += tokens.numel()
-                ce_val, lbl_val = ce_sum / cfg.grad_accum, lbl_sum / cfg.grad_accum
+            if task is None:
+                ce_val, lbl_val, n = pretrain_step(forward, sync, domains, cfg, rank, phase_idx, step, device)
+                tokens_done += n
             else:
                 tokens, mask = domains[task].sample(generator(cfg.seed, rank, phase_idx, step), cfg.batch_size)
                 tokens, mask = tokens.to(device), mask.to(device)
@@ -344,13 +361,8 @@ def run_worker(rank: int, world: int, cfg_dict: dict) -> dict:
                 bar.set_postfix(loss=f"{ce_val:.3f}", lbl=f"{lbl_val:.4f}", tok_s=f"{tps:,.0f}",
                                 sent=f"{stats.bytes_sent / 1e6:.2f}MB", refresh=False)
                 bar.update(1)
-            # Every worker must stop at the same step: agree on the stop flag.
-            flag = torch.tensor([1 if _STOP["flag"] or (cfg.stop_after and gs == cfg.stop_after) else 0],
-                                device=device)
-            t_flag = time.perf_counter()
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = bool(flag.item())
-            state["flag_s"] += time.perf_counter() - t_flag
+            stop, waited = agree_to_stop(cfg, gs, device)
+            state["flag_s"] += waited
             if stop or (cfg.checkpoint_every and gs % cfg.checkpoint_every == 0):
                 clock()
                 checkpoint(phase_idx, step, opt, sync)

@@ -42,15 +42,16 @@ def scalars(row: dict, domains: list[str]) -> dict[str, float]:
     return out
 
 
-def log_line(row: dict, steps: int) -> str:
-    return (f"trainops train: [{row['phase']}] step {row['step']}/{steps} (global {row['global_step']}) "
-            f"loss {row['loss']:.4f} lbl {row['lbl']:.4f} {row['tokens_per_s']:,.0f} tokens/s "
+def log_line(row: dict, steps: int, command: str = "train") -> str:
+    reward = f" reward {row['reward']:.3f}" if "reward" in row else ""
+    return (f"trainops {command}: [{row['phase']}] step {row['step']}/{steps} (global {row['global_step']}) "
+            f"loss {row['loss']:.4f}{reward} lbl {row['lbl']:.4f} {row['tokens_per_s']:,.0f} tokens/s "
             f"sent {row['bytes_sent'] / 1e6:.2f} MB")
 
 
-def eval_line(row: dict, domains: list[str]) -> str:
+def eval_line(row: dict, domains: list[str], command: str = "train") -> str:
     accs = " ".join(f"{d}={a:.3f}" for d, a in zip(domains, row["accuracy"]))
-    return f"trainops train: [{row['phase']}] exact-match (greedy) {accs} specialization={row['specialization']:.3f}"
+    return f"trainops {command}: [{row['phase']}] exact-match (greedy) {accs} specialization={row['specialization']:.3f}"
 
 
 class RunMonitor:
@@ -63,6 +64,7 @@ class RunMonitor:
     def __init__(self, cfg, rank: int, domains: list[str], phase_steps: dict[str, int],
                  resume_step: int | None = None):
         self.domains, self.phase_steps = domains, phase_steps
+        self.command = getattr(cfg, "COMMAND", "train")
         self.log_every = cfg.log_every if rank == 0 and not cfg.progress else 0
         self.writer = None
         if rank == 0 and cfg.tensorboard:
@@ -77,11 +79,11 @@ class RunMonitor:
         if not self.log_every:
             return
         if "event" in row:
-            print(eval_line(row, self.domains), file=sys.stderr, flush=True)
+            print(eval_line(row, self.domains, self.command), file=sys.stderr, flush=True)
             return
         steps = self.phase_steps[row["phase"]]
         if row["step"] % self.log_every == 0 or row["step"] == steps:
-            print(log_line(row, steps), file=sys.stderr, flush=True)
+            print(log_line(row, steps, self.command), file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.writer is not None:
