@@ -1,0 +1,315 @@
+"""RLEP (Zhang et al. 2025, arXiv 2507.07451) for TRL's ``GRPOTrainer``.
+
+RLEP keeps the verified-correct rollouts of each prompt and, at every generation, mixes
+``M = replay_per_group`` of them (drawn uniformly, without replacement, from that prompt's
+pool) into the prompt's group of ``G = num_generations`` fresh rollouts; the group-relative
+advantages are computed over all G + M items, and the replayed items enter the loss like fresh
+ones. The pool is a :class:`trainops.replay.ReplayBuffer` (fixed-size token rows, group id =
+a 64-bit hash of the prompt), saved with every checkpoint and restored on resume.
+
+    from trainops.integrations.trl import RLEPConfig, RLEPGRPOTrainer
+    args = RLEPConfig(output_dir="out", replay_per_group=2, replay_success_threshold=1.0)
+    trainer = RLEPGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds)
+
+``RLEPGRPOTrainer`` takes ``GRPOTrainer``'s arguments; with ``replay_per_group=0`` (or a plain
+``GRPOConfig``) it is ``GRPOTrainer``. The extension points are TRL's own: the batch that
+``_generate_and_score_completions`` returns (fresh rows, scored and with TRL's advantages) is
+extended with the replayed rows and its advantages recomputed; the rewards are read where TRL
+computes them (``_calculate_rewards``); the buffer is saved by ``_save_checkpoint`` and read
+back by ``_load_optimizer_and_scheduler``, as TRL does for its own trainer state.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl import GRPOConfig, GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import use_adapter
+
+from trainops.integrations._trl_advantages import group_advantages
+from trainops.replay import ReplayBuffer
+
+__all__ = ["RLEPConfig", "RLEPGRPOTrainer", "ReplayStep", "prompt_group_id", "REPLAY_FILE"]
+
+logger = logging.getLogger(__name__)
+
+REPLAY_FILE = "rlep_replay.safetensors"
+STORE_MODES = ("successes", "all")
+
+
+def prompt_group_id(prompt) -> int:
+    """Stable int64 id of a prompt: the first 8 bytes of BLAKE2b of its text (a conversational
+    prompt, a list of messages, as canonical JSON). The same in every process and run, unlike
+    Python's ``hash``."""
+    text = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+
+
+@dataclass
+class RLEPConfig(GRPOConfig):
+    """``GRPOConfig`` plus RLEP's settings.
+
+    replay_per_group: M, replayed items mixed into each prompt's group (0: RLEP off). The paper
+        uses G=16, M=2.
+    replay_capacity: items the replay pool holds (FIFO: the oldest go first).
+    replay_success_threshold: a rollout is a verified success, and stored, when its weighted
+        reward (Σ_k w_k r_k) is >= this.
+    replay_store: ``"successes"`` (default; the paper's choice: replaying failures did not help)
+        or ``"all"`` (every scored rollout).
+    replay_seed: seed of the pool's draws (None: ``seed``).
+    """
+
+    replay_per_group: int = field(default=0, metadata={"help": "RLEP: replayed successes per group (0: off)."})
+    replay_capacity: int = field(default=65536, metadata={"help": "RLEP: rollouts the replay pool holds."})
+    replay_success_threshold: float = field(
+        default=1.0, metadata={"help": "RLEP: a rollout with weighted reward >= this is a verified success."})
+    replay_store: str = field(default="successes", metadata={"help": "RLEP: store 'successes' or 'all' rollouts."})
+    replay_seed: int | None = field(default=None, metadata={"help": "RLEP: seed of the replay draws (None: seed)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.replay_per_group, bool) or not isinstance(self.replay_per_group, int) \
+                or self.replay_per_group < 0:
+            raise ValueError(f"replay_per_group must be an int >= 0, got {self.replay_per_group!r}")
+        if isinstance(self.replay_capacity, bool) or not isinstance(self.replay_capacity, int) \
+                or not 1 <= self.replay_capacity < 2**31:
+            raise ValueError(f"replay_capacity must be an int in [1, 2^31), got {self.replay_capacity!r}")
+        if not isinstance(self.replay_success_threshold, (int, float)) or isinstance(self.replay_success_threshold, bool) \
+                or not math.isfinite(self.replay_success_threshold):
+            raise ValueError(f"replay_success_threshold must be a finite number, got {self.replay_success_threshold!r}")
+        if self.replay_store not in STORE_MODES:
+            raise ValueError(f"replay_store must be one of {STORE_MODES}, got {self.replay_store!r}")
+        if self.replay_seed is not None and (isinstance(self.replay_seed, bool) or not isinstance(self.replay_seed, int)):
+            raise ValueError(f"replay_seed must be an int or None, got {self.replay_seed!r}")
+
+
+class ReplayStep(NamedTuple):
+    """Layout of the last training generation (rows in the order of the batch handed to TRL,
+    before its shuffle): group-major, each prompt's G fresh rows, then its replayed rows."""
+
+    group_ids: torch.Tensor    # [R] int64 prompt id of each row
+    is_replay: torch.Tensor    # [R] bool
+    rewards: torch.Tensor      # [R] weighted reward of each row
+    advantages: torch.Tensor   # [R]
+    replay_slots: torch.Tensor  # [B, M] buffer slots of the replayed rows (-1: none)
+    stored: int                # fresh rollouts added to the pool after the draw
+
+
+class RLEPGRPOTrainer(GRPOTrainer):
+    """``trl.GRPOTrainer`` with RLEP experience replay (see the module docstring and
+    :class:`RLEPConfig`). ``replay_buffer`` is the pool (None when RLEP is off);
+    ``last_replay_step`` the layout of the last training generation.
+
+    Supported with RLEP on: one process, text prompts (plain or conversational), transformers or
+    custom-rollout generation without tools, environments, images or vLLM importance sampling.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.replay_per_group = int(getattr(self.args, "replay_per_group", 0))
+        self.replay_buffer: ReplayBuffer | None = None
+        self.last_replay_step: ReplayStep | None = None
+        self._rlep_rewards_per_func = None
+        if self.replay_per_group == 0:
+            return
+        unsupported = [name for name, on in (
+            ("several processes", self.accelerator.num_processes > 1), ("use_vllm", self.use_vllm),
+            ("tools", bool(self.tools)), ("environment_factory", self.environment_factories is not None))
+            if on]
+        if unsupported:
+            raise NotImplementedError(f"RLEP (replay_per_group > 0) does not support {', '.join(unsupported)} yet")
+        seed = self.args.seed if self.args.replay_seed is None else self.args.replay_seed
+        spec = {"completion_ids": ((self.max_completion_length,), torch.int32), "length": ((), torch.int32),
+                "rewards": ((len(self.reward_funcs),), torch.float32)}
+        self.replay_buffer = ReplayBuffer(self.args.replay_capacity, spec, device=self.accelerator.device,
+                                          sampler="uniform", eviction="fifo", seed=seed,
+                                          ragged={"completion_ids": "length"})
+
+    # ------------------------------------------------------------------ TRL extension points
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._rlep_rewards_per_func = rewards_per_func
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if self.replay_buffer is None or not self.model.training:
+            return output
+        return self._mix_replay(inputs, output, self._rlep_rewards_per_func)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.replay_buffer is not None and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            self.replay_buffer.save(os.path.join(folder, REPLAY_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if self.replay_buffer is None or checkpoint is None:
+            return
+        path = os.path.join(checkpoint, REPLAY_FILE)
+        if os.path.isfile(path):
+            self.replay_buffer.load(path)
+        else:
+            logger.warning("%s has no %s (saved without RLEP?): the replay pool starts empty", checkpoint, REPLAY_FILE)
+
+    # ------------------------------------------------------------------ RLEP
+    def _mix_replay(self, inputs: list, output: dict, rewards_per_func: torch.Tensor) -> dict:
+        """``output`` (B·G fresh rows, group-major) with up to M replayed rows per group appended
+        after the group's fresh rows and advantages recomputed over each whole group; then this
+        generation's stored-worthy fresh rollouts go into the pool (after the draw, so a group
+        never replays its own fresh rollouts)."""
+        G, M, L = self.num_generations, self.replay_per_group, self.max_completion_length
+        foreign = [k for k in ("tool_mask", "pixel_values", "num_images", "importance_sampling_ratio",
+                               "sampling_per_token_logps", "token_type_ids", "mm_token_type_ids") if k in output]
+        if foreign:
+            raise NotImplementedError(f"RLEP does not support batches with {foreign} yet")
+        dev = output["completion_ids"].device
+        n = len(inputs)
+        if n % G:
+            raise RuntimeError(f"a generation batch of {n} rows is not whole groups of num_generations={G}")
+        B, K = n // G, rewards_per_func.shape[1]
+        rewards_per_func = rewards_per_func.to(dev)
+        group_ids = torch.tensor([prompt_group_id(x["prompt"]) for x in inputs[::G]], dtype=torch.int64, device=dev)
+
+        # draw M of each prompt's stored successes
+        if len(self.replay_buffer):
+            drawn = self.replay_buffer.sample_groups(group_ids, M)
+            mask, slots, rows = drawn.mask.clone(), drawn.indices.clone(), drawn.batch
+        else:
+            mask = torch.zeros(B, M, dtype=torch.bool, device=dev)
+            slots = torch.full((B, M), -1, dtype=torch.int64, device=dev)
+            rows = {"completion_ids": torch.zeros(B, M, L, dtype=torch.int32, device=dev),
+                    "length": torch.zeros(B, M, dtype=torch.int32, device=dev),
+                    "rewards": torch.zeros(B, M, K, device=dev)}
+        # TRL splits the batch into steps_per_generation equal parts (a remainder would be lost):
+        # drop the last few replayed rows so the row count divides evenly.
+        excess = (n + int(mask.sum())) % self.args.steps_per_generation
+        if excess:
+            flat = mask.view(-1)
+            flat[flat.nonzero().view(-1)[-excess:]] = False
+            slots.masked_fill_(~mask, -1)
+
+        # advantages over G + M
+        combined = torch.full((B, G + M, K), float("nan"), device=dev)
+        combined[:, :G] = rewards_per_func.view(B, G, K)
+        combined[:, G:][mask] = rows["rewards"][mask].to(combined)
+        weights = self.reward_weights.to(dev)
+        advantages, _ = group_advantages(combined, weights, self.scale_rewards, self.multi_objective_aggregation)
+        group_rewards = (combined * weights).nansum(-1)
+
+        stored = self._store_fresh(output, rewards_per_func, group_ids)
+        mixed = self._append_replayed(output, rows, mask)
+
+        # group-major order: for each prompt its G fresh rows, then its replayed rows
+        present = torch.cat([torch.ones(B, G, dtype=torch.bool, device=dev), mask], dim=1)  # [B, G+M]
+        position = torch.full((B, G + M), -1, dtype=torch.int64, device=dev)
+        position[:, :G] = torch.arange(n, device=dev).view(B, G)
+        position[:, G:][mask] = torch.arange(n, n + int(mask.sum()), device=dev)
+        order = position[present]
+        del mixed["advantages"]  # the fresh rows' only; recomputed below
+        for key, value in mixed.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                mixed[key] = value.index_select(0, order)
+        mixed["advantages"] = advantages[present]
+
+        num_replayed = int(mask.sum())
+        metrics = self._metrics["train"]
+        metrics["rlep/replayed_fraction"].append(num_replayed / (n + num_replayed))
+        metrics["rlep/stored"].append(float(stored))
+        metrics["rlep/buffer_size"].append(float(len(self.replay_buffer)))
+        is_replay = torch.cat([torch.zeros(B, G, dtype=torch.bool, device=dev), mask], dim=1)
+        self.last_replay_step = ReplayStep(group_ids.repeat_interleave(present.sum(1)), is_replay[present],
+                                           group_rewards[present], mixed["advantages"], slots, stored)
+        return mixed
+
+    def _store_fresh(self, output: dict, rewards_per_func: torch.Tensor, group_ids: torch.Tensor) -> int:
+        """Add the fresh rollouts the store mode keeps (verified successes by default) to the pool."""
+        G, L = self.num_generations, self.max_completion_length
+        lengths = output["completion_mask"].sum(1)
+        rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(1)
+        scored = ~torch.isnan(rewards_per_func).all(1)
+        keep = scored & (lengths > 0)  # a completion masked out entirely (truncated, when masked) is no answer
+        if self.args.replay_store == "successes":
+            keep &= rewards >= self.args.replay_success_threshold
+        count = int(keep.sum())
+        if count == 0:
+            return 0
+        ids = output["completion_ids"][keep]
+        ids = ids[:, :L] if ids.shape[1] >= L else torch.nn.functional.pad(ids, (0, L - ids.shape[1]))
+        ids = ids.masked_fill(torch.arange(L, device=ids.device) >= lengths[keep].unsqueeze(1), 0)
+        self.replay_buffer.extend({"completion_ids": ids.to(torch.int32), "length": lengths[keep].to(torch.int32),
+                                   "rewards": rewards_per_func[keep].float()},
+                                  group=group_ids.repeat_interleave(G)[keep])
+        return count
+
+    def _append_replayed(self, output: dict, rows: dict, mask: torch.Tensor) -> dict:
+        """``output`` with the replayed rows appended at the end (prompt = their group's prompt row;
+        completion tensors padded to a common width; old/reference log-probs of the replayed rows
+        computed by the current/reference model, as TRL does for fresh rows)."""
+        G = self.num_generations
+        out = dict(output)
+        count = int(mask.sum())
+        if count == 0:
+            return out
+        pad_id = self._tokenizer.pad_token_id
+        dev = output["completion_ids"].device
+        lengths = rows["length"][mask].long()
+        width_fresh = output["completion_ids"].shape[1]
+        width = max(width_fresh, int(lengths.max()))
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        group_of_row = mask.nonzero()[:, 0]
+        prompt_ids = output["prompt_ids"][group_of_row * G]
+        prompt_mask = output["prompt_mask"][group_of_row * G]
+        ids = rows["completion_ids"][mask].long()
+        ids = torch.nn.functional.pad(ids, (0, max(0, width - ids.shape[1])))[:, :width]
+        completion_mask = (torch.arange(width, device=dev) < lengths.unsqueeze(1)).to(output["completion_mask"].dtype)
+        ids = ids.masked_fill(completion_mask == 0, pad_id)
+
+        def widen(t, value):
+            return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+        out["prompt_ids"] = torch.cat([output["prompt_ids"], prompt_ids])
+        out["prompt_mask"] = torch.cat([output["prompt_mask"], prompt_mask])
+        out["completion_ids"] = torch.cat([widen(output["completion_ids"], pad_id), ids])
+        out["completion_mask"] = torch.cat([widen(output["completion_mask"], 0), completion_mask])
+        out["num_items_in_batch"] = output["num_items_in_batch"] + completion_mask.sum()
+        if "old_per_token_logps" in output or "ref_per_token_logps" in output:
+            old, ref = self._replayed_logps(prompt_ids, prompt_mask, ids, completion_mask,
+                                            "old_per_token_logps" in output, "ref_per_token_logps" in output)
+            if old is not None:
+                out["old_per_token_logps"] = torch.cat([widen(output["old_per_token_logps"], 0.0), old])
+            if ref is not None:
+                out["ref_per_token_logps"] = torch.cat([widen(output["ref_per_token_logps"], 0.0), ref])
+        return out
+
+    def _replayed_logps(self, prompt_ids, prompt_mask, completion_ids, completion_mask, want_old: bool,
+                        want_ref: bool):
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        keep = completion_ids.shape[1]
+        batch_size = self.args.per_device_train_batch_size
+        old = ref = None
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if want_old:
+                old = self._get_per_token_logps_and_entropies(self.model, input_ids, attention_mask, keep,
+                                                              batch_size=batch_size)[0]
+            if want_ref:
+                if self.ref_model is not None:
+                    ref = self._get_per_token_logps_and_entropies(self.ref_model, input_ids, attention_mask, keep,
+                                                                  batch_size=batch_size)[0]
+                else:  # a PEFT model: the reference is the base (or the "ref" adapter), as in TRL
+                    model = self.accelerator.unwrap_model(self.model)
+                    with use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
+                        ref = self._get_per_token_logps_and_entropies(self.model, input_ids, attention_mask, keep,
+                                                                      batch_size=batch_size)[0]
+        return old, ref
