@@ -19,29 +19,11 @@ task's ranks fire for which task's inputs). The numbers are what this run measur
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 from torch import nn
 
-from trainops.nn import MoRALinear, add_task, mora_activation_stats, mora_modules, set_mora_stats
-
-
-class LoRALinear(nn.Module):
-    """Plain LoRA on a frozen Linear: base(x) + (x Aᵀ Bᵀ) · scaling (PEFT-style)."""
-
-    def __init__(self, base: nn.Linear, rank: int, scaling: float = 1.0):
-        super().__init__()
-        self.base = base
-        for p in base.parameters():
-            p.requires_grad_(False)
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.scaling = scaling
-
-    def forward(self, x):
-        return self.base(x) + (x @ self.lora_A.t()) @ self.lora_B.t() * self.scaling
+from trainops.nn import LoRALinear, MoRALinear, add_task, mora_activation_stats, mora_modules, set_mora_stats
 
 
 def make_tasks(num_tasks, dim, classes, samples, seed):

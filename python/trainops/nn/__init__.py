@@ -1,4 +1,5 @@
 """Neural-network modules."""
+from trainops.nn.lora import LoRALinear
 from trainops.nn.load_balancing import GlobalCountSync, LoadBalancingLoss, register_reset_hook, reset_load_balancing
 from trainops.nn.moe import MoELayer
 from trainops.nn.moe_metrics import domain_expert_counts, expert_selection_frequency, specialization_score
@@ -20,6 +21,6 @@ from trainops.nn.router import TopKRouter
 __all__ = [
     "LoadBalancingLoss", "GlobalCountSync", "reset_load_balancing", "register_reset_hook", "TopKRouter", "MoELayer",
     "domain_expert_counts", "expert_selection_frequency", "specialization_score",
-    "MoRALinear", "apply_mora", "add_task", "mora_state_dict", "load_mora_state_dict", "mora_modules",
+    "LoRALinear", "MoRALinear", "apply_mora", "add_task", "mora_state_dict", "load_mora_state_dict", "mora_modules",
     "mora_activation_stats", "set_mora_stats", "mora_config", "save_mora", "load_mora",
 ]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 import warnings
 from collections.abc import Mapping
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from trainops._validation import CheckedFloat, check_int
+from trainops.nn._replace import module_matcher, replace_linears
 from trainops.nn._state import refuse
 from trainops.ops.mora import mora_routing
 
@@ -366,18 +366,6 @@ def _base_entries_as_own(module: MoRALinear, state_dict, prefix: str, local_meta
 
 # --- model-level helpers ------------------------------------------------------------------
 
-def _matcher(target_modules):
-    if isinstance(target_modules, str):
-        pattern = re.compile(target_modules)
-        return lambda name: pattern.fullmatch(name) is not None
-    if isinstance(target_modules, (list, tuple, set)) and target_modules and all(
-            isinstance(t, str) for t in target_modules):
-        names = set(target_modules)
-        return lambda name: name in names or name.rsplit(".", 1)[-1] in names
-    raise TypeError("target_modules must be a regex string or a non-empty list of module names, "
-                    f"got {target_modules!r}")
-
-
 def _peft_layer_types() -> tuple:
     # PEFT is optional: when it was never imported, no module of the model can be one of its layers
     if "peft" not in sys.modules:
@@ -429,24 +417,14 @@ def apply_mora(model: nn.Module, target_modules, **kwargs) -> nn.Module:
     ``get_peft_model``: PEFT freezes every parameter outside its own layers, a MoRALinear's
     included. Returns ``model`` (changed in place).
     """
-    match = _matcher(target_modules)
+    match = module_matcher(target_modules)
     MoRALinear.check_args(**kwargs)  # before the model is touched: a bad argument changes nothing
-    matched = [(name, mod) for name, mod in model.named_modules() if name and match(name)]
-    for name, mod in matched:
-        if isinstance(mod, (nn.Linear, MoRAExperts, *_peft_layer_types())):
+    for name, mod in model.named_modules():
+        if name and match(name) and isinstance(mod, (nn.Linear, MoRAExperts, *_peft_layer_types())):
             _refuse_wrapped(model, name, mod)
-    targets = [(name, mod) for name, mod in matched if isinstance(mod, nn.Linear)]
-    if not targets:
-        raise ValueError(f"target_modules {target_modules!r} matched no nn.Linear in the model")
-    keep = _adapter_params(model)
-    for prm in model.parameters():
-        if id(prm) not in keep:
-            prm.requires_grad_(False)
-    for name, mod in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, MoRALinear(mod, **kwargs).train(mod.training))  # keep the model's mode
-    return model
+    return replace_linears(model, match, lambda linear: MoRALinear(linear, **kwargs),
+                           no_match=f"target_modules {target_modules!r} matched no nn.Linear in the model",
+                           keep_trainable=_adapter_params(model))
 
 
 def mora_modules(model: nn.Module):

@@ -7,14 +7,13 @@ router with a load-balancing loss at the configured scope). Attention projection
 from __future__ import annotations
 
 import contextlib
-import math
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainops.nn import MoELayer, add_task, apply_mora
+from trainops.nn import LoRALinear, MoELayer, add_task, apply_mora
+from trainops.nn._replace import module_matcher, replace_linears
 
 __all__ = ["MoETransformer", "LoRALinear", "apply_adapter", "next_task_adapter", "lbl_disabled"]
 
@@ -82,22 +81,6 @@ def lbl_disabled(model: MoETransformer):
             m.router.lbl = lbl
 
 
-class LoRALinear(nn.Module):
-    """Plain LoRA on a frozen Linear: base(x) + x Aᵀ Bᵀ (A Kaiming-uniform, B zero)."""
-
-    def __init__(self, base: nn.Linear, rank: int):
-        super().__init__()
-        self.base = base
-        for p in base.parameters():
-            p.requires_grad_(False)
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-
-    def forward(self, x):
-        return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B)
-
-
 def _target_regex(leaf_regex: str) -> str:
     return rf"(.*\.)?({leaf_regex})"
 
@@ -109,16 +92,9 @@ def apply_adapter(model: nn.Module, cfg, num_tasks: int) -> None:
         apply_mora(model, _target_regex(cfg.adapter_targets), rank=cfg.adapter_rank, top_k=cfg.mora_top_k,
                    temperature=cfg.mora_temperature)
     elif cfg.adapter == "lora":
-        pattern = re.compile(_target_regex(cfg.adapter_targets))
-        targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.fullmatch(n)]
-        if not targets:
-            raise ValueError(f"adapter_targets={cfg.adapter_targets!r} matched no nn.Linear")
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for name, mod in targets:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child,
-                    LoRALinear(mod, cfg.adapter_rank * num_tasks))
+        replace_linears(model, module_matcher(_target_regex(cfg.adapter_targets)),
+                        lambda linear: LoRALinear(linear, cfg.adapter_rank * num_tasks),
+                        no_match=f"adapter_targets={cfg.adapter_targets!r} matched no nn.Linear")
 
 
 def next_task_adapter(model: nn.Module, cfg) -> None:
