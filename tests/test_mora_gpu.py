@@ -7,6 +7,7 @@ import trainops  # noqa: F401
 from trainops.nn import MoRALinear
 from trainops.ops import mora
 from trainops.reference.mora import mora as ref_mora
+from tolerances import random_sum_tolerance, rounding_tolerance
 
 pytestmark = pytest.mark.gpu
 
@@ -30,7 +31,9 @@ def test_cuda_op_matches_reference(dtype, F, Rt, top_k, training):
     xr, Ar, Br = (t.detach().double().requires_grad_() for t in (x, A, B))
     exp = ref_mora(xr, Ar, Br, frozen_A=fa.double() if F else None, frozen_B=fb.double() if F else None, **kw)
     exp.backward(dy.double())
-    tol = 2e-4 if dtype == torch.float32 else 3e-2
+    # Longest reduction: the weight gradients over T tokens (the forward's over D is shorter);
+    # fp32 accumulation, bf16 operands on the bf16 path (tensor-core inputs, gated intermediates).
+    tol = random_sum_tolerance(max(T, D), operand_dtype=dtype)
     for got, want in ((out, exp), (x.grad, xr.grad), (A.grad, Ar.grad), (B.grad, Br.grad)):
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * float(want.abs().max()))
 
@@ -43,6 +46,9 @@ def test_cuda_module_compiles():
     x = torch.randn(4, 100, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     eager = m(x)
     out = torch.compile(m, fullgraph=True)(x)
-    torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-2)
+    # Same kernels: only where bf16 results are rounded may differ (eager rounds base, delta and
+    # their sum; the compiled graph may fuse the add): at most 3 roundings apart.
+    tol = rounding_tolerance(torch.bfloat16, 3)
+    torch.testing.assert_close(out, eager, rtol=tol, atol=tol * float(eager.abs().max()))
     out.float().sum().backward()
     assert m.lora_A.grad is not None and m.frozen_A.grad is None

@@ -6,6 +6,7 @@ import torch
 import trainops
 from trainops.ops import replay as rops
 from trainops.replay import ReplayBuffer
+from tolerances import rounding_tolerance
 
 pytestmark = pytest.mark.gpu
 
@@ -54,7 +55,10 @@ def test_sample_cuda_matches_cpu(mode, replacement, cap, size, batch):
                                       replacement=replacement, seed=99, offset=3)
     (o_c, i_c, w_c, r_c), (o_g, i_g, w_g, r_g) = res["cpu"], res["cuda"]
     assert torch.equal(i_c, i_g.cpu())
-    torch.testing.assert_close(w_c, w_g.cpu(), rtol=1e-6, atol=0)
+    # Importance weights (N·P(i))^-β / (N·P_min)^-β are computed in double (csrc/common/replay_common.h)
+    # with CUDA's and the C library's pow (a few double ulps apart) and the block-sum total, then
+    # rounded once to float: at most one float ulp apart (2 allowed); indices and rows are exact.
+    torch.testing.assert_close(w_c, w_g.cpu(), rtol=rounding_tolerance(torch.float32, 2), atol=0)
     assert torch.equal(r_c, r_g.cpu())
     for a, b in zip(o_c, o_g):
         assert torch.equal(a, b.cpu())
