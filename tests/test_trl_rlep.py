@@ -130,7 +130,8 @@ def test_replayed_successes_join_their_groups_and_only_successes_are_stored(tmp_
         for b in range(B):
             slots = layout.replay_slots[b][layout.replay_slots[b] >= 0]
             size = G + slots.numel()
-            assert slots.numel() <= M and not layout.is_replay[at:at + G].any() and layout.is_replay[at + G:at + size].all()
+            assert slots.numel() <= M and not layout.is_replay[at:at + G].any()
+            assert layout.is_replay[at + G:at + size].all()
             assert (layout.group_ids[at:at + size] == layout.group_ids[at]).all()
             pool = stored(buf, 0, len(buf))
             assert (pool["groups"][slots] == layout.group_ids[at]).all() and (slots < before).all()
@@ -210,11 +211,14 @@ def test_replayed_rows_get_old_and_reference_logps_and_the_batch_splits_evenly(t
     """steps_per_generation=2 with one accumulation step: TRL keeps old log-probs (and with
     beta > 0 reference ones); the replayed rows get theirs, and the batch splits in two."""
     tiny_model().save_pretrained(tmp_path / "tiny")  # the reference model (beta > 0) is loaded from a path
-    trainer = make(RecomputingLogps, tmp_path, model=str(tmp_path / "tiny"), max_steps=6, per_device_train_batch_size=G, steps_per_generation=2,
-                   beta=0.04)
-    trainer.recomputed = []
+    trainer = make(RecomputingLogps, tmp_path, model=str(tmp_path / "tiny"), max_steps=4,
+                   per_device_train_batch_size=G, steps_per_generation=2, beta=0.04, seed=2)
+    trainer.recomputed, drawn, sample_groups = [], [], trainer.replay_buffer.sample_groups
+    trainer.replay_buffer.sample_groups = lambda *a: drawn.append(sample_groups(*a)) or drawn[-1]
     trainer.train()
-    assert len(trainer.generations) == 3 and sum(int(g[2].is_replay.sum()) for g in trainer.generations) > 0
+    assert len(trainer.generations) == 2 and sum(int(g[2].is_replay.sum()) for g in trainer.generations) > 0
+    # 8 fresh rows + the drawn replays, less one when odd (with seed 2: 3 drawn, 2 kept)
+    assert [int(g[2].is_replay.sum()) for g in trainer.generations[1:]] == [int(d.mask.sum()) // 2 * 2 for d in drawn]
     for (_, out, layout), (old, ref) in zip(trainer.generations, trainer.recomputed):
         assert out["completion_ids"].shape[0] % 2 == 0
         m = out["completion_mask"].bool()
@@ -259,13 +263,16 @@ def test_resume_from_a_checkpoint_without_a_pool_starts_empty(tmp_path, caplog):
     assert REPLAY_FILE in caplog.text
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"replay_per_group": -1}, "replay_per_group"), ({"replay_per_group": 1.5}, "replay_per_group"),
-    ({"replay_capacity": 0}, "replay_capacity"), ({"replay_store": "failures"}, "replay_store"),
-    ({"replay_success_threshold": float("nan")}, "replay_success_threshold"), ({"replay_seed": "0"}, "replay_seed"),
+@pytest.mark.parametrize("bad, error, match", [
+    ({"replay_per_group": -1}, ValueError, "replay_per_group"),
+    ({"replay_per_group": 1.5}, TypeError, "replay_per_group"),
+    ({"replay_capacity": 0}, ValueError, "replay_capacity"), ({"replay_store": "failures"}, ValueError, "replay_store"),
+    ({"replay_success_threshold": float("nan")}, ValueError, "replay_success_threshold"),
+    ({"replay_success_threshold": "1"}, TypeError, "replay_success_threshold"),
+    ({"replay_seed": "0"}, TypeError, "replay_seed"),
 ])
-def test_config_rejects_bad_values(tmp_path, bad, match):
-    with pytest.raises(ValueError, match=match):
+def test_config_rejects_bad_values(tmp_path, bad, error, match):
+    with pytest.raises(error, match=match):
         args(RLEPConfig, tmp_path, **bad)
 
 

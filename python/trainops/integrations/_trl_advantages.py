@@ -32,7 +32,8 @@ def group_advantages(rewards_per_func: torch.Tensor, reward_weights: torch.Tenso
     """Advantages [B, N] and the std each was divided by [B, N] (for logging), from rewards
     [B, N, K] (NaN where absent) and the K reward weights."""
     if rewards_per_func.dim() != 3:
-        raise ValueError(f"rewards_per_func must be [groups, items, reward functions], got {tuple(rewards_per_func.shape)}")
+        raise ValueError(f"rewards_per_func must be [groups, items, reward functions], got "
+                         f"{tuple(rewards_per_func.shape)}")
     w = reward_weights.to(rewards_per_func)
     absent = torch.isnan(rewards_per_func).all(dim=-1)
     n = rewards_per_func.shape[1]

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -34,6 +33,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
+from trainops._validation import check_finite_float, check_int
 from trainops.integrations._trl_advantages import group_advantages
 from trainops.replay import ReplayBuffer
 
@@ -76,19 +76,13 @@ class RLEPConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.replay_per_group, bool) or not isinstance(self.replay_per_group, int) \
-                or self.replay_per_group < 0:
-            raise ValueError(f"replay_per_group must be an int >= 0, got {self.replay_per_group!r}")
-        if isinstance(self.replay_capacity, bool) or not isinstance(self.replay_capacity, int) \
-                or not 1 <= self.replay_capacity < 2**31:
-            raise ValueError(f"replay_capacity must be an int in [1, 2^31), got {self.replay_capacity!r}")
-        if not isinstance(self.replay_success_threshold, (int, float)) or isinstance(self.replay_success_threshold, bool) \
-                or not math.isfinite(self.replay_success_threshold):
-            raise ValueError(f"replay_success_threshold must be a finite number, got {self.replay_success_threshold!r}")
+        check_int("replay_per_group", self.replay_per_group, 0)
+        check_int("replay_capacity", self.replay_capacity, 1, 2**31 - 1)
+        self.replay_success_threshold = check_finite_float("replay_success_threshold", self.replay_success_threshold)
         if self.replay_store not in STORE_MODES:
             raise ValueError(f"replay_store must be one of {STORE_MODES}, got {self.replay_store!r}")
-        if self.replay_seed is not None and (isinstance(self.replay_seed, bool) or not isinstance(self.replay_seed, int)):
-            raise ValueError(f"replay_seed must be an int or None, got {self.replay_seed!r}")
+        if self.replay_seed is not None:
+            check_int("replay_seed", self.replay_seed)
 
 
 class ReplayStep(NamedTuple):
@@ -108,8 +102,8 @@ class RLEPGRPOTrainer(GRPOTrainer):
     :class:`RLEPConfig`). ``replay_buffer`` is the pool (None when RLEP is off);
     ``last_replay_step`` the layout of the last training generation.
 
-    Supported with RLEP on: one process, text prompts (plain or conversational), transformers or
-    custom-rollout generation without tools, environments, images or vLLM importance sampling.
+    Supported with RLEP on: one process, text prompts (plain or conversational), generation by
+    transformers; not yet: several processes, vLLM, tools, environments, images.
     """
 
     def __init__(self, *args, **kwargs):
@@ -148,8 +142,8 @@ class RLEPGRPOTrainer(GRPOTrainer):
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         if self.replay_buffer is not None and self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            self.replay_buffer.save(os.path.join(folder, REPLAY_FILE))
+            folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            self.replay_buffer.save(os.path.join(self._get_output_dir(trial=trial), folder, REPLAY_FILE))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
