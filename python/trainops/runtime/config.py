@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from trainops._validation import is_int
+
 __all__ = ["TrainConfig", "ConfigError", "load_config", "config_from_dict", "preflight", "DOMAIN_NAMES",
            "RESUME_KEYS", "MAX_SIZES", "MAX_TOKENS"]
 
@@ -244,7 +246,7 @@ def _coerce(f: dataclasses.Field, value, source: str):
         if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
             return False
     elif typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+        if is_int(value):
             return value
         if isinstance(value, str):
             try:
@@ -252,7 +254,7 @@ def _coerce(f: dataclasses.Field, value, source: str):
             except ValueError:
                 pass
     elif typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) or is_int(value):
             return float(value)
         if isinstance(value, str):
             try:
@@ -260,7 +262,7 @@ def _coerce(f: dataclasses.Field, value, source: str):
             except ValueError:
                 pass
     elif typ is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, (str, float)) or is_int(value):
             return str(value)
     raise ConfigError(f"{source}: {f.name} must be {typ.__name__}, got {value!r}")
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import sys
 
+from trainops._validation import is_number
+
 __all__ = ["RunMonitor", "require_tensorboard", "scalars", "TENSORBOARD_DIR"]
 
 TENSORBOARD_DIR = "tensorboard"
@@ -22,10 +24,6 @@ def require_tensorboard():
     return SummaryWriter
 
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def scalars(row: dict, domains: list[str]) -> dict[str, float]:
     """The scalars of one metrics.jsonl row as TensorBoard tags: ``train/<key>`` for a
     step row, ``eval/<key>`` for an evaluation row, whose per-domain lists become
@@ -35,9 +33,9 @@ def scalars(row: dict, domains: list[str]) -> dict[str, float]:
     for key, value in row.items():
         if key in ("global_step", "step"):
             continue
-        if _number(value):
+        if is_number(value):
             out[f"{prefix}/{key}"] = float(value)
-        elif isinstance(value, list) and len(value) == len(domains) and all(map(_number, value)):
+        elif isinstance(value, list) and len(value) == len(domains) and all(map(is_number, value)):
             out.update({f"{prefix}/{key}/{d}": float(v) for d, v in zip(domains, value)})
     return out
 
