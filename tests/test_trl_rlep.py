@@ -227,6 +227,25 @@ def test_replayed_rows_get_old_and_reference_logps_and_the_batch_splits_evenly(t
         torch.testing.assert_close(out["ref_per_token_logps"][m], ref[m], rtol=1e-4, atol=1e-5)
 
 
+def test_conversational_prompts_are_grouped_by_their_messages(tmp_path):
+    chats = [[{"role": "user", "content": p}] for p in PROMPTS]
+    data = Dataset.from_dict({"prompt": chats, "answer": list(PROMPTS.values())})
+    tok = tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+    def parity(prompts, completions, answer, **kwargs):
+        return ParityReward()(prompts, [c[0]["content"] for c in completions], answer)
+
+    trainer = Recording(model=tiny_model(), reward_funcs=parity, args=args(RLEPConfig, tmp_path, max_steps=3),
+                        train_dataset=data, processing_class=tok)
+    trainer.train()
+    ids = {prompt_group_id(c) for c in chats}
+    for _, out, layout in trainer.generations:
+        assert set(layout.group_ids.tolist()) == ids
+    assert any(layout.is_replay.any() for _, _, layout in trainer.generations)
+    assert set(stored(trainer.replay_buffer, 0, len(trainer.replay_buffer))["groups"].tolist()) <= ids
+
+
 class Resumed(RLEPGRPOTrainer):
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)

@@ -59,7 +59,9 @@ class RLEPConfig(GRPOConfig):
 
     replay_per_group: M, replayed items mixed into each prompt's group (0: RLEP off). The paper
         uses G=16, M=2.
-    replay_capacity: items the replay pool holds (FIFO: the oldest go first).
+    replay_capacity: items the replay pool holds (FIFO: the oldest go first). The pool lives on
+        the training device and takes about capacity × (max_completion_length + 2 + K) × 4 bytes
+        (K reward functions): 16384 × 1024-token completions is 64 MiB.
     replay_success_threshold: a rollout is a verified success, and stored, when its weighted
         reward (Σ_k w_k r_k) is >= this.
     replay_store: ``"successes"`` (default; the paper's choice: replaying failures did not help)
@@ -68,7 +70,7 @@ class RLEPConfig(GRPOConfig):
     """
 
     replay_per_group: int = field(default=0, metadata={"help": "RLEP: replayed successes per group (0: off)."})
-    replay_capacity: int = field(default=65536, metadata={"help": "RLEP: rollouts the replay pool holds."})
+    replay_capacity: int = field(default=16384, metadata={"help": "RLEP: rollouts the replay pool holds."})
     replay_success_threshold: float = field(
         default=1.0, metadata={"help": "RLEP: a rollout with weighted reward >= this is a verified success."})
     replay_store: str = field(default="successes", metadata={"help": "RLEP: store 'successes' or 'all' rollouts."})
