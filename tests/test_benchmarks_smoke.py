@@ -77,3 +77,11 @@ def test_bench_lbl_sync(tmp_path):
     rows = {r["impl"]: r for r in _rows(tmp_path / "lbl_sync_cpu.csv")}
     assert rows["per_layer"]["collectives"] == "3" and rows["batched"]["collectives"] == "1"
     assert float(rows["batched"]["max_abs_diff"]) == 0.0
+
+
+def test_bench_rlep_overhead(tmp_path):
+    _run(tmp_path, "benchmarks.bench_rlep_overhead", "--quick")
+    rows = {r["impl"]: r for r in _rows(tmp_path / "rlep_overhead_cpu.csv")}
+    assert set(rows) == {"plain GRPO", "RLEP", "replay path"}
+    assert 0 < float(rows["replay path"]["replay path % of RLEP step"]) < 100
+    assert rows["RLEP"]["baseline"] == "plain GRPO" and float(rows["RLEP"]["speedup"]) > 0

@@ -252,3 +252,12 @@ def test_rl_help_and_unknown_option(capsys):
     assert "--rlep" in text and "--replay-per-group" in text and "--rlep-store" in text
     assert main(["rl", "--rollout", "3"]) == 2
     assert "trainops rl --help" in capsys.readouterr().err
+
+
+def test_rl_under_ddp_keeps_the_workers_identical(tmp_path):
+    out = str(tmp_path / "ddp")
+    assert main(["rl", *_argv({**TINY_RL, "workers": 2, "out_dir": out, "sync": "ddp", "task_steps": 3,
+                               "eval_every": 3})]) == 0
+    finals = [_final(out, r) for r in range(2)]
+    assert finals[0]["state"]["weights_sha1"] == finals[1]["state"]["weights_sha1"]
+    assert not _differences(finals[0]["model"], finals[1]["model"])  # DDP: equal after every step

@@ -26,8 +26,9 @@ class RLConfig(TrainConfig):
 
     # --- TrainConfig keys with other defaults (or meanings) under `trainops rl` --------------
     out_dir: str = _f("runs/rl", "output directory (metrics.jsonl, config.yaml, report.md, plots/, checkpoint/)")
-    tasks: str = _f("add", "comma-separated domains trained by GRPO in sequence (default: two-digit addition, "
-                           "reward = exact match of the three generated answer digits)")
+    tasks: str = _f("reverse", "comma-separated domains trained by GRPO in sequence (reward = exact match of the "
+                               "sampled answer; default: reversal of 4 letters, which the warm-up leaves near 10%; "
+                               "'add', two-digit addition, is harder still)")
     batch_size: int = _f(16, "prompts per GRPO step per worker (each gets --rollouts fresh completions)")
     pretrain_steps: int = _f(60, "supervised steps on the mixture of the task domains before GRPO (a brief "
                                  "warm-up: the policy starts well below the ceiling)")
@@ -40,9 +41,9 @@ class RLConfig(TrainConfig):
     rollouts: int = _f(8, "G: fresh completions sampled per prompt and step")
     rl_temperature: float = _f(1.0, "sampling temperature of the rollouts (also of the policy's log-probs)")
     clip_eps: float = _f(0.2, "PPO clip range of the GRPO surrogate (inactive with one update per batch)")
-    rl_pool: int = _f(256, "distinct training prompts per task, drawn once from the domain (RLEP replays "
+    rl_pool: int = _f(512, "distinct training prompts per task, drawn once from the domain (RLEP replays "
                            "per prompt, so prompts recur: every rl_pool / batch_size steps on average)")
-    eval_every: int = _f(10, "rank 0 measures greedy exact-match accuracy on the held-out set every N GRPO steps")
+    eval_every: int = _f(25, "rank 0 measures greedy exact-match accuracy on the held-out set every N GRPO steps")
     # --- RLEP -----------------------------------------------------------------------------
     rlep: str = _f("on", "RL with experience replay: on (each group = G fresh + up to M replayed) | off (plain GRPO)")
     replay_per_group: int = _f(2, "M: replayed completions of the same prompt added to each group")

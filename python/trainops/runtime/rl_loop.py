@@ -32,13 +32,13 @@ from trainops.runtime.config import ConfigError, config_from_dict
 from trainops.runtime.domains import VOCAB, generator, make_domains
 from trainops.runtime.grpo import answer_logprobs, exact_match_rewards, group_advantages, grpo_loss, sample_rollouts
 from trainops.runtime.loop import (_device, _Metrics, _on_signal, _phases, _setup_phase, _weights_sha1, agree_to_stop,
-                                   evaluate, pretrain_step)
+                                   evaluate, greedy_answers, pretrain_step)
 from trainops.runtime.model import MoETransformer, lbl_disabled
 from trainops.runtime.monitor import RunMonitor
 from trainops.runtime.rl_config import RLConfig
 from trainops.runtime.sync import make_sync
 
-__all__ = ["run_rl_worker", "grpo_step", "rlep_buffer"]
+__all__ = ["run_rl_worker", "grpo_step", "rlep_buffer", "pool_accuracy"]
 
 
 def rlep_buffer(cfg: RLConfig, rank: int, device) -> ReplayBuffer | None:
@@ -49,6 +49,19 @@ def rlep_buffer(cfg: RLConfig, rank: int, device) -> ReplayBuffer | None:
             "reward": ((), torch.float32)}
     return ReplayBuffer(cfg.replay_capacity, spec, device=device, seed=cfg.seed * 1009 + rank,
                         sampler="uniform", eviction="fifo")
+
+
+@torch.no_grad()
+def pool_accuracy(model, pool, device) -> float:
+    """Greedy exact match on a task's training prompts (what GRPO trains on; the held-out
+    accuracy measures what carries over to prompts it never saw)."""
+    was = model.training
+    model.eval()
+    tokens, mask = pool[0].to(device), pool[1].to(device)
+    with lbl_disabled(model):
+        acc = float((greedy_answers(model, tokens, mask) == tokens).all(1).float().mean())
+    model.train(was)
+    return acc
 
 
 def grpo_step(model, forward, sync, cfg: RLConfig, pool, id_offset: int, buffer, gen: torch.Generator,
@@ -167,12 +180,14 @@ def run_rl_worker(rank: int, world: int, cfg_dict: dict) -> dict:
 
     def evaluate_now(name, step, phase_end):
         accs, byte_accs, _, spec = evaluate(model, eval_sets, cfg.num_experts)
-        state["curve"].append({"global_step": state["global_step"], "phase": name, "step": step, "accuracy": accs})
+        pool_accs = [pool_accuracy(model, pool, device) for pool in pools]
+        state["curve"].append({"global_step": state["global_step"], "phase": name, "step": step, "accuracy": accs,
+                               "pool_accuracy": pool_accs})
         if phase_end:
             state["acc_rows"].append(name)
             state["acc_matrix"].append(accs)
         metrics.log(global_step=state["global_step"], phase=name, event="eval", accuracy=accs,
-                    byte_accuracy=byte_accs, specialization=spec)
+                    byte_accuracy=byte_accs, pool_accuracy=pool_accs, specialization=spec)
 
     hook_group, interrupted, opt = None, False, None
     for phase_idx in range(start_phase, len(phases)):
