@@ -15,7 +15,7 @@ import torch
 
 from trainops import _extension
 from trainops._validation import check_int
-from trainops.reference.replay import BLOCK, MODES
+from trainops._replay_spec import BLOCK, MODES
 
 __all__ = ["replay_sample", "replay_insert", "replay_update_priorities", "num_blocks", "BLOCK", "MODES"]
 

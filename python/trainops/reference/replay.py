@@ -15,11 +15,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from trainops._replay_spec import BLOCK, MODES, block_stats, priority_weight
+
 __all__ = ["BLOCK", "MODES", "philox4x32", "uniform01", "sample", "insert", "update_priorities", "block_stats",
            "priority_weight", "reservoir_keys"]
 
-BLOCK = 32
-MODES = {"uniform": 0, "weights": 1, "recency": 2, "table": 3}
 STREAM_SAMPLE, STREAM_GUMBEL, STREAM_RESERVOIR = 0, 1, 2
 
 _M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
@@ -63,11 +63,6 @@ def reservoir_keys(seed: int, serials) -> torch.Tensor:
     return uniform01(seed, 0, serials, STREAM_RESERVOIR)
 
 
-def priority_weight(p: torch.Tensor, alpha: float, eps: float) -> torch.Tensor:
-    """Stored sampling weight max(p, eps)^alpha (fp64 math, fp32 result)."""
-    return p.double().clamp_min(eps).pow(alpha).float()
-
-
 def slot_weights(mode: int, size: int, weights=None, slot_key=None, table=None, now: int = 0) -> torch.Tensor:
     """Per-slot sampling weights w_i (float64) of the first ``size`` slots."""
     if mode == 0:
@@ -80,17 +75,6 @@ def slot_weights(mode: int, size: int, weights=None, slot_key=None, table=None, 
     tab = table.cpu().double()
     ok = (key >= 0) & (key < tab.numel())
     return torch.where(ok, tab[key.clamp(0, max(tab.numel() - 1, 0))], torch.zeros((), dtype=torch.float64))
-
-
-def block_stats(w: torch.Tensor):
-    """(sums, smallest positive weights) of consecutive blocks of BLOCK slots, float64."""
-    nb = (w.numel() + BLOCK - 1) // BLOCK
-    padded = torch.zeros(nb * BLOCK, dtype=torch.float64)
-    padded[: w.numel()] = w
-    blocks = padded.view(nb, BLOCK)
-    sums = torch.cumsum(blocks, 1)[:, -1]  # slot-by-slot accumulation, as in the kernels
-    mins = torch.where(blocks > 0, blocks, torch.full_like(blocks, float("inf"))).amin(1)
-    return sums, mins
 
 
 def _locate(w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -26,10 +26,10 @@ import torch
 
 from trainops._validation import CheckedFloat, check_finite_float, check_int
 from trainops.ops import replay as rops
+from trainops._replay_spec import block_stats as _block_stats
+from trainops._replay_spec import priority_weight as _priority_weight
 from trainops.replay import _rows
 from trainops.replay._host import host_range
-from trainops.reference.replay import block_stats as _block_stats
-from trainops.reference.replay import priority_weight as _priority_weight
 
 __all__ = ["ReplayBuffer", "ReplayBatch", "GroupBatch", "SAMPLERS", "EVICTIONS"]
 
