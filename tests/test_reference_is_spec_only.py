@@ -14,7 +14,8 @@ PUBLIC_REEXPORT = {("trainops/__init__.py", "trainops.reference")}
 def _production_modules(root: str):
     """(module name, path relative to the package folder's parent, path) of every production
     module: python/trainops except reference/, and the Triton kernels (trainops.kernels)."""
-    folders = [(os.path.join(root, "python", "trainops"), "trainops"), (os.path.join(root, "kernels"), "trainops.kernels")]
+    folders = [(os.path.join(root, "python", "trainops"), "trainops"),
+               (os.path.join(root, "kernels"), "trainops.kernels")]
     for top, package in folders:
         for folder, dirs, files in os.walk(top):
             rel = os.path.relpath(folder, top)

@@ -10,11 +10,19 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["BLOCK", "MODES", "block_stats", "priority_weight"]
+__all__ = ["BLOCK", "WEIGHT_MODES", "EVICTIONS", "WEIGHT_MODE_NUMBERS", "EVICTION_NUMBERS", "block_stats",
+           "priority_weight"]
 
 BLOCK = 32
-# Per-slot weight source of the replay_sample op -> its schema's ``weight_mode`` number.
-MODES = {"uniform": 0, "weights": 1, "recency": 2, "table": 3}
+# Where replay_sample takes each slot's sampling weight w_i from: 1 (uniform), the stored
+# weights with their maintained block_stats (weights), 1 / (now - slot_key_i + 1) (recency),
+# table[slot_key_i] (table). Every Python layer names a mode by its string; the op schemas take
+# the number (the position here), which only trainops.ops.replay passes to them.
+WEIGHT_MODES = ("uniform", "weights", "recency", "table")
+# Which slots replay_insert writes: the FIFO ring or reservoir sampling of the stream.
+EVICTIONS = ("fifo", "reservoir")
+WEIGHT_MODE_NUMBERS = {name: number for number, name in enumerate(WEIGHT_MODES)}
+EVICTION_NUMBERS = {name: number for number, name in enumerate(EVICTIONS)}
 
 
 def priority_weight(p: torch.Tensor, alpha: float, eps: float) -> torch.Tensor:

@@ -11,6 +11,9 @@ Samplers (probability of slot i among the N stored items):
   recency      proportional to 1 / (age_i + 1), age in ``add`` calls since insertion
   power_law    per task t: proportional to (steps since task t was last added + 1)^-exponent,
                uniform within the task (rehearsal with power-law recency)
+Each sampler is a policy over one of the op's weight modes (:data:`trainops.ops.replay.WEIGHT_MODES`):
+uniform -> "uniform", prioritized -> "weights" (plus importance weights), recency -> "recency",
+power_law -> "table" (a per-task weight table).
 ``sample_groups`` draws M items per group uniformly without replacement (RLEP, arXiv 2507.07451:
 replayed verified-correct answers of a prompt). Eviction: ``fifo`` ring, or ``reservoir``
 (uniform random keys, the buffer keeps the top-capacity keys: a uniform sample of the stream).
@@ -26,6 +29,7 @@ import torch
 
 from trainops._validation import CheckedFloat, check_finite_float, check_int
 from trainops.ops import replay as rops
+from trainops._replay_spec import EVICTIONS
 from trainops._replay_spec import block_stats as _block_stats
 from trainops._replay_spec import priority_weight as _priority_weight
 from trainops.replay import _rows
@@ -34,7 +38,6 @@ from trainops.replay._host import host_range
 __all__ = ["ReplayBuffer", "ReplayBatch", "GroupBatch", "SAMPLERS", "EVICTIONS"]
 
 SAMPLERS = ("uniform", "prioritized", "recency", "power_law")
-EVICTIONS = ("fifo", "reservoir")
 _FORMAT = "trainops.replay/1"
 
 
@@ -487,17 +490,19 @@ class ReplayBuffer:
         self.max_priority = torch.maximum(self.max_priority, top)
 
     # ------------------------------------------------------------------ sampling
-    def _mode_args(self) -> tuple:
-        """(mode number, weights, block_stats, slot_key, table, now, beta, batch_max) of the sampler,
-        as :func:`trainops.ops.replay.launch_sample` takes them."""
+    def _weight_mode_args(self) -> tuple:
+        """(weight_mode, weights, block_stats, slot_key, table, now, beta, batch_max) of the sampler,
+        as :func:`trainops.ops.replay.launch_sample` takes them: a sampler is a policy built on one
+        of the op's weight modes (prioritized: the stored weights plus PER importance weights;
+        power_law: a per-task table)."""
         if self.sampler == "uniform":
-            return rops.MODES["uniform"], None, None, None, None, 0, 0.0, False
+            return "uniform", None, None, None, None, 0, 0.0, False
         if self.sampler == "prioritized":
-            return (rops.MODES["weights"], self.weights, self.block_stats, None, None, 0, float(self.beta),
-                    self.weight_norm == "batch")
+            batch_max = self.weight_norm == "batch"
+            return "weights", self.weights, self.block_stats, None, None, 0, float(self.beta), batch_max
         if self.sampler == "recency":
-            return rops.MODES["recency"], None, None, self.stamps, None, max(self.step - 1, 0), 0.0, False
-        return (rops.MODES["table"], None, None, self.storage[self.task_field], self.task_table(), 0, 0.0, False)
+            return "recency", None, None, self.stamps, None, max(self.step - 1, 0), 0.0, False
+        return "table", None, None, self.storage[self.task_field], self.task_table(), 0, 0.0, False
 
     def task_table(self) -> torch.Tensor:
         """Per-slot weight of each task for the power-law sampler (float64 [max_tasks]):
@@ -572,10 +577,10 @@ class ReplayBuffer:
                                out[-1].view(rows))
         # Every argument is the buffer's own state or checked above (the op checks sizes, indices
         # and devices again): the checking wrapper would only add Python time to small batches.
-        mode, weights, block_stats, slot_key, table, now, beta, batch_max = self._mode_args()
+        weight_mode, weights, block_stats, slot_key, table, now, beta, batch_max = self._weight_mode_args()
         out, indices, isw, is_replay = rops.launch_sample(
-            storage, n_replay, self.size, fresh_fields, lengths, ragged, mode, weights, block_stats, slot_key, table,
-            now, beta, batch_max, bool(replacement), self.seed, self._next_offset())
+            storage, n_replay, self.size, fresh_fields, lengths, ragged, weight_mode, weights, block_stats, slot_key,
+            table, now, beta, batch_max, bool(replacement), self.seed, self._next_offset())
         batch = self._rows_out(dict(zip(names, out[:-1])), (batch_size,))
         return ReplayBatch(batch, indices, isw, is_replay, out[-1].view(-1))
 
