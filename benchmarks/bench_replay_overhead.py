@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.harness import Table, measure_interleaved, results_suffix  # noqa: E402
+from trainops._replay_spec import WEIGHT_MODE_NUMBERS  # noqa: E402
 from trainops.replay import ReplayBuffer  # noqa: E402
 
 ALPHA, BETA, EPS = 0.6, 0.4, 1e-6
@@ -53,11 +54,12 @@ def run_case(table: Table, bufs: dict, cap: int, batch: int, row: int, min_run_t
     s = new.sample(batch)
     prio = torch.rand(batch, generator=torch.Generator().manual_seed(1)) + 0.1
     storage = [new.storage["x"], new.generations.view(cap, 1)]
+    weights_mode = WEIGHT_MODE_NUMBERS["weights"]  # the raw schema takes the number
 
     def raw_sample():
         out = [torch.empty((batch, *st.shape[1:]), dtype=st.dtype) for st in storage]
         return torch.ops.trainops.replay_sample(storage, out, None, [False, False], new.weights, new.block_stats, None,
-                                                None, 1, new.size, 0, batch, 0, BETA, False, True, 0, 0)
+                                                None, weights_mode, new.size, 0, batch, 0, BETA, False, True, 0, 0)
 
     def raw_update():
         return torch.ops.trainops.replay_update_priorities(new.priorities, new.weights, new.block_stats, new._winner,

@@ -80,7 +80,7 @@ LIBASAN="$($CXX -print-file-name=libasan.so)"
 LIBSTDCXX="$($CXX -print-file-name=libstdc++.so)"
 [ -f "$LIBASAN" ] || { echo "asan_check: libasan not found ($LIBASAN)" >&2; exit 2; }
 
-TESTS="${TRAINOPS_ASAN_TESTS:-tests/test_quantize.py tests/test_quantize_kernels.py tests/test_router.py tests/test_replay_ops.py tests/test_cpu_buffer_pool.py tests/test_fuzz_quantize.py tests/test_fuzz_router.py tests/test_fuzz_replay.py}"
+TESTS="${TRAINOPS_ASAN_TESTS:-tests/test_quantize.py tests/test_quantize_kernels.py tests/test_router.py tests/test_replay.py tests/test_cpu_buffer_pool.py tests/test_fuzz_quantize.py tests/test_fuzz_router.py tests/test_fuzz_replay.py}"
 cd "$ROOT"
 run() {
   env LD_PRELOAD="$LIBASAN $LIBSTDCXX" \

@@ -36,7 +36,7 @@ tests=(
   tests/test_quantize.py::test_error_feedback_matches_reference
   tests/test_quantize.py::test_dequantize_accumulate_matches_reference
   tests/test_router.py
-  tests/test_replay_ops.py
+  tests/test_replay.py
   tests/test_mora.py
 )
 echo "ci_qemu_haswell: trainops from $origin under qemu-x86_64 -cpu $QEMU_CPU" >&2

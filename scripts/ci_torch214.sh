@@ -33,7 +33,7 @@ sys.exit(0 if b.TORCH_MINIMUM <= v < b.TORCH_BOUND else 1)"; then
   echo "ci_torch214: the wheel declares torch $("$PY" -c 'import torch; print(torch.__version__)'): op tests" >&2
   # Run from outside the checkout's python/ so the installed package is tested.
   "$PY" -m pytest -x -q -p no:cacheprovider tests/test_extension_loading.py tests/test_quantize.py \
-    tests/test_router.py tests/test_replay_ops.py tests/test_mora.py tests/test_mora_triton.py || status=$?
+    tests/test_router.py tests/test_replay.py tests/test_mora.py tests/test_mora_triton.py || status=$?
   # TorchRL 0.14.1's compiled parts need torch 2.14: here FusedPrioritizedSampler is compared
   # with TorchRL's own PrioritizedSampler (distribution, importance weights); none may skip.
   if [ "$status" = 0 ]; then

@@ -96,7 +96,7 @@ def sample_case(draw):
     lengths = torch.randint(-3, 9, (cap,), generator=g, dtype=torch.int32)  # negative and too long too
     size = draw(st.one_of(st.integers(1, cap), st.sampled_from([0, -1, cap + 1])))
     n_replay = draw(st.integers(0, 40))
-    mode = draw(st.sampled_from(list(ref.MODES)))
+    weight_mode = draw(st.sampled_from(ref.WEIGHT_MODES))
     w = torch.rand(cap, generator=g) * 2
     w[::5] = 0.0
     w[max(size, 0):] = 0.0  # empty slots weigh 0 in a buffer (maintained block_stats cover them)
@@ -112,7 +112,7 @@ def sample_case(draw):
         nf = draw(st.integers(0, 3))
         fresh = [torch.randn(nf, 3, generator=g), torch.zeros(nf, 5, dtype=torch.int32)]
     beta = draw(st.sampled_from([0.0, 0.4, 1.0, -0.5, float("nan"), float("inf")]))
-    return dict(storage=storage, n_replay=n_replay, size=size, fresh=fresh, mode=mode, weights=w,
+    return dict(storage=storage, n_replay=n_replay, size=size, fresh=fresh, weight_mode=weight_mode, weights=w,
                 block_stats=torch.stack([sums, mins]).contiguous(), slot_key=slot_key, table=table, lengths=lengths,
                 ragged=ragged, now=draw(st.integers(-5, 10)), beta=beta, batch_max=draw(st.booleans()),
                 replacement=draw(st.booleans()), seed=draw(st.integers(-(2**63), I64_MAX)),
@@ -132,7 +132,6 @@ def test_fuzz_replay_sample(kw):
         return
     out, idx, isw, is_replay = call()
     kw_ref = {k: v for k, v in kw.items() if k != "block_stats"}
-    kw_ref["mode"] = ref.MODES[kw["mode"]]
     r_out, r_idx, r_isw, r_rep = ref.sample(**kw_ref)
     assert torch.equal(idx, r_idx)
     assert torch.equal(is_replay, r_rep)

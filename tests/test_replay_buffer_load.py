@@ -193,11 +193,13 @@ def test_bad_file_is_refused_and_changes_nothing(tmp_path, kind, corrupt, patter
     write(path, state)
     target = make(kind, adds=1)
     before = snapshot(target)
-    with pytest.raises((ValueError, TypeError), match=pattern):
-        target.load(path)
-    assert_unchanged(target, before)
-    with pytest.raises((ValueError, TypeError)):
-        ReplayBuffer.load(path)
+    for load_into in (target.load, target.load_state_file):  # load: the old name, either way
+        with pytest.raises((ValueError, TypeError), match=pattern):
+            load_into(path)
+        assert_unchanged(target, before)
+    for load_new in (ReplayBuffer.load, ReplayBuffer.from_file):
+        with pytest.raises((ValueError, TypeError)):
+            load_new(path)
 
 
 @pytest.mark.parametrize("kind,key", MISSING)
@@ -218,7 +220,9 @@ def test_valid_round_trip_through_file_is_exact(tmp_path):
         src.save(path)
         saved = snapshot(src)
         expected = src.sample(8)
-        for loaded in (ReplayBuffer.load(path), make(kind, adds=1).load(path)):
+        loads = (ReplayBuffer.from_file(path), make(kind, adds=1).load_state_file(path),
+                 ReplayBuffer.load(path), make(kind, adds=1).load(path))
+        for loaded in loads:
             assert_unchanged(loaded, saved)
             got = loaded.sample(8)
             assert torch.equal(got.indices, expected.indices) and torch.equal(got.weights, expected.weights)

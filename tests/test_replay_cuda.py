@@ -48,7 +48,7 @@ def test_sample_cuda_matches_cpu(mode, replacement, cap, size, batch):
     res = {}
     for dev in ("cpu", "cuda"):
         weights, bs = _prioritized(cap, size, prio, dev)
-        res[dev] = rops.replay_sample(_to(storage, dev), batch, size=size, fresh=_to(fresh, dev), mode=mode,
+        res[dev] = rops.replay_sample(_to(storage, dev), batch, size=size, fresh=_to(fresh, dev), weight_mode=mode,
                                       weights=weights, block_stats=bs, slot_key=slot_key.to(dev),
                                       table=table.to(dev), lengths=storage[2].to(dev),
                                       ragged=[False, True, False, False], now=7, beta=0.4,

@@ -15,9 +15,21 @@ import torch
 
 from trainops import _extension
 from trainops._validation import check_int
-from trainops.reference.replay import BLOCK, MODES
+from trainops._replay_spec import BLOCK, EVICTION_NUMBERS, EVICTIONS, WEIGHT_MODE_NUMBERS, WEIGHT_MODES
 
-__all__ = ["replay_sample", "replay_insert", "replay_update_priorities", "num_blocks", "BLOCK", "MODES"]
+__all__ = ["replay_sample", "replay_insert", "replay_update_priorities", "num_blocks", "BLOCK", "WEIGHT_MODES",
+           "EVICTIONS", "MODES"]
+
+MODES = WEIGHT_MODE_NUMBERS  # the old public name of the weight modes' schema numbers
+
+
+def _schema_number(argument: str, value: str, numbers: dict) -> int:
+    """The number the op schema takes for the mode ``value`` of ``argument`` (weight_mode,
+    eviction): above the raw ``torch.ops.trainops`` call every layer names modes by string."""
+    try:
+        return numbers[value]
+    except (KeyError, TypeError):  # TypeError: an unhashable value
+        raise ValueError(f"{argument} must be one of {tuple(numbers)}, got {value!r}") from None
 
 
 def num_blocks(capacity: int) -> int:
@@ -61,13 +73,14 @@ def _require(op: str, device: torch.device) -> None:
         _extension.require(op)
 
 
-def replay_sample(storage: Sequence[torch.Tensor], n_replay: int, *, size: int, fresh=None, mode: str = "uniform",
-                  weights=None, block_stats=None, slot_key=None, table=None, lengths=None, ragged=None,
-                  now: int = 0, beta: float = 0.0, batch_max: bool = False, replacement: bool = True,
-                  seed: int = 0, offset: int = 0):
+def replay_sample(storage: Sequence[torch.Tensor], n_replay: int, *, size: int, fresh=None,
+                  weight_mode: str = "uniform", weights=None, block_stats=None, slot_key=None, table=None,
+                  lengths=None, ragged=None, now: int = 0, beta: float = 0.0, batch_max: bool = False,
+                  replacement: bool = True, seed: int = 0, offset: int = 0, mode: str | None = None):
     """Sample ``n_replay`` stored rows and gather every field after the fresh rows, in one op.
 
-    Sampling weight w_i of slot i < size by ``mode``: ``uniform`` (1), ``weights`` (stored
+    Sampling weight w_i of slot i < size by ``weight_mode`` (``mode`` is its old name, still
+    accepted): ``uniform`` (1), ``weights`` (stored
     p_i^alpha with maintained ``block_stats`` [2, ceil(capacity/32)] = block sums and minima),
     ``recency`` (1 / (now - slot_key_i + 1)), ``table`` (table[slot_key_i]). With replacement:
     stratified inverse-CDF draws t_j = (j + u_j) / R * sum(w); without: Gumbel-top-k. PER
@@ -86,8 +99,11 @@ def replay_sample(storage: Sequence[torch.Tensor], n_replay: int, *, size: int, 
         raise ValueError("size is 0: the buffer is empty, nothing to sample")
     if size > cap:
         raise ValueError(f"size ({size}) exceeds the capacity ({cap})")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
+    if mode is not None:
+        if weight_mode != "uniform":
+            raise TypeError("pass weight_mode= only (mode= is its old name)")
+        weight_mode = mode
+    _schema_number("weight_mode", weight_mode, WEIGHT_MODE_NUMBERS)
     if not replacement and n_replay > size:
         raise ValueError(f"n_replay ({n_replay}) is larger than the {size} stored items; sampling without "
                          "replacement cannot draw that many (pass replacement=True or a smaller batch)")
@@ -111,24 +127,24 @@ def replay_sample(storage: Sequence[torch.Tensor], n_replay: int, *, size: int, 
         for f, r in enumerate(ragged):
             if r and storage[f].dim() != 2:
                 raise ValueError(f"ragged field storage[{f}] must be [capacity, L]")
-    m = MODES[mode]
-    if m == 1:
+    if weight_mode == "weights":
         _check_tensor(weights, "weights", torch.float32, device, cap)
         _check_tensor(block_stats, "block_stats", torch.float64, device, 2 * num_blocks(cap))
-    if m in (2, 3):
+    if weight_mode in ("recency", "table"):
         _check_tensor(slot_key, "slot_key", torch.int64, device, cap)
-    if m == 3:
+    if weight_mode == "table":
         _check_tensor(table, "table", torch.float64, device)
-    return launch_sample(list(storage), n_replay, size, fresh, lengths, ragged, m, weights, block_stats, slot_key,
-                         table, int(now), beta, bool(batch_max), bool(replacement), int(seed), int(offset))
+    return launch_sample(list(storage), n_replay, size, fresh, lengths, ragged, weight_mode, weights, block_stats,
+                         slot_key, table, int(now), beta, bool(batch_max), bool(replacement), int(seed), int(offset))
 
 
-def launch_sample(storage: list, n_replay: int, size: int, fresh, lengths, ragged: list, mode: int, weights,
+def launch_sample(storage: list, n_replay: int, size: int, fresh, lengths, ragged: list, weight_mode: str, weights,
                   block_stats, slot_key, table, now: int, beta: float, batch_max: bool, replacement: bool, seed: int,
                   offset: int):
     """:func:`replay_sample` without its Python checks, for callers whose arguments hold them by
-    construction (:class:`trainops.replay.ReplayBuffer`); ``mode`` is the number in :data:`MODES`.
-    The op still checks every size, index and device itself."""
+    construction (:class:`trainops.replay.ReplayBuffer`, the TorchRL sampler); ``weight_mode`` is
+    one of :data:`WEIGHT_MODES`. The op still checks every size, index and device itself."""
+    mode_number = _schema_number("weight_mode", weight_mode, WEIGHT_MODE_NUMBERS)
     device = storage[0].device
     _require("replay_sample", device)
     n_fresh = 0 if fresh is None else fresh[0].shape[0]
@@ -138,8 +154,8 @@ def launch_sample(storage: list, n_replay: int, size: int, fresh, lengths, ragge
         for o, fr in zip(out, fresh):
             o[:n_fresh].copy_(fr)
     indices, isw, is_replay = torch.ops.trainops.replay_sample(
-        storage, out, lengths, ragged, weights, block_stats, slot_key, table, mode, size, n_fresh, n_replay, now,
-        beta, batch_max, replacement, seed, offset)
+        storage, out, lengths, ragged, weights, block_stats, slot_key, table, mode_number, size, n_fresh, n_replay,
+        now, beta, batch_max, replacement, seed, offset)
     return out, indices, isw, is_replay
 
 
@@ -163,8 +179,7 @@ def replay_insert(storage: Sequence[torch.Tensor], batch: Sequence[torch.Tensor]
         _check_tensor(b, f"batch[{f}]", dtype=st.dtype, device=device)
         if tuple(b.shape) != (n, *st.shape[1:]):
             raise ValueError(f"batch[{f}] must have shape {(n, *st.shape[1:])}, got {tuple(b.shape)}")
-    if eviction not in ("fifo", "reservoir"):
-        raise ValueError(f"eviction must be 'fifo' or 'reservoir', got {eviction!r}")
+    eviction_number = _schema_number("eviction", eviction, EVICTION_NUMBERS)
     _check_tensor(generations, "generations", torch.int64, device, cap)
     _check_tensor(stamps, "stamps", torch.int64, device, cap)
     _check_tensor(keys, "keys", torch.float64, device, cap)
@@ -172,7 +187,7 @@ def replay_insert(storage: Sequence[torch.Tensor], batch: Sequence[torch.Tensor]
     check_int("cursor", cursor, size)
     _require("replay_insert", device)
     return torch.ops.trainops.replay_insert(list(storage), [b.contiguous() for b in batch], generations, stamps,
-                                            keys, 0 if eviction == "fifo" else 1, size, cursor, int(step), int(seed))
+                                            keys, eviction_number, size, cursor, int(step), int(seed))
 
 
 def replay_update_priorities(priorities: torch.Tensor, weights: torch.Tensor, block_stats: torch.Tensor,
@@ -250,7 +265,7 @@ def _(storage, out, lengths, ragged, weights, block_stats, slot_key, table, weig
     check_int("size", size, 1, cap)
     check_int("n_fresh", n_fresh, 0)
     check_int("n_replay", n_replay, 0, None if replacement else size)
-    check_int("weight_mode", weight_mode, 0, 3)
+    check_int("weight_mode", weight_mode, 0, len(WEIGHT_MODES) - 1)
     if not (math.isfinite(beta) and beta >= 0.0):
         raise ValueError(f"beta must be finite and >= 0, got {beta}")
     rows = n_fresh + n_replay
@@ -262,7 +277,7 @@ def _(storage, out, lengths, ragged, weights, block_stats, slot_key, table, weig
 @torch.library.register_fake("trainops::replay_insert")
 def _(storage, batch, generations, stamps, keys, eviction, size, cursor, step, seed):
     cap, _ = _check_storage(storage)
-    check_int("eviction", eviction, 0, 1)
+    check_int("eviction", eviction, 0, len(EVICTIONS) - 1)
     check_int("size", size, 0, cap)
     check_int("cursor", cursor, size)
     return generations.new_empty(batch[0].shape[0])

@@ -15,11 +15,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["BLOCK", "MODES", "philox4x32", "uniform01", "sample", "insert", "update_priorities", "block_stats",
-           "priority_weight", "reservoir_keys"]
+from trainops._replay_spec import BLOCK, EVICTIONS, WEIGHT_MODE_NUMBERS, WEIGHT_MODES, block_stats, priority_weight
 
-BLOCK = 32
-MODES = {"uniform": 0, "weights": 1, "recency": 2, "table": 3}
+__all__ = ["BLOCK", "WEIGHT_MODES", "EVICTIONS", "philox4x32", "philox_uniform01", "sample", "insert",
+           "update_priorities", "block_stats", "priority_weight", "reservoir_keys"]
+
+MODES = WEIGHT_MODE_NUMBERS  # old name: the weight modes' schema numbers (sample(mode=...) took them)
+
 STREAM_SAMPLE, STREAM_GUMBEL, STREAM_RESERVOIR = 0, 1, 2
 
 _M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
@@ -50,47 +52,35 @@ def _bits53(seed: int, offset: int, index, stream: int):
     return ((x0 << np.uint64(32)) | x1) >> np.uint64(11)
 
 
-def uniform01(seed: int, offset: int, index, stream: int, open_interval: bool = False) -> torch.Tensor:
-    """Uniform float64 draws in [0, 1) (or (0, 1)) for each index: the kernels' stream."""
+def philox_uniform01(seed: int, offset: int, index, stream: int, open_interval: bool = False) -> torch.Tensor:
+    """Uniform float64 draws in [0, 1) (or (0, 1)) for each index: the replay kernels' Philox
+    stream (53 bits of the counter (index, offset, stream) under the key seed)."""
     bits = _bits53(seed, offset, index, stream).astype(np.float64)
     if open_interval:
         bits = bits + 0.5
     return torch.from_numpy(bits * (1.0 / 9007199254740992.0))
 
 
+uniform01 = philox_uniform01  # old name
+
+
 def reservoir_keys(seed: int, serials) -> torch.Tensor:
     """Reservoir keys of the stream items with the given serial numbers."""
-    return uniform01(seed, 0, serials, STREAM_RESERVOIR)
+    return philox_uniform01(seed, 0, serials, STREAM_RESERVOIR)
 
 
-def priority_weight(p: torch.Tensor, alpha: float, eps: float) -> torch.Tensor:
-    """Stored sampling weight max(p, eps)^alpha (fp64 math, fp32 result)."""
-    return p.double().clamp_min(eps).pow(alpha).float()
-
-
-def slot_weights(mode: int, size: int, weights=None, slot_key=None, table=None, now: int = 0) -> torch.Tensor:
+def slot_weights(weight_mode: str, size: int, weights=None, slot_key=None, table=None, now: int = 0) -> torch.Tensor:
     """Per-slot sampling weights w_i (float64) of the first ``size`` slots."""
-    if mode == 0:
+    if weight_mode == "uniform":
         return torch.ones(size, dtype=torch.float64)
-    if mode == 1:
+    if weight_mode == "weights":
         return weights[:size].cpu().double()
     key = slot_key[:size].cpu()
-    if mode == 2:
+    if weight_mode == "recency":
         return 1.0 / ((now - key).clamp_min(0) + 1).double()
     tab = table.cpu().double()
     ok = (key >= 0) & (key < tab.numel())
     return torch.where(ok, tab[key.clamp(0, max(tab.numel() - 1, 0))], torch.zeros((), dtype=torch.float64))
-
-
-def block_stats(w: torch.Tensor):
-    """(sums, smallest positive weights) of consecutive blocks of BLOCK slots, float64."""
-    nb = (w.numel() + BLOCK - 1) // BLOCK
-    padded = torch.zeros(nb * BLOCK, dtype=torch.float64)
-    padded[: w.numel()] = w
-    blocks = padded.view(nb, BLOCK)
-    sums = torch.cumsum(blocks, 1)[:, -1]  # slot-by-slot accumulation, as in the kernels
-    mins = torch.where(blocks > 0, blocks, torch.full_like(blocks, float("inf"))).amin(1)
-    return sums, mins
 
 
 def _locate(w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -112,27 +102,34 @@ def _locate(w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return b * BLOCK + pos
 
 
-def sample(storage, n_replay: int, *, size: int, fresh=None, mode: int = 0, weights=None, slot_key=None,
-           table=None, lengths=None, ragged=None, now: int = 0, beta: float = 0.0, batch_max: bool = False,
-           replacement: bool = True, seed: int = 0, offset: int = 0):
+def sample(storage, n_replay: int, *, size: int, fresh=None, weight_mode: str = "uniform", weights=None,
+           slot_key=None, table=None, lengths=None, ragged=None, now: int = 0, beta: float = 0.0,
+           batch_max: bool = False, replacement: bool = True, seed: int = 0, offset: int = 0, mode=None):
     """Reference of ``replay_sample``: returns (out fields, indices, importance weights, is_replay).
 
     ``storage``: list of [capacity, ...] tensors; ``fresh``: list of [F, ...] tensors put first.
     Fresh rows have index -1 and weight 1. Ragged fields copy their first lengths[slot] elements.
+    ``weight_mode``: one of :data:`WEIGHT_MODES` (``mode``, its old name, also takes the number).
     """
+    if mode is not None:
+        if weight_mode != "uniform":
+            raise TypeError("pass weight_mode= only (mode= is its old name)")
+        weight_mode = WEIGHT_MODES[mode] if isinstance(mode, int) else mode
+    if weight_mode not in WEIGHT_MODES:
+        raise ValueError(f"weight_mode must be one of {WEIGHT_MODES}, got {weight_mode!r}")
     if size <= 0:
         raise ValueError("size must be positive (empty buffer)")
-    w = slot_weights(mode, size, weights, slot_key, table, now)
+    w = slot_weights(weight_mode, size, weights, slot_key, table, now)
     total = float(size)
-    if mode != 0:
+    if weight_mode != "uniform":
         sums, _ = block_stats(w)
         total = float(torch.cumsum(sums, 0)[-1])
-    uniform = mode == 0 or not (total > 0.0 and np.isfinite(total))
+    uniform = weight_mode == "uniform" or not (total > 0.0 and np.isfinite(total))
     if uniform:
         w = torch.ones(size, dtype=torch.float64)
     j = torch.arange(n_replay, dtype=torch.float64)
     if replacement:
-        u = uniform01(seed, offset, np.arange(n_replay), STREAM_SAMPLE)
+        u = philox_uniform01(seed, offset, np.arange(n_replay), STREAM_SAMPLE)
         if uniform:
             t = (j + u) / n_replay * float(size)
             slots = t.long().clamp_max(size - 1)
@@ -142,11 +139,11 @@ def sample(storage, n_replay: int, *, size: int, fresh=None, mode: int = 0, weig
     else:
         if n_replay > size:
             raise ValueError(f"cannot draw {n_replay} rows without replacement from {size} items")
-        u = uniform01(seed, offset, np.arange(size), STREAM_GUMBEL, open_interval=True)
+        u = philox_uniform01(seed, offset, np.arange(size), STREAM_GUMBEL, open_interval=True)
         keys = torch.where(w > 0, torch.log(u) / w, torch.full_like(w, float("-inf")))
         slots = torch.sort(keys, descending=True, stable=True).indices[:n_replay]
     wsel = w[slots]
-    if uniform or beta == 0.0:
+    if uniform or beta == 0.0 or n_replay == 0:  # no draws: nothing to normalize by
         isw = torch.ones(n_replay, dtype=torch.float32)
     else:
         if batch_max:
@@ -186,6 +183,8 @@ def insert(storage, batch, generations, stamps, keys, *, eviction: str, size: in
     k-th smallest stored key (ties: lower slot) while it is strictly larger; an item that filled a
     slot earlier in the same batch and is displaced again is not stored (-1).
     """
+    if eviction not in EVICTIONS:
+        raise ValueError(f"eviction must be one of {EVICTIONS}, got {eviction!r}")
     storage = [s.clone() for s in storage]
     generations, stamps, keys = generations.clone(), stamps.clone(), keys.clone()
     capacity = storage[0].shape[0]

@@ -45,7 +45,6 @@ __all__ = ["FusedPrioritizedSampler"]
 _FORMAT = "trainops.replay.torchrl/1"
 _FILE = "sampler.safetensors"
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-_MODE_WEIGHTS = rops.MODES["weights"]
 
 
 class FusedPrioritizedSampler(PrioritizedSampler):
@@ -164,16 +163,15 @@ class FusedPrioritizedSampler(PrioritizedSampler):
         else:
             seed, offset = self._seed, self._offset
             self._offset += 1
-        # The registered op directly (it checks every size, index and device itself): every
-        # tensor but the scratch output is the sampler's own, shaped and typed at construction,
-        # and at small batches the wrapper's Python checks cost as much as the draws.
+        # The launcher without the wrapper's Python checks (the op checks every size, index and
+        # device itself): every tensor is the sampler's own, shaped and typed at construction,
+        # and at small batches the wrapper's checks cost as much as the draws.
         batch_size = int(batch_size)
         if batch_size < 0:
             raise ValueError(f"batch_size must be >= 0, got {batch_size}")
-        out = torch.empty((batch_size, 1), dtype=torch.uint8, device=self._rows.device)
-        index, isw, _ = torch.ops.trainops.replay_sample(
-            [self._rows], [out], None, [False], self._weights, self._block_stats, None, None, _MODE_WEIGHTS, n, 0,
-            batch_size, 0, float(self._beta), False, True, seed, offset)
+        _, index, isw, _ = rops.launch_sample([self._rows], batch_size, n, None, None, [False], "weights",
+                                              self._weights, self._block_stats, None, None, 0, float(self._beta),
+                                              False, True, seed, offset)
         return index, {"priority_weight": isw}
 
     @torch.no_grad()

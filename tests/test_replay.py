@@ -42,6 +42,7 @@ def _storage(cap, gen):
 @pytest.mark.parametrize("replacement", [True, False])
 @pytest.mark.parametrize("cap,size", [(1, 1), (130, 130), (200, 77)])
 def test_sample_matches_reference(mode, replacement, cap, size):
+    assert tuple(ref.WEIGHT_MODES) == tuple(rops.WEIGHT_MODES) == ("uniform", "weights", "recency", "table")
     gen = torch.Generator().manual_seed(cap * 31 + size)
     storage = _storage(cap, gen)
     lengths = storage[2]
@@ -51,14 +52,12 @@ def test_sample_matches_reference(mode, replacement, cap, size):
     table[2] = 0.0
     fresh = [torch.randn(3, 5, generator=gen), torch.zeros(3, 9, dtype=torch.int32), torch.ones(3, dtype=torch.int32)]
     n_replay = min(size, 33) if not replacement else 33
-    kw = dict(size=size, mode=mode, weights=weights, block_stats=block_stats, slot_key=slot_key, table=table,
+    kw = dict(size=size, weight_mode=mode, weights=weights, block_stats=block_stats, slot_key=slot_key, table=table,
               lengths=lengths, ragged=[False, True, False], now=5, beta=0.7, replacement=replacement, seed=1234,
               offset=9)
     for batch_max in (False, True):
         out, idx, w, rep = rops.replay_sample(storage, n_replay, fresh=fresh, batch_max=batch_max, **kw)
-        kw_ref = {k: v for k, v in kw.items()}
-        kw_ref["mode"] = ref.MODES[mode]
-        kw_ref.pop("block_stats")
+        kw_ref = {k: v for k, v in kw.items() if k != "block_stats"}
         r_out, r_idx, r_w, r_rep = ref.sample(storage, n_replay, fresh=fresh, batch_max=batch_max, **kw_ref)
         assert torch.equal(idx, r_idx)
         torch.testing.assert_close(w, r_w, rtol=1e-6, atol=0)
@@ -78,10 +77,42 @@ def test_sample_all_zero_weights_fall_back_to_uniform():
     weights = torch.zeros(cap)
     bs = torch.zeros(2, rops.num_blocks(cap), dtype=torch.float64)
     bs[1] = float("inf")
-    out, idx, w, _ = rops.replay_sample(storage, 16, size=30, mode="weights", weights=weights, block_stats=bs, beta=0.4)
+    out, idx, w, _ = rops.replay_sample(storage, 16, size=30, weight_mode="weights", weights=weights, block_stats=bs,
+                                        beta=0.4)
     assert bool((idx < 30).all()) and torch.equal(w, torch.ones(16))
-    _, r_idx, _, _ = ref.sample(storage, 16, size=30, mode=1, weights=weights, beta=0.4)
+    _, r_idx, _, _ = ref.sample(storage, 16, size=30, weight_mode="weights", weights=weights, beta=0.4)
     assert torch.equal(idx, r_idx)
+
+
+@pytest.mark.parametrize("mode", ["weights", "recency", "table"])
+def test_sample_of_fresh_rows_only_matches_reference(mode):
+    """n_replay = 0 with PER weights normalized over the batch: no draw to normalize by."""
+    gen = torch.Generator().manual_seed(8)
+    storage = _storage(40, gen)
+    weights, block_stats = _weights_state(40, 40, gen)
+    fresh = [torch.randn(2, 5, generator=gen), torch.zeros(2, 9, dtype=torch.int32), torch.ones(2, dtype=torch.int32)]
+    kw = dict(size=40, fresh=fresh, weight_mode=mode, weights=weights, slot_key=torch.arange(40), table=torch.ones(40,
+              dtype=torch.float64), now=50, beta=0.4, batch_max=True, replacement=False)
+    out, idx, w, rep = rops.replay_sample(storage, 0, block_stats=block_stats, **kw)
+    r_out, r_idx, r_w, r_rep = ref.sample(storage, 0, **kw)
+    assert torch.equal(idx, r_idx) and torch.equal(w, r_w) and torch.equal(rep, r_rep)
+    assert torch.equal(w, torch.ones(2)) and torch.equal(idx, torch.full((2,), -1))
+
+
+def test_old_mode_keyword_is_still_accepted():
+    """``mode=`` was replay_sample's name for weight_mode (and the reference took its number)."""
+    gen = torch.Generator().manual_seed(5)
+    storage = _storage(100, gen)
+    weights, block_stats = _weights_state(100, 90, gen)
+    kw = dict(size=90, weights=weights, beta=0.5, seed=3, offset=2)
+    want = rops.replay_sample(storage, 20, weight_mode="weights", block_stats=block_stats, **kw)
+    old = rops.replay_sample(storage, 20, mode="weights", block_stats=block_stats, **kw)
+    for w, o in zip(want[1:], old[1:]):
+        assert torch.equal(w, o)
+    for old_mode in (1, "weights"):
+        assert torch.equal(ref.sample(storage, 20, mode=old_mode, **kw)[1], want[1])
+    assert ref.MODES == rops.MODES == {"uniform": 0, "weights": 1, "recency": 2, "table": 3}
+    assert ref.uniform01 is ref.philox_uniform01
 
 
 @pytest.mark.parametrize("eviction", ["fifo", "reservoir"])
@@ -188,12 +219,25 @@ def test_errors():
         rops.replay_sample(storage, 4, size=0)
     with pytest.raises(ValueError, match="without"):
         rops.replay_sample(storage, 9, size=8, replacement=False)
-    with pytest.raises(ValueError, match="mode"):
-        rops.replay_sample(storage, 2, size=8, mode="bogus")
+    for bad in ("bogus", 1, None, ["weights"]):
+        with pytest.raises(ValueError, match="weight_mode must be one of"):
+            rops.replay_sample(storage, 2, size=8, weight_mode=bad)
+        with pytest.raises(ValueError, match="weight_mode must be one of"):
+            ref.sample(storage, 2, size=8, weight_mode=bad)
+    with pytest.raises(TypeError, match="weight_mode= only"):
+        rops.replay_sample(storage, 2, size=8, weight_mode="recency", mode="weights")
     with pytest.raises(TypeError, match="weights"):
-        rops.replay_sample(storage, 2, size=8, mode="weights", weights=torch.zeros(8, dtype=torch.float64))
+        rops.replay_sample(storage, 2, size=8, weight_mode="weights", weights=torch.zeros(8, dtype=torch.float64))
     with pytest.raises(TypeError, match="fresh"):
         rops.replay_sample(storage, 2, size=8, fresh=[torch.zeros(2, 2, dtype=torch.int32)])
+    gens, stamps = torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long)
+    keys = torch.zeros(8, dtype=torch.float64)
+    for bad in ("lifo", 0, None):
+        with pytest.raises(ValueError, match="eviction must be one of"):
+            rops.replay_insert(storage, [torch.zeros(1, 2)], gens, stamps, keys, eviction=bad, size=0, cursor=0)
+        with pytest.raises(ValueError, match="eviction must be one of"):
+            ref.insert(storage, [torch.zeros(1, 2)], gens, stamps, keys, eviction=bad, size=0, cursor=0, step=0,
+                       seed=0)
     with pytest.raises(ValueError, match="batch is empty"):
         rops.replay_insert(storage, [torch.zeros(0, 2)], torch.zeros(8, dtype=torch.long),
                            torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.float64), size=0, cursor=0)
@@ -214,7 +258,7 @@ if given is not None:
 
     @settings(max_examples=25, deadline=None)
     @given(cap=st.integers(1, 300), frac=st.floats(0.01, 1.0), n_replay=st.integers(1, 80),
-           mode=st.sampled_from(list(ref.MODES)), replacement=st.booleans(), seed=st.integers(0, 2**63 - 1),
+           mode=st.sampled_from(ref.WEIGHT_MODES), replacement=st.booleans(), seed=st.integers(0, 2**63 - 1),
            offset=st.integers(0, 2**40), beta=st.sampled_from([0.0, 0.4, 1.0]))
     def test_sample_matches_reference_random(cap, frac, n_replay, mode, replacement, seed, offset, beta):
         size = max(1, int(cap * frac))
@@ -227,8 +271,8 @@ if given is not None:
         table = torch.rand(4, generator=gen, dtype=torch.float64)
         kw = dict(size=size, weights=weights, slot_key=slot_key, table=table, now=3, beta=beta,
                   replacement=replacement, seed=seed, offset=offset)
-        out, idx, w, _ = rops.replay_sample(storage, n_replay, mode=mode, block_stats=block_stats, **kw)
-        r_out, r_idx, r_w, _ = ref.sample(storage, n_replay, mode=ref.MODES[mode], **kw)
+        out, idx, w, _ = rops.replay_sample(storage, n_replay, weight_mode=mode, block_stats=block_stats, **kw)
+        r_out, r_idx, r_w, _ = ref.sample(storage, n_replay, weight_mode=mode, **kw)
         assert torch.equal(idx, r_idx)
         torch.testing.assert_close(w, r_w, rtol=1e-6, atol=0)
         assert torch.equal(out[0], r_out[0])
