@@ -246,6 +246,71 @@ def test_conversational_prompts_are_grouped_by_their_messages(tmp_path):
     assert set(stored(trainer.replay_buffer, 0, len(trainer.replay_buffer))["groups"].tolist()) <= ids
 
 
+WORKER = """
+import sys
+import torch
+from safetensors.torch import save_file
+sys.path.insert(0, sys.argv[2])
+import test_trl_rlep as T
+from datasets import Dataset
+
+torch.set_num_threads(1)
+T.PROMPTS = {"1+2=": "3", "2+2=": "4", "3+4=": "7"}
+reward = T.ParityReward()
+trainer = T.make(T.Recording, sys.argv[1], reward, max_steps=3, per_device_train_batch_size=6)
+trainer.train()
+rank = trainer.accelerator.process_index
+out = {f"pool.{k}": v.contiguous() for k, v in trainer.replay_buffer.state_dict(stored_only=True).items()
+       if isinstance(v, torch.Tensor)}
+for t, ((_, batch, layout), fresh) in enumerate(zip(trainer.generations, reward.calls)):
+    out.update({f"{t}.group_ids": layout.group_ids, f"{t}.is_replay": layout.is_replay,
+                f"{t}.advantages": batch["advantages"], f"{t}.slots": layout.replay_slots, f"{t}.fresh": fresh,
+                f"{t}.items": batch["num_items_in_batch"].reshape(1), f"{t}.mask": batch["completion_mask"]})
+save_file(out, f"{sys.argv[1]}/rank{rank}.safetensors")
+"""
+
+
+def test_two_processes_share_one_pool_and_the_advantages_of_straddling_groups(tmp_path):
+    """2 gloo processes, 3 groups of G=4 over 2 x 6 rows: the middle group straddles the two.
+    Both keep the same pool and share the replayed rows evenly; the advantages of every row
+    match the reference over its whole group."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(29500 + os.getpid() % 1000), str(script), str(tmp_path), os.path.dirname(__file__)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
+    pool = {k: v for k, v in r0.items() if k.startswith("pool.")}
+    assert pool and all(torch.equal(v, r1[k]) for k, v in pool.items())  # one pool, replicated
+    n, replayed = 6, 0
+    for t in range(3):
+        slots = r0[f"{t}.slots"]
+        assert torch.equal(slots, r1[f"{t}.slots"])
+        fresh = torch.cat([r0[f"{t}.fresh"], r1[f"{t}.fresh"]])  # the generation batch, rank order
+        gids = torch.cat([r[f"{t}.group_ids"][~r[f"{t}.is_replay"]] for r in (r0, r1)])
+        for b in range(3):
+            s = slots[b][slots[b] >= 0]
+            gid = gids[b * G]
+            assert (gids[b * G:(b + 1) * G] == gid).all()
+            x = torch.cat([fresh[b * G:(b + 1) * G], pool["pool.storage.rewards"][s, 0]])
+            ref = (x - x.mean()) / (x.std() + 1e-4)
+            got = [r[f"{t}.advantages"][(r[f"{t}.group_ids"] == gid) & ~r[f"{t}.is_replay"]] for r in (r0, r1)]
+            torch.testing.assert_close(torch.cat(got), ref[:G], rtol=1e-5, atol=1e-5)
+            rep = [r[f"{t}.advantages"][(r[f"{t}.group_ids"] == gid) & r[f"{t}.is_replay"]] for r in (r0, r1)]
+            torch.testing.assert_close(torch.cat(rep), ref[G:], rtol=1e-5, atol=1e-5)
+            replayed += s.numel()
+        assert r0[f"{t}.is_replay"].sum() == r1[f"{t}.is_replay"].sum()  # the replays shared out evenly
+        assert int(r0[f"{t}.items"]) == int(r1[f"{t}.items"]) == int(r0[f"{t}.mask"].sum() + r1[f"{t}.mask"].sum())
+    assert replayed > 0
+
+
 class Resumed(RLEPGRPOTrainer):
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)

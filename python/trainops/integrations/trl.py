@@ -88,15 +88,16 @@ class RLEPConfig(GRPOConfig):
 
 
 class ReplayStep(NamedTuple):
-    """Layout of the last training generation (rows in the order of the batch handed to TRL,
-    before its shuffle): group-major, each prompt's G fresh rows, then its replayed rows."""
+    """Layout of the last training generation: this process's R rows in the order of the batch
+    handed to TRL (before its shuffle): group-major, each prompt's G fresh rows (those of this
+    process), then its replayed rows (on the process holding the group's first fresh row)."""
 
     group_ids: torch.Tensor    # [R] int64 prompt id of each row
     is_replay: torch.Tensor    # [R] bool
     rewards: torch.Tensor      # [R] weighted reward of each row
     advantages: torch.Tensor   # [R]
-    replay_slots: torch.Tensor  # [B, M] buffer slots of the replayed rows (-1: none)
-    stored: int                # fresh rollouts added to the pool after the draw
+    replay_slots: torch.Tensor  # [B, M] pool slots replayed into each group of the whole batch (-1: none)
+    stored: int                # fresh rollouts (all processes') added to the pool after the draw
 
 
 class RLEPGRPOTrainer(GRPOTrainer):
@@ -104,8 +105,8 @@ class RLEPGRPOTrainer(GRPOTrainer):
     :class:`RLEPConfig`). ``replay_buffer`` is the pool (None when RLEP is off);
     ``last_replay_step`` the layout of the last training generation.
 
-    Supported with RLEP on: one process, text prompts (plain or conversational), generation by
-    transformers; not yet: several processes, vLLM, tools, environments, images.
+    Supported with RLEP on: text prompts (plain or conversational), generation by transformers,
+    one or several processes; not yet: vLLM, tools, environments, images.
     """
 
     def __init__(self, *args, **kwargs):
@@ -117,7 +118,7 @@ class RLEPGRPOTrainer(GRPOTrainer):
         if self.replay_per_group == 0:
             return
         unsupported = [name for name, on in (
-            ("several processes", self.accelerator.num_processes > 1), ("use_vllm", self.use_vllm),
+            ("use_vllm", self.use_vllm),
             ("tools", bool(self.tools)), ("environment_factory", self.environment_factories is not None))
             if on]
         if unsupported:
@@ -125,7 +126,9 @@ class RLEPGRPOTrainer(GRPOTrainer):
         seed = self.args.seed if self.args.replay_seed is None else self.args.replay_seed
         spec = {"completion_ids": ((self.max_completion_length,), torch.int32), "length": ((), torch.int32),
                 "rewards": ((len(self.reward_funcs),), torch.float32)}
-        self.replay_buffer = ReplayBuffer(self.args.replay_capacity, spec, device=self.accelerator.device,
+        device = self.accelerator.device  # "cpu:0" with several CPU processes: tensors say "cpu"
+        device = torch.device("cpu") if device.type == "cpu" else device
+        self.replay_buffer = ReplayBuffer(self.args.replay_capacity, spec, device=device,
                                           sampler="uniform", eviction="fifo", seed=seed,
                                           ragged={"completion_ids": "length"})
 
@@ -159,22 +162,32 @@ class RLEPGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ RLEP
     def _mix_replay(self, inputs: list, output: dict, rewards_per_func: torch.Tensor) -> dict:
-        """``output`` (B·G fresh rows, group-major) with up to M replayed rows per group appended
-        after the group's fresh rows and advantages recomputed over each whole group; then this
+        """``output`` (this process's n fresh rows) with up to M replayed rows per group, placed
+        after the group's fresh rows, and advantages recomputed over each whole group; then the
         generation's stored-worthy fresh rollouts go into the pool (after the draw, so a group
-        never replays its own fresh rollouts)."""
+        never replays its own fresh rollouts).
+
+        With several processes, the generation batch is the processes' rows in rank order (TRL
+        gathers rewards that way; a group may straddle two processes). Every process keeps the
+        same pool (same seed, same inserts of the gathered rollouts), so all draw the same
+        replayed rows and compute the same advantages over the whole batch; the replayed rows,
+        in group order, are shared out evenly (TRL gathers per-row values, so every process
+        needs the same row count)."""
         G, M, L = self.num_generations, self.replay_per_group, self.max_completion_length
         foreign = [k for k in ("tool_mask", "pixel_values", "num_images", "importance_sampling_ratio",
                                "sampling_per_token_logps", "token_type_ids", "mm_token_type_ids") if k in output]
         if foreign:
             raise NotImplementedError(f"RLEP does not support batches with {foreign} yet")
         dev = output["completion_ids"].device
-        n = len(inputs)
-        if n % G:
-            raise RuntimeError(f"a generation batch of {n} rows is not whole groups of num_generations={G}")
-        B, K = n // G, rewards_per_func.shape[1]
+        procs, rank, n = self.accelerator.num_processes, self.accelerator.process_index, len(inputs)
+        total = n * procs
+        if total % G:
+            raise RuntimeError(f"a generation batch of {total} rows is not whole groups of num_generations={G}")
+        B, K = total // G, rewards_per_func.shape[1]
         rewards_per_func = rewards_per_func.to(dev)
-        group_ids = torch.tensor([prompt_group_id(x["prompt"]) for x in inputs[::G]], dtype=torch.int64, device=dev)
+        row_ids = self._gather(torch.tensor([prompt_group_id(x["prompt"]) for x in inputs], dtype=torch.int64,
+                                            device=dev))
+        group_ids = row_ids[::G]
 
         # draw M of each prompt's stored successes
         if len(self.replay_buffer):
@@ -186,15 +199,19 @@ class RLEPGRPOTrainer(GRPOTrainer):
             rows = {"completion_ids": torch.zeros(B, M, L, dtype=torch.int32, device=dev),
                     "length": torch.zeros(B, M, dtype=torch.int32, device=dev),
                     "rewards": torch.zeros(B, M, K, device=dev)}
-        # TRL splits the batch into steps_per_generation equal parts (a remainder would be lost):
-        # drop the last few replayed rows so the row count divides evenly.
-        excess = (n + int(mask.sum())) % self.args.steps_per_generation
+        # TRL splits each process's batch into steps_per_generation equal parts (a remainder would
+        # be lost) and gathers per-row values across processes (equal counts needed): keep the most
+        # replayed rows that give every process the same count, a multiple of the split.
+        total_replayed = int(mask.sum())
+        per_proc = total_replayed // procs
+        while (n + per_proc) % self.args.steps_per_generation:
+            per_proc -= 1
+        excess = total_replayed - per_proc * procs
         if excess:
-            flat = mask.view(-1)
-            flat[flat.nonzero().view(-1)[-excess:]] = False
-            slots.masked_fill_(~mask, -1)
+            mask.view(-1)[mask.view(-1).nonzero().view(-1)[-excess:]] = False
+        slots.masked_fill_(~mask, -1)
 
-        # advantages over G + M
+        # advantages over G + M, for the whole batch
         combined = torch.full((B, G + M, K), float("nan"), device=dev)
         combined[:, :G] = rewards_per_func.view(B, G, K)
         combined[:, G:][mask] = rows["rewards"][mask].to(combined)
@@ -202,35 +219,49 @@ class RLEPGRPOTrainer(GRPOTrainer):
         advantages, _ = group_advantages(combined, weights, self.scale_rewards, self.multi_objective_aggregation)
         group_rewards = (combined * weights).nansum(-1)
 
-        stored = self._store_fresh(output, rewards_per_func, group_ids)
-        mixed = self._append_replayed(output, rows, mask)
+        stored = self._store_fresh(output, rewards_per_func, row_ids)
+        # the replayed rows in group order, split evenly: this process trains the rank-th share
+        share = torch.zeros(B * M, dtype=torch.bool, device=dev)
+        share[mask.view(-1).nonzero().view(-1)[rank * per_proc:(rank + 1) * per_proc]] = True
+        local = share.view(B, M)
+        mixed = self._append_replayed(output, rows, local)
+        mixed["num_items_in_batch"] = output["num_items_in_batch"] + rows["length"][mask].sum()
 
-        # group-major order: for each prompt its G fresh rows, then its replayed rows
-        present = torch.cat([torch.ones(B, G, dtype=torch.bool, device=dev), mask], dim=1)  # [B, G+M]
-        position = torch.full((B, G + M), -1, dtype=torch.int64, device=dev)
-        position[:, :G] = torch.arange(n, device=dev).view(B, G)
-        position[:, G:][mask] = torch.arange(n, n + int(mask.sum()), device=dev)
-        order = position[present]
+        # each group's replayed rows right after its (local) fresh rows: sort keys in units of M + 1
+        groups_local = local.nonzero()
+        fresh_key = (torch.arange(n, device=dev) + rank * n) * (M + 1)
+        replay_key = (groups_local[:, 0] * G + G - 1) * (M + 1) + 1 + groups_local[:, 1]
+        order = torch.argsort(torch.cat([fresh_key, replay_key]), stable=True)
         del mixed["advantages"]  # the fresh rows' only; recomputed below
         for key, value in mixed.items():
             if isinstance(value, torch.Tensor) and value.dim() > 0:
                 mixed[key] = value.index_select(0, order)
-        mixed["advantages"] = advantages[present]
+        fresh = slice(rank * n, (rank + 1) * n)
+        mixed["advantages"] = torch.cat([advantages[:, :G].reshape(-1)[fresh], advantages[:, G:][local]])[order]
 
-        num_replayed = int(mask.sum())
+        num_replayed = int(local.sum())
         metrics = self._metrics["train"]
         metrics["rlep/replayed_fraction"].append(num_replayed / (n + num_replayed))
         metrics["rlep/stored"].append(float(stored))
         metrics["rlep/buffer_size"].append(float(len(self.replay_buffer)))
-        is_replay = torch.cat([torch.zeros(B, G, dtype=torch.bool, device=dev), mask], dim=1)
-        self.last_replay_step = ReplayStep(group_ids.repeat_interleave(present.sum(1)), is_replay[present],
-                                           group_rewards[present], mixed["advantages"], slots, stored)
+        self.last_replay_step = ReplayStep(
+            torch.cat([row_ids[fresh], group_ids[groups_local[:, 0]]])[order],
+            torch.cat([torch.zeros(n, dtype=torch.bool, device=dev), torch.ones(num_replayed, dtype=torch.bool,
+                                                                                  device=dev)])[order],
+            torch.cat([group_rewards[:, :G].reshape(-1)[fresh], group_rewards[:, G:][local]])[order],
+            mixed["advantages"], slots, stored)
         return mixed
 
-    def _store_fresh(self, output: dict, rewards_per_func: torch.Tensor, group_ids: torch.Tensor) -> int:
-        """Add the fresh rollouts the store mode keeps (verified successes by default) to the pool."""
-        G, L = self.num_generations, self.max_completion_length
-        lengths = output["completion_mask"].sum(1)
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.gather(t) if self.accelerator.num_processes > 1 else t
+
+    def _store_fresh(self, output: dict, rewards_per_func: torch.Tensor, row_ids: torch.Tensor) -> int:
+        """Add the generation's fresh rollouts (all processes') that the store mode keeps
+        (verified successes by default) to the pool."""
+        L = self.max_completion_length
+        ids = output["completion_ids"]
+        ids = ids[:, :L] if ids.shape[1] >= L else torch.nn.functional.pad(ids, (0, L - ids.shape[1]))
+        ids, lengths = self._gather(ids.contiguous()), self._gather(output["completion_mask"].sum(1))
         rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(1)
         scored = ~torch.isnan(rewards_per_func).all(1)
         keep = scored & (lengths > 0)  # a completion masked out entirely (truncated, when masked) is no answer
@@ -239,18 +270,16 @@ class RLEPGRPOTrainer(GRPOTrainer):
         count = int(keep.sum())
         if count == 0:
             return 0
-        ids = output["completion_ids"][keep]
-        ids = ids[:, :L] if ids.shape[1] >= L else torch.nn.functional.pad(ids, (0, L - ids.shape[1]))
-        ids = ids.masked_fill(torch.arange(L, device=ids.device) >= lengths[keep].unsqueeze(1), 0)
+        ids = ids[keep].masked_fill(torch.arange(L, device=ids.device) >= lengths[keep].unsqueeze(1), 0)
         self.replay_buffer.extend({"completion_ids": ids.to(torch.int32), "length": lengths[keep].to(torch.int32),
-                                   "rewards": rewards_per_func[keep].float()},
-                                  group=group_ids.repeat_interleave(G)[keep])
+                                   "rewards": rewards_per_func[keep].float()}, group=row_ids[keep])
         return count
 
     def _append_replayed(self, output: dict, rows: dict, mask: torch.Tensor) -> dict:
-        """``output`` with the replayed rows appended at the end (prompt = their group's prompt row;
-        completion tensors padded to a common width; old/reference log-probs of the replayed rows
-        computed by the current/reference model, as TRL does for fresh rows)."""
+        """``output`` with the replayed rows of ``mask`` [B, M] appended at the end (prompt = their
+        group's prompt, taken from any process; completion tensors padded to a common width;
+        old/reference log-probs of the replayed rows computed by the current/reference model, as
+        TRL does for fresh rows)."""
         G = self.num_generations
         out = dict(output)
         count = int(mask.sum())
@@ -258,14 +287,30 @@ class RLEPGRPOTrainer(GRPOTrainer):
             return out
         pad_id = self._tokenizer.pad_token_id
         dev = output["completion_ids"].device
+        prompt_ids, prompt_mask = output["prompt_ids"], output["prompt_mask"]
+        if self.accelerator.num_processes > 1:  # prompts are left-padded: pad on the left to gather
+            pad = self.accelerator.pad_across_processes
+            all_ids = self._gather(pad(prompt_ids, dim=1, pad_index=pad_id, pad_first=True))
+            all_mask = self._gather(pad(prompt_mask, dim=1, pad_index=0, pad_first=True))
+        else:
+            all_ids, all_mask = prompt_ids, prompt_mask
+        group_of_row = mask.nonzero()[:, 0]
+        replay_prompt_ids, replay_prompt_mask = all_ids[group_of_row * G], all_mask[group_of_row * G]
+        # the narrowest width that holds every prompt, local and replayed (left padding kept)
+        prompt_width = max(prompt_ids.shape[1], int(replay_prompt_mask.sum(1).max()))
+        if self.pad_to_multiple_of:
+            prompt_width = -(-prompt_width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+
+        def fit_left(t, value):
+            return torch.nn.functional.pad(t, (max(0, prompt_width - t.shape[1]), 0), value=value)[:, -prompt_width:]
+
+        prompt_ids, prompt_mask = fit_left(prompt_ids, pad_id), fit_left(prompt_mask, 0)
+        replay_prompt_ids, replay_prompt_mask = fit_left(replay_prompt_ids, pad_id), fit_left(replay_prompt_mask, 0)
         lengths = rows["length"][mask].long()
         width_fresh = output["completion_ids"].shape[1]
         width = max(width_fresh, int(lengths.max()))
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        group_of_row = mask.nonzero()[:, 0]
-        prompt_ids = output["prompt_ids"][group_of_row * G]
-        prompt_mask = output["prompt_mask"][group_of_row * G]
         ids = rows["completion_ids"][mask].long()
         ids = torch.nn.functional.pad(ids, (0, max(0, width - ids.shape[1])))[:, :width]
         completion_mask = (torch.arange(width, device=dev) < lengths.unsqueeze(1)).to(output["completion_mask"].dtype)
@@ -274,13 +319,12 @@ class RLEPGRPOTrainer(GRPOTrainer):
         def widen(t, value):
             return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
 
-        out["prompt_ids"] = torch.cat([output["prompt_ids"], prompt_ids])
-        out["prompt_mask"] = torch.cat([output["prompt_mask"], prompt_mask])
+        out["prompt_ids"] = torch.cat([prompt_ids, replay_prompt_ids])
+        out["prompt_mask"] = torch.cat([prompt_mask, replay_prompt_mask])
         out["completion_ids"] = torch.cat([widen(output["completion_ids"], pad_id), ids])
         out["completion_mask"] = torch.cat([widen(output["completion_mask"], 0), completion_mask])
-        out["num_items_in_batch"] = output["num_items_in_batch"] + completion_mask.sum()
         if "old_per_token_logps" in output or "ref_per_token_logps" in output:
-            old, ref = self._replayed_logps(prompt_ids, prompt_mask, ids, completion_mask,
+            old, ref = self._replayed_logps(replay_prompt_ids, replay_prompt_mask, ids, completion_mask,
                                             "old_per_token_logps" in output, "ref_per_token_logps" in output)
             if old is not None:
                 out["old_per_token_logps"] = torch.cat([widen(output["old_per_token_logps"], 0.0), old])
