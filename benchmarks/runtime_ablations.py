@@ -51,30 +51,13 @@ METRICS = [
 
 
 def numbers(out_dir: str) -> dict:
-    """The summary numbers of a finished run, from its metrics.jsonl."""
-    from trainops.runtime.report import forgetting
-
-    with open(os.path.join(out_dir, "metrics.jsonl")) as fh:
-        evals = [r for r in map(json.loads, fh) if r.get("event") == "eval"]
-    rows = [r["phase"] for r in evals]
-    acc = [r["accuracy"] for r in evals]
-    spec = {r["phase"]: r["specialization"] for r in evals}
-    return {
-        "final_avg_accuracy": statistics.fmean(acc[-1]),
-        "forgetting": forgetting(acc, rows)[0],
-        "final_avg_byte_accuracy": statistics.fmean(evals[-1]["byte_accuracy"]),
-        "specialization_pretrain": spec.get("pretrain", float("nan")),
-        "specialization_final": spec[rows[-1]],
-        "final_accuracy": dict(zip(_domains(out_dir), acc[-1])),
-    }
-
-
-def _domains(out_dir: str) -> list[str]:
-    import yaml
-
-    with open(os.path.join(out_dir, "config.yaml")) as fh:
-        tasks = yaml.safe_load(fh)["tasks"]
-    return [t.strip() for t in tasks.split(",") if t.strip()]
+    """The summary numbers of a finished run: its summary.json, where the runtime's report
+    computed them (trainops.runtime.report.summary_numbers)."""
+    with open(os.path.join(out_dir, "summary.json")) as fh:
+        s = json.load(fh)
+    nan = float("nan")
+    return {key: nan if s.get(key) is None else s[key] for key, _ in METRICS} | {
+        "final_accuracy": dict(zip(s["domains"], s["accuracy"][-1]))}
 
 
 def _cpu() -> str:

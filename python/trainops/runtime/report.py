@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-__all__ = ["write_report", "forgetting", "SUMMARY_FILE"]
+__all__ = ["write_report", "forgetting", "summary_numbers", "SUMMARY_FILE"]
 
 #: The report's numbers as JSON (accuracy matrix, forgetting, bytes), for scripts.
 SUMMARY_FILE = "summary.json"
@@ -108,11 +108,15 @@ def _table(domains, rows, matrix, chance) -> list[str]:
 
 
 def summary_numbers(state: dict) -> dict:
-    """Final average accuracy, average forgetting and specialization of a run's state."""
-    rows, m = state["acc_rows"], state["acc_matrix"]
+    """The headline numbers of a run's state, computed here only (the report, summary.json
+    and the ablation tables all take them from this): final average exact-match and per-byte
+    accuracy, average forgetting (and per task), specialization after pre-training and at the end."""
+    rows, m, bm = state["acc_rows"], state["acc_matrix"], state.get("byte_acc_matrix")
     spec = state["spec"]
+    avg_forget, per_forget = forgetting(m, rows)
     return {"final_avg_accuracy": sum(m[-1]) / len(m[-1]) if m else 0.0,
-            "forgetting": forgetting(m, rows)[0],
+            "final_avg_byte_accuracy": sum(bm[-1]) / len(bm[-1]) if bm else None,
+            "forgetting": avg_forget, "forgetting_per_task": per_forget,
             "specialization_pretrain": spec.get("pretrain"),
             "specialization_final": spec[rows[-1]] if rows else None}
 
@@ -122,8 +126,9 @@ def write_report(cfg, world: int, summary: dict) -> str:
     state, domains = summary["state"], summary["domains"]
     rows, m = state["acc_rows"], state["acc_matrix"]
     bm = state.get("byte_acc_matrix")
-    avg_forget, per_forget = forgetting(m, rows)
-    final_avg = sum(m[-1]) / len(m[-1]) if m else 0.0
+    headline = summary_numbers(state)
+    avg_forget, per_forget, final_avg = headline["forgetting"], headline["forgetting_per_task"], \
+        headline["final_avg_accuracy"]
     sent, fp32 = summary["bytes_sent"], state["bytes_fp32"]
     files = _plots(out, cfg, summary)
     spec = state["spec"]
@@ -149,7 +154,7 @@ def write_report(cfg, world: int, summary: dict) -> str:
             "Teacher-forced accuracy per answer byte (the true prefix is given at every position; "
             "a softer measure of the same models):", "",
             *_table(domains, rows, bm, None), "",
-            f"Final average per-byte accuracy: {sum(bm[-1]) / len(bm[-1]):.3f}.", "",
+            f"Final average per-byte accuracy: {headline['final_avg_byte_accuracy']:.3f}.", "",
         ]
     lines += [
         "## Expert specialization", "",
@@ -168,8 +173,7 @@ def write_report(cfg, world: int, summary: dict) -> str:
     text = "\n".join(lines) + "\n"
     from trainops.runtime.checkpoint import atomic_write_text
     numbers = {"domains": domains, "chance": summary.get("chance"), "rows": rows, "accuracy": m,
-               "byte_accuracy": bm, "final_avg_accuracy": final_avg, "forgetting": avg_forget,
-               "forgetting_per_task": per_forget, "specialization": spec, "bytes_sent": sent, "bytes_fp32_equiv": fp32,
+               "byte_accuracy": bm, **headline, "specialization": spec, "bytes_sent": sent, "bytes_fp32_equiv": fp32,
                "exchange": cfg.exchange, "workers": world, "seed": cfg.seed,
                "phase_seconds": state.get("phase_seconds", {})}
     atomic_write_text(os.path.join(out, SUMMARY_FILE), json.dumps(numbers, indent=1) + "\n")
