@@ -28,8 +28,12 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
+
+try:
+    from trl import GRPOConfig, GRPOTrainer
+except ImportError as e:
+    raise ImportError(f"trainops.integrations.trl needs TRL >= 1.16: pip install \"trainops[trl]\" ({e})") from None
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
