@@ -227,6 +227,30 @@ def test_replayed_rows_get_old_and_reference_logps_and_the_batch_splits_evenly(t
         torch.testing.assert_close(out["ref_per_token_logps"][m], ref[m], rtol=1e-4, atol=1e-5)
 
 
+def test_a_peft_model_gets_reference_logps_of_replayed_rows_with_its_adapter_off(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    class RefFromBase(Recording):
+        def _generate_and_score_completions(self, inputs):
+            out = super()._generate_and_score_completions(inputs)
+            ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+            mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+            with torch.no_grad(), self.model.disable_adapter():
+                self.refs.append(self._get_per_token_logps_and_entropies(self.model, ids, mask,
+                                                                         out["completion_ids"].shape[1], 64)[0])
+            return out
+
+    model = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    trainer = make(RefFromBase, tmp_path, model=model, max_steps=4, per_device_train_batch_size=G,
+                   steps_per_generation=2, beta=0.04, seed=2)
+    trainer.refs = []
+    trainer.train()
+    assert trainer.ref_model is None and any(g[2].is_replay.any() for g in trainer.generations)
+    for (_, out, _), ref in zip(trainer.generations, trainer.refs):
+        m = out["completion_mask"].bool()
+        torch.testing.assert_close(out["ref_per_token_logps"][m], ref[m], rtol=1e-4, atol=1e-5)
+
+
 def test_conversational_prompts_are_grouped_by_their_messages(tmp_path):
     chats = [[{"role": "user", "content": p}] for p in PROMPTS]
     data = Dataset.from_dict({"prompt": chats, "answer": list(PROMPTS.values())})
