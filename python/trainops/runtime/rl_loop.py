@@ -18,25 +18,18 @@ Rank 0 measures the greedy exact-match accuracy on the held-out set of every dom
 """
 from __future__ import annotations
 
-import os
-import signal
 import time
 
 import torch
 
-from trainops.distributed.stats import CommStats, ring_all_reduce_bytes
-from trainops.nn import reset_load_balancing
 from trainops.replay import ReplayBuffer
-from trainops.runtime.checkpoint import check_resume_config, load_checkpoint, save_checkpoint
-from trainops.runtime.config import ConfigError, config_from_dict
-from trainops.runtime.domains import VOCAB, generator, make_domains
+from trainops.runtime.config import config_from_dict
+from trainops.runtime.domains import generator
 from trainops.runtime.grpo import answer_logprobs, exact_match_rewards, group_advantages, grpo_loss, sample_rollouts
-from trainops.runtime.loop import (_device, _Metrics, _on_signal, _phases, _setup_phase, _weights_sha1, agree_to_stop,
-                                   evaluate, greedy_answers, pretrain_step)
-from trainops.runtime.model import MoETransformer, lbl_disabled
-from trainops.runtime.monitor import RunMonitor
+from trainops.runtime.loop import evaluate, greedy_answers, pretrain_step
+from trainops.runtime.model import lbl_disabled
 from trainops.runtime.rl_config import RLConfig
-from trainops.runtime.sync import make_sync
+from trainops.runtime.worker import WorkerRun
 
 __all__ = ["run_rl_worker", "grpo_step", "rlep_buffer", "pool_accuracy"]
 
@@ -115,155 +108,63 @@ def grpo_step(model, forward, sync, cfg: RLConfig, pool, id_offset: int, buffer,
 
 def run_rl_worker(rank: int, world: int, cfg_dict: dict) -> dict:
     cfg = config_from_dict(cfg_dict, cls=RLConfig)
-    torch.set_num_threads(cfg.threads)
-    device = _device(cfg)
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    out = cfg.out_dir
-    ckpt_root = os.path.join(out, "checkpoint")
-    if rank == 0:
-        os.makedirs(ckpt_root, exist_ok=True)
-
-    domains = make_domains(cfg.task_list(), cfg.seq_len)
-    n_tasks = len(domains)
-    phases = _phases(cfg, domains)
-    eval_sets = [tuple(t.to(device) for t in d.sample(generator(cfg.seed, 7777, i), cfg.eval_size))
-                 for i, d in enumerate(domains)]
-    pools = [d.sample(generator(cfg.seed, 4242, i), cfg.rl_pool) for i, d in enumerate(domains)]
-
-    saved = None
-    if cfg.resume:
-        saved = load_checkpoint(ckpt_root, rank, world)
-        check_resume_config(saved["config"], cfg.to_dict())
-    start_phase, start_step = (saved["phase"], saved["step"]) if saved else (0, 0)
-
-    torch.manual_seed(cfg.seed)
-    model = MoETransformer(cfg, VOCAB).to(device)
-    if saved:
-        if start_phase >= len(phases):
-            raise ConfigError(f"--resume: the run in {out} is already complete; use a new --out-dir")
-        for p in range(start_phase + 1):
-            _setup_phase(model, cfg, phases[p][2], n_tasks)
-    buffer = rlep_buffer(cfg, rank, device)
-    stats = CommStats()
-    state = {"acc_matrix": [], "acc_rows": [], "curve": [], "weights_sha1": {}, "bytes_fp32": 0, "global_step": 0,
-             "phase_seconds": {}, "replay_s": 0.0, "wall_s": 0.0, "comm_s": 0.0, "flag_s": 0.0}
-    if saved:
-        model.load_state_dict(saved["model"])
-        if buffer is not None:
-            buffer.load_state_dict(saved["replay"])
-        state = saved["state"]
-        for k, v in saved["comm"].items():
-            if hasattr(stats, k) and k != "calls":
-                setattr(stats, k, v)
-    metrics = _Metrics(os.path.join(out, "metrics.jsonl"), rank == 0, state["global_step"] if saved else None)
-    monitor = RunMonitor(cfg, rank, [d.name for d in domains], {n: s for n, s, _ in phases},
-                         state["global_step"] if saved else None)
-    metrics.on_row = monitor.log
-    clock_base, clock_start = state["wall_s"], time.perf_counter()
-    sync = None
-
-    def clock():
-        state["wall_s"] = clock_base + time.perf_counter() - clock_start
-        if sync is not None:
-            state["comm_s"] += sync.comm_s
-            sync.comm_s = 0.0
-
-    def checkpoint(phase_idx, step, opt, final=False):
-        clock()
-        torch_state = {
-            "config": cfg.to_dict(), "world_size": world, "phase": phase_idx, "step": step,
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "diloco": sync.state_dict(),
-            "replay": None if buffer is None else buffer.state_dict(), "rng": torch.get_rng_state(),
-            "state": state, "comm": stats.as_dict()}
-        save_checkpoint(ckpt_root, state["global_step"], rank, torch_state, torch.distributed.barrier, final)
+    run = WorkerRun(rank, world, cfg, {"acc_matrix": [], "acc_rows": [], "curve": [], "weights_sha1": {},
+                                       "bytes_fp32": 0, "global_step": 0, "phase_seconds": {}, "replay_s": 0.0},
+                    lambda cfg, rank, n_tasks, device: rlep_buffer(cfg, rank, device))
+    model, state, stats, device = run.model, run.state, run.stats, run.device
+    pools = [d.sample(generator(cfg.seed, 4242, i), cfg.rl_pool) for i, d in enumerate(run.domains)]
 
     def evaluate_now(name, step, phase_end):
-        accs, byte_accs, _, spec = evaluate(model, eval_sets, cfg.num_experts)
+        accs, byte_accs, _, spec = evaluate(model, run.eval_sets, cfg.num_experts)
         pool_accs = [pool_accuracy(model, pool, device) for pool in pools]
         state["curve"].append({"global_step": state["global_step"], "phase": name, "step": step, "accuracy": accs,
                                "pool_accuracy": pool_accs})
         if phase_end:
             state["acc_rows"].append(name)
             state["acc_matrix"].append(accs)
-        metrics.log(global_step=state["global_step"], phase=name, event="eval", accuracy=accs,
-                    byte_accuracy=byte_accs, pool_accuracy=pool_accs, specialization=spec)
+        run.metrics.log(global_step=state["global_step"], phase=name, event="eval", accuracy=accs,
+                        byte_accuracy=byte_accs, pool_accuracy=pool_accs, specialization=spec)
 
-    hook_group, interrupted, opt = None, False, None
-    for phase_idx in range(start_phase, len(phases)):
-        name, steps, task = phases[phase_idx]
-        resuming_here = saved is not None and phase_idx == start_phase
-        if not resuming_here:
-            _setup_phase(model, cfg, task, n_tasks)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg.lr if task is None else cfg.task_lr, weight_decay=0.0)
-        if cfg.sync == "ddp" and cfg.ddp_hook != "fp32" and hook_group is None:
-            hook_group = torch.distributed.new_group()
-        sync = make_sync(model, opt, cfg, stats, broadcast_init=not resuming_here, comm_group=hook_group)
-        forward = sync.ddp if cfg.sync == "ddp" else model
-        first = 1
-        if resuming_here:
-            opt.load_state_dict(saved["optimizer"])
-            sync.load_state_dict(saved["diloco"])
-            torch.set_rng_state(saved["rng"])
-            first = start_step + 1
-        bar = None
-        if rank == 0 and cfg.progress:
-            from tqdm import tqdm
-            bar = tqdm(total=steps, initial=first - 1, desc=name, dynamic_ncols=True, leave=True)
+    interrupted = False
+    for phase_idx in range(run.start_phase, len(run.phases)):
+        name, steps, task = run.phases[phase_idx]
+        forward, first, bar = run.enter_phase(phase_idx)
         t0, tokens_done = time.perf_counter(), 0
         for step in range(first, steps + 1):
             if task is not None and rank == 0 and step > 1 and (step - 1) % cfg.eval_every == 0:
                 evaluate_now(name, step - 1, phase_end=False)  # the policy after step - 1 GRPO steps
-            state["global_step"] += 1
-            gs = state["global_step"]
-            elements_before = stats.elements
+            gs = run.begin_step()
             if task is None:
-                loss, lbl, n = pretrain_step(forward, sync, domains, cfg, rank, phase_idx, step, device)
+                loss, lbl, n = pretrain_step(forward, run.sync, run.domains, cfg, rank, phase_idx, step, device)
                 row = {"loss": loss, "lbl": lbl, "tokens": n}
             else:
-                row, _ = grpo_step(model, forward, sync, cfg, pools[task], task * cfg.rl_pool, buffer,
+                row, _ = grpo_step(model, forward, run.sync, cfg, pools[task], task * cfg.rl_pool, run.buffer,
                                    generator(cfg.seed, rank, phase_idx, step), device)
                 state["replay_s"] += row["replay_s"]
             tokens_done += row.pop("tokens")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            reset_load_balancing(model)
-            sync.step()
-            if stats.elements > elements_before:
-                state["bytes_fp32"] += ring_all_reduce_bytes(4 * (stats.elements - elements_before), world)
-            clock()
+            run.optimizer_step()
             tps = tokens_done * world / max(time.perf_counter() - t0, 1e-9)
-            metrics.log(global_step=gs, phase=name, step=step, **row, tokens_per_s=tps,
-                        buffer_size=0 if buffer is None else len(buffer), bytes_sent=stats.bytes_sent,
-                        bytes_fp32_equiv=state["bytes_fp32"], wall_s=state["wall_s"], comm_s=state["comm_s"],
-                        flag_s=state["flag_s"])
+            run.metrics.log(global_step=gs, phase=name, step=step, **row, tokens_per_s=tps,
+                            buffer_size=0 if run.buffer is None else len(run.buffer), bytes_sent=stats.bytes_sent,
+                            bytes_fp32_equiv=state["bytes_fp32"], wall_s=state["wall_s"], comm_s=state["comm_s"],
+                            flag_s=state["flag_s"])
             if bar is not None:
                 bar.set_postfix(loss=f"{row['loss']:.3f}", reward=f"{row.get('reward', float('nan')):.3f}",
                                 refresh=False)
                 bar.update(1)
-            stop, waited = agree_to_stop(cfg, gs, device)
-            state["flag_s"] += waited
-            if stop or (cfg.checkpoint_every and gs % cfg.checkpoint_every == 0):
-                checkpoint(phase_idx, step, opt)
-            if stop:
+            if run.end_step(phase_idx, step):
                 interrupted = True
                 break
         if bar is not None:
             bar.close()
         if interrupted:
             break
-        sync.sync_all()  # every worker holds the same weights for evaluation and the next phase
-        clock()
-        state["weights_sha1"][name] = _weights_sha1(model)
-        state["phase_seconds"][name] = state["phase_seconds"].get(name, 0.0) + time.perf_counter() - t0
+        run.end_phase(name)
         if rank == 0:
             evaluate_now(name, steps, phase_end=True)
-    monitor.close()
-    if not interrupted:
-        checkpoint(len(phases), 0, opt, final=True)
-    summary = {"interrupted": interrupted, "state": state, "domains": [d.name for d in domains],
-               "chance": [d.chance for d in domains], "bytes_sent": stats.bytes_sent, "comm": stats.as_dict()}
+    run.finish(interrupted)
+    summary = {"interrupted": interrupted, "state": state, "domains": [d.name for d in run.domains],
+               "chance": [d.chance for d in run.domains], "bytes_sent": stats.bytes_sent, "comm": stats.as_dict()}
     if rank == 0 and not interrupted:
         from trainops.runtime.rl_report import write_rl_report
         write_rl_report(cfg, world, summary)
