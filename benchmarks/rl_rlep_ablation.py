@@ -19,7 +19,6 @@ after ``--`` go to every run and are listed in the table.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -31,7 +30,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from benchmarks.runtime_ablations import _cpu, _pm  # noqa: E402
+from benchmarks.runtime_ablations import _cpu, _pm, split_extra, sweep_parser  # noqa: E402
 
 ARMS = {"on": "RLEP (`--rlep on`)", "off": "plain GRPO (`--rlep off`)"}
 
@@ -87,26 +86,32 @@ def table(results: dict, seeds: list[int], extra: list[str]) -> str:
         f"`python -m trainops.rl --seed S --rlep on|off{' ' + ' '.join(extra) if extra else ''}` (2 gloo workers, "
         f"default config otherwise); seeds {', '.join(map(str, seeds))}. Accuracy: greedy exact match on the "
         "held-out set of the task, rank 0's weights. Cells: mean ± sample standard deviation over the seeds. "
-        "'Steps to plain's best': the first evaluated GRPO step at which the run reaches the best accuracy of "
-        "the plain-GRPO run of the same seed (never: counted as not reached). 'Training prompts': greedy "
+        "'Mean over the evaluated steps': the area under the accuracy curve (GRPO steps > 0). 'Steps to "
+        "(90% of) plain's best': the first evaluated GRPO step at which the run reaches (90% of) the best accuracy "
+        "of the plain-GRPO run of the same seed (mean over the seeds that reach it). 'Training prompts': greedy "
         "exact match on the task's pool of GRPO prompts (the reward's prompts; the held-out set measures what "
         "carries over to prompts never trained on).", "",
-        "| run | after warm-up | best | final | steps to plain's best | training prompts: final | mean reward of the rollouts | replay path share of wall time |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | after warm-up | mean over the evaluated steps | final | steps to 90% of plain's best | "
+        "steps to plain's best | training prompts: final | mean reward of the rollouts | replay path share of wall "
+        "time |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, per_seed in results.items():
-        best = [max(r["curve"].values()) for r in per_seed.values()]
         final = [r["curve"][max(r["curve"])] for r in per_seed.values()]
         start = [r["curve"].get(0, float("nan")) for r in per_seed.values()]
-        reach = [first_step_reaching(r["curve"], max(off[s]["curve"].values())) for s, r in per_seed.items()
-                 if s in off]
-        got = [x for x in reach if x is not None]
-        reach_cell = (f"{statistics.fmean(got):.0f} ({len(got)}/{len(reach)} reached)" if got
-                      else f"never (0/{len(reach)})")
+        mean_acc = [statistics.fmean(v for k, v in r["curve"].items() if k > 0) for r in per_seed.values()]
+        cells = []
+        for share_of_best in (0.9, 1.0):
+            reach = [first_step_reaching(r["curve"], share_of_best * max(off[s]["curve"].values()))
+                     for s, r in per_seed.items() if s in off]
+            got = [x for x in reach if x is not None]
+            cells.append(f"{statistics.fmean(got):.0f} ({len(got)}/{len(reach)} reached)" if got
+                         else f"never (0/{len(reach)})")
         reward = [statistics.fmean(r["rewards"]) for r in per_seed.values()]
         pool_final = [r["pool"][max(r["pool"])] for r in per_seed.values()]
         share = [r["replay_s"] / r["wall_s"] for r in per_seed.values() if r["wall_s"]]
-        lines.append(f"| {ARMS[arm]} | {_pm(start)} | {_pm(best)} | {_pm(final)} | {reach_cell} | {_pm(pool_final)} | "
+        lines.append(f"| {ARMS[arm]} | {_pm(start)} | {_pm(mean_acc)} | {_pm(final)} | {cells[0]} | {cells[1]} | "
+                     f"{_pm(pool_final)} | "
                      f"{_pm(reward)} | "
                      f"{100 * statistics.fmean(share):.2f}% |")
     lines += ["", "Every seed (accuracy at each evaluated GRPO step):", ""]
@@ -120,16 +125,9 @@ def table(results: dict, seeds: list[int], extra: list[str]) -> str:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    ap.add_argument("--out-root", default="runs/rlep", help="where the runs' output directories go")
-    ap.add_argument("--results", default=os.path.join(HERE, "results", "rlep_ablation_cpu.md"),
-                    help="markdown table to write (the plot goes beside it, .png)")
-    ap.add_argument("--fresh", action="store_true", help="run again even where a finished run exists")
-    args = ap.parse_args(argv)
+    argv, extra = split_extra(argv)
+    args = sweep_parser(__doc__, "runs/rlep", "rlep_ablation_cpu.md",
+                        "markdown table to write (the plot goes beside it, .png)").parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     results: dict = {arm: {} for arm in ARMS}
     for seed in seeds:

@@ -108,17 +108,28 @@ def table(results: dict, seeds: list[int], extra: list[str], seconds: dict) -> s
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def sweep_parser(doc: str, out_root: str, results: str, results_help: str) -> argparse.ArgumentParser:
+    """The options of a seed sweep: --seeds, --out-root, --results, --fresh."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    ap.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
-    ap.add_argument("--out-root", default="runs/ablations", help="where the runs' output directories go")
-    ap.add_argument("--results", default=os.path.join(HERE, "results", "runtime_ablations_cpu.md"),
-                    help="markdown table to write")
+    ap.add_argument("--out-root", default=out_root, help="where the runs' output directories go")
+    ap.add_argument("--results", default=os.path.join(HERE, "results", results), help=results_help)
     ap.add_argument("--fresh", action="store_true", help="run again even where a finished run exists")
+    return ap
+
+
+def split_extra(argv) -> tuple[list[str], list[str]]:
+    """(the sweep's own arguments, the options after ``--`` that go to every run)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in argv:
+        return argv, []
+    return argv[:argv.index("--")], argv[argv.index("--") + 1:]
+
+
+def main(argv=None) -> int:
+    argv, extra = split_extra(argv)
+    ap = sweep_parser(__doc__, "runs/ablations", "runtime_ablations_cpu.md", "markdown table to write")
+    ap.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     names = [n for n in args.runs.split(",") if n]

@@ -141,9 +141,11 @@ def _check_trainops(argv: list[str]) -> None:
     exe = shutil.which("trainops")
     assert exe, "the trainops console script is not on PATH"
     args = argv[1:]
-    if args and args[0] == "train":
-        from trainops.runtime.config import load_config
-        load_config([a for a in args[1:] if a not in ("-h", "--help")])  # raises ConfigError on a bad option
+    if args and args[0] in ("train", "rl"):
+        from trainops.runtime.config import TrainConfig, load_config
+        from trainops.runtime.rl_config import RLConfig
+        # raises ConfigError on a bad option
+        load_config([a for a in args[1:] if a not in ("-h", "--help")], RLConfig if args[0] == "rl" else TrainConfig)
     help_argv = [exe, *args[:1], "--help"] if args else [exe]
     proc = subprocess.run(help_argv, env=_cpu_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "usage: trainops" in proc.stdout, (help_argv, proc.stdout, proc.stderr)
@@ -193,6 +195,10 @@ def test_shell_check_catches_bad_commands():
     from trainops.runtime.config import ConfigError
     with pytest.raises(ConfigError, match="unknown option --no-such-option"):
         check_command("trainops train --no-such-option 1")
+    with pytest.raises(ConfigError, match="unknown option --rlep"):  # an option of `trainops rl` only
+        check_command("trainops train --rlep on")
+    with pytest.raises(ConfigError, match="rlep='sometimes'"):
+        check_command("trainops rl --rlep sometimes")
     with pytest.raises(AssertionError, match="no such file"):
         check_command("./scripts/no_such_script.sh")
     with pytest.raises(AssertionError, match="no such module"):
@@ -225,8 +231,8 @@ def test_inline_python_commands_name_real_modules_and_files():
 
 
 def test_runtime_options_in_readme_exist():
-    from trainops.runtime.config import TrainConfig
-    names = {f.name.replace("_", "-"): f.type for f in fields(TrainConfig)}
+    from trainops.runtime.rl_config import RLConfig  # TrainConfig's options and those of `trainops rl`
+    names = {f.name.replace("_", "-"): f.type for f in fields(RLConfig)}
     # `--key value` is the README's placeholder for any option
     known = {"help", "config", "key"} | set(names) | {f"no-{n}" for n, t in names.items() if t in (bool, "bool")}
     text = README.read_text()
