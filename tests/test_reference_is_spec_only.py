@@ -6,8 +6,8 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = "trainops.reference"
-# The package root makes the public trainops.reference importable as an attribute of trainops;
-# it uses nothing from it.
+# The package root loads the public trainops.reference when a user asks for the attribute
+# (``trainops.reference``, lazily: ``import trainops`` does not load it); it uses nothing from it.
 PUBLIC_REEXPORT = {("trainops/__init__.py", "trainops.reference")}
 
 
@@ -89,3 +89,11 @@ def test_the_check_sees_every_form_of_import(tmp_path):
         "trainops/ops/b.py: trainops.reference.router", "trainops/ops/c.py: trainops.reference",
         "trainops/ops/c.py: trainops.reference.mora", "trainops/ops/d.py: trainops.reference",
         "trainops/ops/e.py: trainops.reference"]
+
+
+def test_import_trainops_does_not_load_the_reference():
+    import subprocess
+    import sys
+    code = "import sys, trainops; print('trainops.reference' in sys.modules, trainops.reference.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "trainops.reference"]
