@@ -112,3 +112,16 @@ def test_float_dtypes_order_is_the_all_reduce_header_code():
     # quantized_all_reduce sends a dtype as its index in this tuple: reordering breaks peers.
     assert FLOAT_DTYPES == (torch.float32, torch.bfloat16, torch.float16)
     assert all(d.is_floating_point for d in FLOAT_DTYPES)
+
+
+def test_raise_for_invalid_priorities_names_the_first_bad_kind():
+    import torch
+
+    from trainops._validation import raise_for_invalid_priorities
+    raise_for_invalid_priorities(torch.tensor([0.0, 1.5, 3e38]))  # all valid: returns
+    with pytest.raises(ValueError, match="priorities contain NaN"):
+        raise_for_invalid_priorities(torch.tensor([-1.0, float("nan"), float("inf")]))
+    with pytest.raises(ValueError, match="priority must be >= 0"):
+        raise_for_invalid_priorities(torch.tensor([-1.0, float("inf")]), "priority")
+    with pytest.raises(ValueError, match="priorities must be finite"):
+        raise_for_invalid_priorities(torch.tensor([1.0, float("inf")]))

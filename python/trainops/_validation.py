@@ -99,3 +99,16 @@ class CheckedFloat:
 
     def __set__(self, obj, value):
         obj.__dict__[self.name] = self.check(value)
+
+
+def raise_for_invalid_priorities(values: torch.Tensor, name: str = "priorities") -> None:
+    """Replay priorities must be finite and >= 0: raises ValueError for the first kind of bad
+    value present (NaN, then negative, then Inf); returns when there is none. Callers run it
+    only after a cheaper all-valid test failed, since each check reads the tensor."""
+    verb = "contain" if name.endswith("s") else "contains"
+    if bool(torch.isnan(values).any()):
+        raise ValueError(f"{name} {verb} NaN")
+    if bool((values < 0).any()):
+        raise ValueError(f"{name} must be >= 0 (got a negative value)")
+    if bool(torch.isinf(values).any()):
+        raise ValueError(f"{name} must be finite (got Inf)")

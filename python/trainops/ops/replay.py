@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from trainops import _extension
-from trainops._validation import check_int
+from trainops._validation import check_int, raise_for_invalid_priorities
 from trainops._replay_spec import BLOCK, EVICTION_NUMBERS, EVICTIONS, WEIGHT_MODE_NUMBERS, WEIGHT_MODES
 
 __all__ = ["replay_sample", "replay_insert", "replay_update_priorities", "num_blocks", "BLOCK", "WEIGHT_MODES",
@@ -233,12 +233,7 @@ def replay_update_priorities(priorities: torch.Tensor, weights: torch.Tensor, bl
     # The CPU kernel checks values and indices itself before writing; on CUDA that would need a
     # host sync inside the op, so the check (one host read) happens here.
     if validate and device.type != "cpu" and values.numel() and not bool(((values >= 0) & (values < float("inf"))).all()):
-        if torch.isnan(values).any():
-            raise ValueError("priorities contain NaN")
-        if (values < 0).any():
-            raise ValueError("priorities must be >= 0 (got a negative value)")
-        if torch.isinf(values).any():
-            raise ValueError("priorities must be finite (got Inf)")
+        raise_for_invalid_priorities(values)
     return launch_update_priorities(priorities, weights, block_stats, winner, generations, indices, values,
                                     expected_generations, alpha, eps, int(size))
 

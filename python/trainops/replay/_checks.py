@@ -9,6 +9,7 @@ import torch
 
 from trainops._replay_spec import EVICTIONS
 from trainops._replay_spec import priority_weight as _priority_weight
+from trainops._validation import raise_for_invalid_priorities
 from trainops.replay import _rows
 
 __all__ = ["SAMPLERS", "EVICTIONS", "check_choices", "check_names", "normalize_spec", "check_options",
@@ -173,12 +174,7 @@ def check_priorities(p: torch.Tensor, alpha: float, eps: float) -> None:
     w = _priority_weight(p, alpha, eps)
     if bool(((p >= 0) & (p < float("inf")) & (w < float("inf"))).all()):  # one host read when all is well
         return
-    if bool(torch.isnan(p).any()):
-        raise ValueError("priorities contain NaN")
-    if bool((p < 0).any()):
-        raise ValueError("priorities must be >= 0 (got a negative value)")
-    if bool(torch.isinf(p).any()):
-        raise ValueError("priorities must be finite (got Inf)")
+    raise_for_invalid_priorities(p)
     raise ValueError(f"priorities too large: max(p, priority_eps)^alpha (alpha={alpha}) overflows float32 "
                      f"for p = {float(p.max())}")
 

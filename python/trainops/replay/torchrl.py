@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torchrl.data.replay_buffers.samplers import PrioritizedSampler
 
-from trainops._validation import check_finite_float
+from trainops._validation import check_finite_float, raise_for_invalid_priorities
 from trainops import _extension
 from trainops.ops import replay as rops
 from trainops.replay._host import host_range
@@ -216,12 +216,7 @@ class FusedPrioritizedSampler(PrioritizedSampler):
     def _check_values(self, priority: torch.Tensor, pmin: float, pmax: float) -> None:
         if pmin >= 0 and math.isfinite(pmax) and (pmax + self._eps) ** self._alpha < _FLOAT32_MAX:
             return
-        if bool(torch.isnan(priority).any()):
-            raise ValueError("priority contains NaN")
-        if pmin < 0:
-            raise ValueError("priority must be >= 0 (got a negative value)")
-        if math.isinf(pmax):
-            raise ValueError("priority must be finite (got Inf)")
+        raise_for_invalid_priorities(priority, "priority")
         raise ValueError(f"priority too large: (p + eps)^alpha (alpha={self._alpha}) overflows float32")
 
     def mark_update(self, index, *, storage=None) -> None:
