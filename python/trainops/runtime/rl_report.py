@@ -8,15 +8,7 @@ import os
 from trainops.runtime.checkpoint import atomic_write_text
 from trainops.runtime.report import SUMMARY_FILE
 
-__all__ = ["write_rl_report", "steps_to_reach"]
-
-
-def steps_to_reach(curve: list[dict], domain: int, target: float) -> int | None:
-    """The first GRPO step (of the curve's task phases) whose accuracy on ``domain`` is >= ``target``."""
-    for point in curve:
-        if point["phase"].startswith("task") and point["accuracy"][domain] >= target:
-            return point["step"]
-    return None
+__all__ = ["write_rl_report"]
 
 
 def _plots(out: str, summary: dict) -> list[str]:

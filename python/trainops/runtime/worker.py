@@ -10,6 +10,7 @@ resumed run continues bit for bit (``tests/test_runtime_resume_exact.py``, ``tes
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import time
@@ -69,7 +70,6 @@ def agree_to_stop(cfg, global_step: int, device) -> tuple[bool, float]:
 
 def weights_sha1(model) -> str:
     """A digest of every parameter and buffer, to check that the workers agree."""
-    import hashlib
     h = hashlib.sha1()
     for k, v in model.state_dict().items():
         h.update(k.encode())
