@@ -2,7 +2,10 @@
 
 Storage is one [capacity, ...] tensor per field of ``spec`` on ``device``; sampling, insertion
 and priority updates are single trainops ops (:mod:`trainops.ops.replay`) with host-side
-counters only, so sampling needs no host synchronization on CUDA.
+counters only, so sampling needs no host synchronization on CUDA. Off the CPU a FIFO buffer
+inserts with fixed-size torch index ops instead and keeps its counters on the device
+(:mod:`trainops.replay._device_insert`), so ``extend`` (also of the rows a ``mask`` keeps) and
+``sample_groups`` need none either; the host reads the counters when it needs them.
 
 Samplers (probability of slot i among the N stored items):
   uniform      1 / N
@@ -26,7 +29,7 @@ import torch
 
 from trainops._validation import CheckedFloat, check_int
 from trainops.ops import replay as rops
-from trainops.replay import _checks, _groups, _persist, _rows, _state
+from trainops.replay import _checks, _device_insert, _groups, _persist, _rows, _state
 from trainops.replay._checks import EVICTIONS, SAMPLERS
 from trainops.replay._groups import GroupBatch
 from trainops.replay._host import host_range
@@ -102,23 +105,30 @@ class ReplayBuffer:
         if spec is not None:
             self._allocate(_checks.normalize_spec(spec))
         dev = self.device
-        self.generations = torch.full((capacity,), -1, dtype=torch.int64, device=dev)
-        self.stamps = torch.zeros(capacity, dtype=torch.int64, device=dev)
+        # Per-slot tensors written by inserts have one extra, never-read row that takes the
+        # writes of rows not stored (slot -1), so inserts scatter without a host sync.
+        self._generations_ext = torch.full((capacity + 1,), -1, dtype=torch.int64, device=dev)
+        self._stamps_ext = torch.zeros(capacity + 1, dtype=torch.int64, device=dev)
+        self.generations, self.stamps = self._generations_ext[:capacity], self._stamps_ext[:capacity]
         self.keys = torch.zeros(capacity, dtype=torch.float64, device=dev)
         self.priorities = torch.zeros(capacity, dtype=torch.float32, device=dev)
         self.weights = torch.zeros(capacity, dtype=torch.float32, device=dev)
         self.block_stats = torch.zeros(2, rops.num_blocks(capacity), dtype=torch.float64, device=dev)
         self.block_stats[1].fill_(float("inf"))
-        # One extra, never-read slot takes the writes of items that were not stored (slot -1),
-        # so group ids scatter without a host sync or colliding writes.
         self._groups_ext = torch.full((capacity + 1,), -1, dtype=torch.int64, device=dev)
         self.groups = self._groups_ext[:capacity]
         self.max_priority = torch.ones(1, dtype=torch.float32, device=dev)
         self.task_last = torch.full((self.max_tasks,), -1, dtype=torch.int64, device=dev)
         self._winner = torch.full((capacity,), -1, dtype=torch.int32, device=dev)
-        self.size = 0       # stored items
-        self.cursor = 0     # items ever offered (stream serial of the next item)
-        self.step = 0       # add() calls so far (the clock of recency and power_law)
+        # Counters (properties size, cursor, step): host ints, and a device copy [cursor, step]
+        # that inserts on the device advance; the host reads it only when it needs them.
+        self._size = self._cursor = self._step = 0
+        self._counts = torch.zeros(2, dtype=torch.int64, device=dev)
+        self._host_behind = False    # the device counters are newer than the host ints
+        self._device_behind = False  # the host ints are newer than the device counters
+        # Lazy counters: inserts and sample_groups never read device data on the host. On by
+        # default wherever reading it costs a synchronization (every device but the CPU).
+        self._lazy = self.device.type != "cpu"
         self.rng_offset = 0  # random draws made so far (Philox counter)
 
     # ------------------------------------------------------------------ storage and reading
@@ -127,8 +137,69 @@ class ReplayBuffer:
         fields are checked against it first."""
         _checks.check_options(self, spec)
         self.spec = spec
-        self.storage = {name: torch.zeros((self.capacity, *shape), dtype=dtype, device=self.device)
-                        for name, (shape, dtype) in spec.items()}
+        self._storage_ext = {name: torch.zeros((self.capacity + 1, *shape), dtype=dtype, device=self.device)
+                             for name, (shape, dtype) in spec.items()}  # + the spare row of inserts
+        self.storage = {name: st[: self.capacity] for name, st in self._storage_ext.items()}
+
+    # ------------------------------------------------------------------ counters
+    @property
+    def size(self) -> int:
+        """Stored items."""
+        self._settle()
+        return self._size
+
+    @size.setter
+    def size(self, value: int) -> None:
+        self._settle()
+        self._size, self._device_behind = value, True
+
+    @property
+    def cursor(self) -> int:
+        """Items ever offered (stream serial of the next item)."""
+        self._settle()
+        return self._cursor
+
+    @cursor.setter
+    def cursor(self, value: int) -> None:
+        self._settle()
+        self._cursor, self._device_behind = value, True
+
+    @property
+    def step(self) -> int:
+        """Insert calls that stored something (the clock of recency and power_law)."""
+        self._settle()
+        return self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._settle()
+        self._step, self._device_behind = value, True
+
+    def _settle(self) -> None:
+        """Bring the host counters up to date after inserts on the device (one host read)."""
+        if self._host_behind:
+            cursor, step = self._counts.tolist()
+            self._cursor, self._step, self._size = cursor, step, min(self.capacity, cursor)
+            self._host_behind = False
+
+    def _device_counts(self) -> torch.Tensor:
+        """The device counters [cursor, step], brought up to date from the host if it moved them
+        (fills, no copy from the host)."""
+        if self._device_behind:
+            self._counts[0].fill_(self._cursor)
+            self._counts[1].fill_(self._step)
+            self._device_behind = False
+        return self._counts
+
+    def _counts_moved_on_device(self) -> None:
+        self._host_behind = True
+
+    def stored_count(self) -> torch.Tensor:
+        """``len(buffer)`` as a 0-d int64 tensor on the buffer's device, without a host read
+        (read it with the step's other numbers)."""
+        if self._lazy or self._host_behind:
+            return self._device_counts()[0].clamp_max(self.capacity)
+        return torch.full((), self._size, dtype=torch.int64, device=self.device)
 
     def __len__(self) -> int:
         return self.size
@@ -184,23 +255,53 @@ class ReplayBuffer:
         slots, one = self._insert(batch, "batch", None, priority, group)
         return slots[0] if one else slots
 
-    def extend(self, batch, priority=None, group=None) -> torch.Tensor:
+    def extend(self, batch, priority=None, group=None, *, mask=None) -> torch.Tensor:
         """Insert a batch: a dict of [n, ...] tensors, a TensorDict of batch size [n], or a list
-        of items (stacked); returns each item's slot (int64 [n], as :meth:`add`)."""
+        of items (stacked); returns each item's slot (int64 [n], as :meth:`add`).
+
+        ``mask`` (bool [n]): store only the rows where it is True, in order. The buffer ends in
+        the state ``extend`` of those rows alone leaves (storage, generations, groups,
+        priorities, counters; nothing at all when no row is kept); the slot of a row left out
+        is -1. On a device other than the CPU (where reading device data costs a host
+        synchronization) a FIFO buffer inserts with fixed-size index ops and keeps its counters
+        on the device: no host read, with or without ``mask``; ``len``, ``sample``, ``state_dict``
+        and the other host-side readers catch up the counters when called (one host read). There
+        ``mask`` needs eviction ``fifo``, a ``uniform``, ``prioritized`` or ``recency`` sampler
+        and no ragged fields (ValueError otherwise); an explicit ``priority`` is still checked on
+        the host."""
         if isinstance(batch, (list, tuple)):
             batch = _rows.stack_items(batch, "batch")
-        return self._insert(batch, "batch", False, priority, group)[0]
+        return self._insert(batch, "batch", False, priority, group, mask)[0]
 
-    def _insert(self, data, name: str, item, priority, group) -> tuple[torch.Tensor, bool]:
+    def _insert(self, data, name: str, item, priority, group, mask=None) -> tuple[torch.Tensor, bool]:
         batch, n, one, spec = _checks.check_batch(self, data, name, item=item)
         if n == 0:
             raise ValueError("batch is empty: nothing to add")
         prio = None if priority is None else _checks.per_item(priority, n, torch.float32, "priority", self.device)
         grp = None if group is None else _checks.per_item(group, n, torch.int64, "group", self.device)
-        if prio is not None:
-            _checks.check_priorities(prio, self.alpha, self.priority_eps)
+        if mask is not None:
+            mask = _device_insert.check_mask(mask, n, self.device)
+        on_device = self._lazy and _device_insert.supported(self)
+        if mask is not None and not on_device:
+            if self._lazy:
+                raise ValueError(_device_insert.unsupported_message(self))
+            # The host reads device data for free here (the CPU): insert the kept rows themselves.
+            slots = torch.full((n,), -1, dtype=torch.int64, device=self.device)
+            if bool(mask.any()):
+                kept = {_rows.key_of(f): t[mask] for f, t in batch.items()}
+                slots[mask] = self._insert(kept, name, False, None if prio is None else prio[mask],
+                                           None if grp is None else grp[mask])[0]
+                self.returns_tensordict |= _rows.is_tensordict(data)
+            return slots, False
         if self.spec is None:
             self._allocate(spec)
+        if on_device:
+            if _rows.is_tensordict(data):
+                self.returns_tensordict = True
+            fields = [batch[f].contiguous() for f in self.spec]
+            return _device_insert.insert(self, fields, n, prio, grp, mask), one
+        if prio is not None:
+            _checks.check_priorities(prio, self.alpha, self.priority_eps)
         if self.sampler == "power_law":
             tasks = batch[self.task_field]
             if bool(((tasks < 0) | (tasks >= self.max_tasks)).any()):
@@ -210,25 +311,25 @@ class ReplayBuffer:
             if bool(((lengths < 0) | (lengths > L)).any()):
                 raise ValueError(f"lengths in {length_field!r} must be in [0, {L}] (the length of {field!r})")
         fields = [batch[f].contiguous() for f in self.spec]
+        self._settle()
+        size, cursor, step = self._size, self._cursor, self._step
         slots = rops.replay_insert(list(self.storage.values()), fields, self.generations, self.stamps, self.keys,
-                                   eviction=self.eviction, size=self.size, cursor=self.cursor, step=self.step,
-                                   seed=self.seed)
+                                   eviction=self.eviction, size=size, cursor=cursor, step=step, seed=self.seed)
         if _rows.is_tensordict(data):
             self.returns_tensordict = True
-        self.cursor += n
-        self.size = min(self.capacity, self.size + n)
+        self._cursor, self._size = cursor + n, min(self.capacity, size + n)
+        self._step, self._device_behind = step + 1, True
         if prio is None:
             prio = self.max_priority.expand(n)
         else:
             self.max_priority = torch.maximum(self.max_priority, prio.max().reshape(1))
         rops.replay_update_priorities(self.priorities, self.weights, self.block_stats, self._winner, self.generations,
-                                      slots, prio, None, alpha=self.alpha, eps=self.priority_eps, size=self.size,
+                                      slots, prio, None, alpha=self.alpha, eps=self.priority_eps, size=self._size,
                                       validate=False)
         if grp is not None:
             self._groups_ext.index_put_((torch.where(slots >= 0, slots, self.capacity),), grp)
         if self.sampler == "power_law":
-            self.task_last.index_fill_(0, batch[self.task_field].reshape(-1), self.step)
-        self.step += 1
+            self.task_last.index_fill_(0, batch[self.task_field].reshape(-1), step)
         return slots, one
 
     def update_priority(self, index, priority, generation=None) -> torch.Tensor:
