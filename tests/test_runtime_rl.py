@@ -261,3 +261,47 @@ def test_rl_under_ddp_keeps_the_workers_identical(tmp_path):
     finals = [_final(out, r) for r in range(2)]
     assert finals[0]["state"]["weights_sha1"] == finals[1]["state"]["weights_sha1"]
     assert not _differences(finals[0]["model"], finals[1]["model"])  # DDP: equal after every step
+
+
+# -- fixed shapes (the GPU's step) against compaction (the CPU's) --------------------------------
+
+def _fixed_or_compacting(cfg, fixed, prefill):
+    buffer = rlep_buffer(cfg, 0, torch.device("cpu"))
+    buffer._lazy = fixed  # counters on the device, as on a GPU
+    pool = make_domains(cfg.task_list(), cfg.seq_len)[0].sample(generator(9), cfg.rl_pool)
+    if prefill:  # one stored row of every prompt but the last: every group lacks rows
+        n = cfg.rl_pool - 1
+        buffer.extend({"tokens": pool[0][:n], "mask": pool[1][:n], "reward": torch.ones(n)},
+                      group=torch.arange(n) + 100)
+    torch.manual_seed(0)
+    model = MoETransformer(cfg, VOCAB)
+    row, groups = grpo_step(model, model, _NoSync(), cfg, pool, 100, buffer, torch.Generator().manual_seed(3),
+                            torch.device("cpu"), fixed_shapes=fixed)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return row, groups, grads, buffer
+
+
+@pytest.mark.parametrize("prefill", [True, False])
+@pytest.mark.parametrize("store", ["all", "successes"])
+def test_the_fixed_shape_step_gives_the_compacting_steps_loss_gradients_and_buffer(prefill, store):
+    cfg = _cfg(rlep="on", rlep_store=store, rl_temperature=3.0, lbl_coeff=0.1)
+    row_c, groups_c, grads_c, buf_c = _fixed_or_compacting(cfg, False, prefill)
+    row_f, groups_f, grads_f, buf_f = _fixed_or_compacting(cfg, True, prefill)
+    assert buf_f._host_behind  # the masked insert left the counters on the device
+    assert row_c["lbl"] != 0.0 and (row_c["replay_rows"] > 0) == prefill
+    for key in ("loss", "lbl"):
+        assert row_f[key] == pytest.approx(row_c[key], rel=1e-5, abs=1e-7), key
+    for key in ("reward", "replay_rows", "tokens", "buffer_size"):
+        assert row_f[key] == row_c[key], key
+    assert grads_f.keys() == grads_c.keys()
+    for name in grads_c:
+        torch.testing.assert_close(grads_f[name], grads_c[name], rtol=1e-4, atol=1e-6, msg=name)
+    K = groups_c["valid"].shape[1]  # the compacting step skips an empty buffer: K = G there
+    assert not bool(groups_f["valid"][:, K:].any())
+    for key in ("tokens", "rewards", "valid", "advantages"):
+        assert torch.equal(groups_f[key][:, :K], groups_c[key]), key
+    for key, value in buf_c.state_dict().items():
+        if key == "counters":  # the fixed step samples an empty buffer too: one more draw
+            assert value[:3].tolist() == buf_f.state_dict()[key][:3].tolist()
+        elif key != "config":
+            assert torch.equal(value, buf_f.state_dict()[key]), key

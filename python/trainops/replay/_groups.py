@@ -31,7 +31,7 @@ def _as_group_ids(group_ids, device) -> torch.Tensor:
         raise ValueError(f"group_ids is on {group_ids.device} but the buffer is on {device}")
     if group_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"group_ids must be int64 or int32, got {group_ids.dtype}")
-    return group_ids.reshape(-1).long()
+    return group_ids.reshape(-1).long().contiguous()
 
 
 def _order_of_stored(buf, gen) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -194,6 +194,12 @@ class ReplayBuffer:
     def _counts_moved_on_device(self) -> None:
         self._host_behind = True
 
+    @property
+    def lazy_counters(self) -> bool:
+        """Whether inserts and ``sample_groups`` keep off the host (the counters live on the
+        device and the host reads them only when it needs them): every device but the CPU."""
+        return self._lazy
+
     def stored_count(self) -> torch.Tensor:
         """``len(buffer)`` as a 0-d int64 tensor on the buffer's device, without a host read
         (read it with the step's other numbers)."""

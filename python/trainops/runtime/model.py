@@ -39,14 +39,16 @@ class Block(nn.Module):
         self.moe = MoELayer(cfg.d_model, cfg.ffn_size, cfg.num_experts, cfg.top_k, lbl_coeff=cfg.lbl_coeff,
                             scope=cfg.lbl_scope)
 
-    def forward(self, x):
+    def forward(self, x, mask=None):
         x = x + self.attn(self.ln1(x))
-        y, aux = self.moe(self.ln2(x))
+        y, aux = self.moe(self.ln2(x), mask=mask)
         return x + y, aux
 
 
 class MoETransformer(nn.Module):
-    """``forward(tokens [B, S]) -> (logits [B, S, vocab], aux loss summed over layers)``."""
+    """``forward(tokens [B, S], mask=None) -> (logits [B, S, vocab], aux loss summed over layers)``;
+    ``mask`` [B, S] (nonzero = real token) leaves the other tokens out of the load-balancing
+    loss (rows of fixed-shape batches that hold nothing)."""
 
     def __init__(self, cfg, vocab: int):
         super().__init__()
@@ -56,11 +58,11 @@ class MoETransformer(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, vocab, bias=False)
 
-    def forward(self, tokens):
+    def forward(self, tokens, mask=None):
         x = self.embed(tokens) + self.pos[: tokens.shape[1]]
         aux = x.new_zeros(())
         for blk in self.blocks:
-            x, a = blk(x)
+            x, a = blk(x, mask)
             aux = aux + a
         return self.head(self.ln_f(x)), aux
 
