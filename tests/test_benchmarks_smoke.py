@@ -82,6 +82,14 @@ def test_bench_lbl_sync(tmp_path):
 def test_bench_rlep_overhead(tmp_path):
     _run(tmp_path, "benchmarks.bench_rlep_overhead", "--quick")
     rows = {r["impl"]: r for r in _rows(tmp_path / "rlep_overhead_cpu.csv")}
-    assert set(rows) == {"plain GRPO", "RLEP", "replay path"}
-    assert 0 < float(rows["replay path"]["replay path % of RLEP step"]) < 100
+    assert set(rows) == {"plain GRPO", "RLEP", "replay path", "RLEP fixed shapes", "replay path, fixed shapes"}
+    for name in ("replay path", "replay path, fixed shapes"):
+        assert 0 < float(rows[name]["replay path % of RLEP step"]) < 100
     assert rows["RLEP"]["baseline"] == "plain GRPO" and float(rows["RLEP"]["speedup"]) > 0
+
+
+def test_bench_moe_layer(tmp_path):
+    _run(tmp_path, "benchmarks.bench_moe_layer", "--quick", "--threads", "1")
+    rows = _rows(tmp_path / "moe_layer_cpu.csv")
+    assert [r["impl"] for r in rows] == ["per_expert_index", "unbind"] * 2
+    assert all(float(r["speedup"]) > 0 for r in rows if r["impl"] == "unbind")
