@@ -6,6 +6,7 @@ P = N·b/8, scales S = 4·ceil(N/B)):
 
     copy (torch.Tensor.copy_ of an fp32 tensor of N elements): reads 4N, writes 4N
     quantize:                                      reads 4N, writes P + S
+    quantize_error_feedback (fp32 residual e):     reads 8N, writes P + S + 4N
     dequantize_accumulate of C chunks into fp32 out: reads C·(P + S) + 4N, writes 4N
 
 ``pct_of_copy_bw`` = 100 · bandwidth / copy bandwidth, both timed in the same process,
@@ -68,6 +69,7 @@ def main(argv=None):
     x = torch.randn(n, device=dev)
     dst = torch.empty_like(x)
     acc = torch.zeros(n, device=dev)
+    residual = torch.zeros(n, device=dev)  # stays small: each call leaves x's rounding error
     table = Table(f"quantize / dequantize-accumulate vs copy, N={n} fp32, block={B}", dev)
 
     def copy():
@@ -80,8 +82,10 @@ def main(argv=None):
             f = FORMATS[fmt]
             q_bytes = packed_bytes(f, n) + 4 * num_blocks(n, B)
             q = ops.quantize(x, fmt, B)
-            moved = {"quantize": 4 * n + q_bytes}
-            rows = {"copy fp32 (memcpy)": copy, "quantize": lambda: ops.quantize(x, fmt, B, nan_policy="propagate")}
+            moved = {"quantize": 4 * n + q_bytes, "quantize_error_feedback": 12 * n + q_bytes}
+            rows = {"copy fp32 (memcpy)": copy, "quantize": lambda: ops.quantize(x, fmt, B, nan_policy="propagate"),
+                    "quantize_error_feedback": lambda: ops.quantize_error_feedback(x, residual, fmt, B,
+                                                                                   nan_policy="propagate")}
             stacked = {}
             for c in args.chunks:
                 stacked[c] = (torch.stack([q.data] * c), torch.stack([q.scales] * c))
@@ -103,6 +107,9 @@ def main(argv=None):
                 if not args.skip_reference:
                     if op == "quantize":
                         ref = measure(lambda: reference.quantize(x, fmt, B), dev, min_run_time=0.2)
+                    elif op == "quantize_error_feedback":
+                        e = residual.clone()
+                        ref = measure(lambda: reference.quantize(x, fmt, B, error=e), dev, min_run_time=0.2)
                     else:
                         d = stacked[int(op.rsplit("x", 1)[1])]
                         ref = measure(lambda: reference.dequantize_accumulate(acc, d[0], d[1], fmt, B), dev,

@@ -134,6 +134,7 @@ void quantize_kernel(const scalar_t* x, float* error, int64_t n, int64_t block_s
         continue;
       }
       scales[b] = scale;
+      int64_t residual_done = 0;  // elements whose error-feedback residual is already written
       if (kFour) {
         // Encode into bytes first, then pack pairs: two simple loops vectorize better
         // than one loop over interleaved pairs.
@@ -142,8 +143,13 @@ void quantize_kernel(const scalar_t* x, float* error, int64_t n, int64_t block_s
         if constexpr ((F == Format::FP4_E3M0 || F == Format::FP4_E2M1) && !Stochastic) {
           if (avx2) {
             done = len & ~int64_t{15};
-            quant_avx2::encode_fp4_nearest(values, done, scale, F == Format::FP4_E3M0 ? quant::kE3M0Mids : quant::kE2M1Mids,
-                                           out);
+            const float* mids = F == Format::FP4_E3M0 ? quant::kE3M0Mids : quant::kE2M1Mids;
+            if (error != nullptr) {
+              quant_avx2::encode_fp4_nearest<true>(values, done, scale, mids, table.data(), out, error + start);
+              residual_done = done;
+            } else {
+              quant_avx2::encode_fp4_nearest<false>(values, done, scale, mids, table.data(), out, nullptr);
+            }
           }
         }
 #endif
@@ -154,7 +160,7 @@ void quantize_kernel(const scalar_t* x, float* error, int64_t n, int64_t block_s
         for (int64_t i = 0; i < len; ++i) out[i] = encode_at<F, Stochastic>(values, i, start, scale, key);
       }
       if (error != nullptr) {
-        for (int64_t i = 0; i < len; ++i) {
+        for (int64_t i = residual_done; i < len; ++i) {
           const uint32_t code = kFour ? (out[i >> 1] >> ((i & 1) * 4)) & 0xF : out[i];
           error[start + i] = values[i] - table[code] * scale;
         }

@@ -49,15 +49,37 @@ inline void store_nibbles16(__m256i a, __m256i b, uint8_t* out) {
   _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm_packus_epi16(words, words));
 }
 
-// Encodes values[0, n16) (n16 a multiple of 16) into out[0, n16 / 2).
-inline void encode_fp4_nearest(const float* values, int64_t n16, float scale, const float* mid_table, uint8_t* out) {
+// Decoded values (code magnitude from the 8-entry table, sign from bit 3) of 8 codes,
+// exactly quant::decode: a code with bit 3 set decodes to the negated magnitude.
+inline __m256 fp4_decode8(__m256i codes, __m256 magnitudes) {
+  const __m256 mag = _mm256_permutevar8x32_ps(magnitudes, _mm256_and_si256(codes, _mm256_set1_epi32(7)));
+  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(codes, _mm256_set1_epi32(8)), 28);
+  return _mm256_xor_ps(mag, _mm256_castsi256_ps(sign));
+}
+
+// Encodes values[0, n16) (n16 a multiple of 16) into out[0, n16 / 2). With a residual
+// (error-feedback quantization), also error[i] = values[i] - decode(code_i) * scale:
+// the product rounded, then the difference, as the scalar loop computes it (the build
+// disables FMA contraction), so the residual is bit-identical to it. Computing it here,
+// while the codes are still in registers, replaces a scalar pass that unpacks each
+// nibble and looks it up again.
+template <bool kResidual>
+inline void encode_fp4_nearest(const float* values, int64_t n16, float scale, const float* mid_table,
+                               const float* magnitudes, uint8_t* out, float* error) {
   __m256 mids[7];
   for (int j = 0; j < 7; ++j) mids[j] = _mm256_set1_ps(mid_table[j]);
   const __m256 vs = _mm256_set1_ps(scale);
+  const __m256 mags = _mm256_loadu_ps(magnitudes);
   for (int64_t i = 0; i < n16; i += 16) {
-    const __m256i a = fp4_codes8(_mm256_loadu_ps(values + i), vs, mids);
-    const __m256i b = fp4_codes8(_mm256_loadu_ps(values + i + 8), vs, mids);
+    const __m256 x0 = _mm256_loadu_ps(values + i);
+    const __m256 x1 = _mm256_loadu_ps(values + i + 8);
+    const __m256i a = fp4_codes8(x0, vs, mids);
+    const __m256i b = fp4_codes8(x1, vs, mids);
     store_nibbles16(a, b, out + i / 2);
+    if constexpr (kResidual) {
+      _mm256_storeu_ps(error + i, _mm256_sub_ps(x0, _mm256_mul_ps(fp4_decode8(a, mags), vs)));
+      _mm256_storeu_ps(error + i + 8, _mm256_sub_ps(x1, _mm256_mul_ps(fp4_decode8(b, mags), vs)));
+    }
   }
 }
 
