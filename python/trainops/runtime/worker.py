@@ -28,7 +28,7 @@ from trainops.runtime.model import MoETransformer, apply_adapter, next_task_adap
 from trainops.runtime.monitor import RunMonitor
 from trainops.runtime.sync import make_sync
 
-__all__ = ["WorkerRun", "STOP", "agree_to_stop", "device_of", "phases_of"]
+__all__ = ["WorkerRun", "STOP", "StopAgreement", "device_of", "phases_of"]
 
 STOP = {"flag": False}  # set by SIGTERM / SIGINT; every worker stops at the same step
 
@@ -58,14 +58,39 @@ def setup_phase(model, cfg, task, n_tasks):
         next_task_adapter(model, cfg)
 
 
-def agree_to_stop(cfg, global_step: int, device) -> tuple[bool, float]:
-    """The MAX over the workers of "a signal arrived or --stop-after is reached"; returns
-    (stop, seconds spent waiting for the others)."""
-    flag = torch.tensor([1 if STOP["flag"] or (cfg.stop_after and global_step == cfg.stop_after) else 0],
-                        device=device)
-    t0 = time.perf_counter()
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item()), time.perf_counter() - t0
+class StopAgreement:
+    """Every worker stops at the same step: after a signal on any worker, or at ``--stop-after``.
+
+    ``--stop-after`` needs no collective (every worker counts the same steps). A signal
+    arrives on some workers only, so the workers agree on it with a MAX all-reduce of a
+    flag, issued without waiting at the end of step t and read at the end of step t + 1:
+    the whole job stops one step after the signal, and no worker waits at every step for
+    the slowest one (a blocking agreement would hold the workers in lockstep and take
+    away the slack that Streaming DiLoCo's overlapped exchange leaves them)."""
+
+    def __init__(self, device):
+        self.device = device
+        self._pending = None  # (work, flag) of the agreement issued at the end of the last step
+
+    def poll(self, cfg, global_step: int) -> tuple[bool, float]:
+        """(stop now, seconds spent waiting for the last step's agreement)."""
+        t0 = time.perf_counter()
+        stop = bool(self.settle())
+        waited = time.perf_counter() - t0
+        stop = stop or bool(cfg.stop_after and global_step == cfg.stop_after)
+        if not stop:
+            flag = torch.tensor([1 if STOP["flag"] else 0], device=self.device)
+            self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag)
+        return stop, waited
+
+    def settle(self) -> bool:
+        """Wait for the agreement in flight, if any (before the job's last collectives); its verdict."""
+        if self._pending is None:
+            return False
+        work, flag = self._pending
+        self._pending = None
+        work.wait()
+        return bool(flag.item())
 
 
 def weights_sha1(model) -> str:
@@ -132,6 +157,7 @@ class WorkerRun:
         self.metrics.on_row = self.monitor.log
         self._clock_base, self._clock_start = self.state["wall_s"], time.perf_counter()
         self.sync = self.opt = self._hook_group = None
+        self._stop = StopAgreement(self.device)
 
     # -- time and checkpoints --------------------------------------------------------------
     def clock(self) -> None:
@@ -204,7 +230,7 @@ class WorkerRun:
     def end_step(self, phase_idx: int, step: int) -> bool:
         """After the step's row is logged: agree on stopping, checkpoint when due; True to stop."""
         gs = self.state["global_step"]
-        stop, waited = agree_to_stop(self.cfg, gs, self.device)
+        stop, waited = self._stop.poll(self.cfg, gs)
         self.state["flag_s"] += waited
         if stop or (self.cfg.checkpoint_every and gs % self.cfg.checkpoint_every == 0):
             self.checkpoint(phase_idx, step)
@@ -223,6 +249,7 @@ class WorkerRun:
                                              + time.perf_counter() - self._phase_t0)
 
     def finish(self, interrupted: bool) -> None:
+        self._stop.settle()  # the last step's agreement: a signal there comes too late to matter
         self.monitor.close()
         if not interrupted:  # the final checkpoint: phase index past the end marks a complete run
             self.checkpoint(len(self.phases), 0, final=True)
