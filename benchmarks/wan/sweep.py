@@ -29,7 +29,7 @@ import sys
 import time
 
 MODEL = ["--tasks", "arith", "--pretrain-steps", "0", "--adapter", "none", "--replay", "off",
-         "--d-model", "128", "--n-heads", "4", "--ffn-size", "256", "--num-experts", "8", "--top-k", "2",
+         "--d-model", "128", "--n-heads", "4", "--ffn-size", "256", "--top-k", "2",
          "--n-layers", "2", "--batch-size", "16", "--eval-size", "64", "--threads", "1",
          "--checkpoint-every", "0", "--no-progress", "--log-every", "50", "--timeout-s", "900"]
 
@@ -48,6 +48,10 @@ METHODS = {
                        "--outer-momentum", "0"],
     "sdiloco_fp4_h2": ["--sync", "diloco", "--exchange", "fp4_e3m0", "--sync-every", "2", "--fragments", "2",
                        "--overlap-steps", "1", "--outer-momentum", "0"],
+    # a quarter of the model per step with two steps to hide it in: half the exchange work
+    # per step of sdiloco_fp4_h2, for slower cores or links
+    "sdiloco_fp4_h4": ["--sync", "diloco", "--exchange", "fp4_e3m0", "--sync-every", "4", "--fragments", "4",
+                       "--overlap-steps", "2", "--outer-momentum", "0"],
 }
 RATES = ("100mbit", "1gbit", "10gbit")
 # tbf needs a bucket of at least rate x timer tick to reach its rate: 1 ms worth, at least 64 KB.
@@ -62,6 +66,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=300, help="optimizer steps of every run (a multiple of 10)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--port", type=int, default=29431)
+    ap.add_argument("--num-experts", type=int, default=8,
+                    help="experts per MoE layer of MODEL (parameters and bytes grow with it, FLOPs per token do not)")
     args = ap.parse_args(argv)
     rates, methods = args.rates.split(","), args.methods.split(",")
     for m in methods:
@@ -79,7 +85,8 @@ def main(argv=None) -> int:
                 continue
             os.makedirs(os.path.dirname(out), exist_ok=True)
             cmd = [sys.executable, "-m", "benchmarks.wan.run", "--hosts", "2", "--rate", rate, "--burst",
-                   BURST[rate], "--port", str(args.port), "--", *MODEL, *METHODS[method],
+                   BURST[rate], "--port", str(args.port), "--", *MODEL, "--num-experts", str(args.num_experts),
+                   *METHODS[method],
                    "--task-steps", str(args.steps), "--seed", str(args.seed), "--overwrite", "--out-dir", out]
             t = time.perf_counter()
             with open(out + ".out", "w") as fh:
