@@ -189,3 +189,18 @@ def test_greedy_answers_feed_back_own_predictions():
     gen = greedy_answers(_NextByte(), tokens, mask)
     # free generation continues from its own output (67, 68, 69); teacher forcing would give 67, 91, 91
     assert gen.tolist() == [[65, 66, 67, 68, 69, 0], [70, 71, 72, 0, 0, 0]]
+
+
+def test_resume_config_keys_added_since_the_checkpoint_count_as_their_defaults():
+    from trainops.runtime.checkpoint import check_resume_config
+    from trainops.runtime.rl_config import RLConfig
+
+    for cls in (TrainConfig, RLConfig):
+        defaults = cls().to_dict()
+        older = {k: v for k, v in defaults.items() if k not in ("outer_momentum", "ddp_hook")}  # an earlier version's
+        check_resume_config(older, defaults, defaults)  # left at the defaults: resumes
+        changed = {**defaults, "outer_momentum": 0.0}
+        with pytest.raises(ConfigError, match=r"outer_momentum: saved 0\.5 vs now 0\.0"):
+            check_resume_config(older, changed, defaults)
+        with pytest.raises(ConfigError, match="outer_momentum: saved None"):  # without defaults: refused
+            check_resume_config(older, defaults)

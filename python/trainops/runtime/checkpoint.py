@@ -480,7 +480,13 @@ def load_checkpoint(root: str, rank: int, world_size: int, device: str | None = 
     return state
 
 
-def check_resume_config(saved: dict, current: dict) -> None:
+def check_resume_config(saved: dict, current: dict, defaults: dict | None = None) -> None:
+    """Refuse to resume with a config that differs from the checkpoint's (but for RESUME_KEYS).
+
+    A key the checkpoint lacks was added to the config after the checkpoint was written;
+    a new key's default keeps the earlier behaviour, so it counts as ``defaults[key]``
+    (the current config class's default) and a run that leaves it at its default resumes."""
+    saved = {**{k: v for k, v in (defaults or {}).items() if k not in saved}, **saved}
     diff = sorted(k for k in set(saved) | set(current)
                   if k not in RESUME_KEYS and saved.get(k) != current.get(k))
     if diff:

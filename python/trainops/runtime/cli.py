@@ -162,7 +162,7 @@ def train(cfg) -> dict:
             root = os.path.join(cfg.out_dir, "checkpoint")
             meta = verify_checkpoint(root, world)
             saved = load_checkpoint(root, 0, world, device=None)
-            check_resume_config(saved["config"], cfg.to_dict())
+            check_resume_config(saved["config"], cfg.to_dict(), type(cfg)().to_dict())
             if meta["final"]:
                 raise ConfigError(f"--resume: the run in {cfg.out_dir} is already complete; use a new --out-dir")
         if under_torchrun and holds_lock and not restarted:

@@ -126,7 +126,7 @@ class WorkerRun:
         saved = None
         if cfg.resume:
             saved = load_checkpoint(self.ckpt_root, rank, world)
-            check_resume_config(saved["config"], cfg.to_dict())
+            check_resume_config(saved["config"], cfg.to_dict(), type(cfg)().to_dict())
         self.saved = saved
         self.start_phase, self.start_step = (saved["phase"], saved["step"]) if saved else (0, 0)
 
