@@ -8,6 +8,10 @@ worker: rollouts sampled from the policy, verified, the loss, backward and the A
                   (drawn with ``ReplayBuffer.sample_groups``) and the step's successes stored
   replay path     the RLEP step's buffer calls alone (sample_groups of the step's prompts,
                   extend with its successes)
+  RLEP fixed shapes / replay path, fixed shapes
+                  the same with the GPU's step forced on the CPU (``fixed_shapes=True``, the
+                  buffer's counters on the device): all P·(G+M) rows through the model, the
+                  successes stored with ``extend(mask=...)``, no host read on the replay path
 
 ``replay path % of RLEP step`` is what the buffer adds; the rest of the difference between
 the two steps is the forward and backward of the M extra rows per group, which is the method,
@@ -40,7 +44,7 @@ class _Local:
         pass
 
 
-def _stepper(cfg, buffer, pool, seed: int):
+def _stepper(cfg, buffer, pool, seed: int, fixed: bool = False):
     torch.manual_seed(cfg.seed)
     model = MoETransformer(cfg, VOCAB)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.task_lr)
@@ -49,7 +53,7 @@ def _stepper(cfg, buffer, pool, seed: int):
     def step():
         count[0] += 1
         grpo_step(model, model, _Local(), cfg, pool, 0, buffer, torch.Generator().manual_seed(count[0]),
-                  torch.device("cpu"))
+                  torch.device("cpu"), fixed_shapes=fixed)
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
@@ -58,28 +62,43 @@ def _stepper(cfg, buffer, pool, seed: int):
 def run_case(table: Table, overrides: dict, min_run_time: float) -> None:
     cfg = config_from_dict({"out_dir": "unused", **overrides}, cls=RLConfig)
     pool = make_domains(cfg.task_list(), cfg.seq_len)[0].sample(generator(cfg.seed, 4242, 0), cfg.rl_pool)
-    buffer = rlep_buffer(config_from_dict({"out_dir": "unused", **overrides, "rlep": "on"}, cls=RLConfig), 0,
-                         torch.device("cpu"))
+    # one buffer per row: the replay-path rows store the same prompts' rows over and over, which
+    # would evict the other prompts' successes from a buffer that a step then samples
+    step_buffer, step_lazy, buffer, lazy = (
+        rlep_buffer(config_from_dict({"out_dir": "unused", **overrides, "rlep": "on"}, cls=RLConfig), 0,
+                    torch.device("cpu")) for _ in range(4))
+    step_lazy._lazy = lazy._lazy = True  # counters on the device, as on a GPU
     n = min(cfg.replay_capacity, 4 * cfg.rl_pool)  # four stored successes of every prompt
     rows = torch.arange(n) % cfg.rl_pool
-    buffer.extend({"tokens": pool[0][rows], "mask": pool[1][rows], "reward": torch.ones(n)}, group=rows)
+    for b in (step_buffer, step_lazy, buffer, lazy):
+        b.extend({"tokens": pool[0][rows], "mask": pool[1][rows], "reward": torch.ones(n)}, group=rows)
     ids = torch.randint(0, cfg.rl_pool, (cfg.batch_size,), generator=torch.Generator().manual_seed(1))
-    successes = {"tokens": pool[0][ids].repeat(2, 1), "mask": pool[1][ids].repeat(2, 1),
-                 "reward": torch.ones(2 * cfg.batch_size)}
+    # the step's rollouts, half of them successes
+    rollouts = {"tokens": pool[0][ids].repeat(4, 1), "mask": pool[1][ids].repeat(4, 1),
+                "reward": torch.ones(4 * cfg.batch_size)}
+    store = torch.arange(4 * cfg.batch_size) % 2 == 0
 
     def replay_path():
         buffer.sample_groups(ids, cfg.replay_per_group)
-        buffer.extend(successes, group=ids.repeat(2))
+        if bool(store.any()):
+            buffer.extend({k: v[store] for k, v in rollouts.items()}, group=ids.repeat(4)[store])
 
-    fns = {"plain GRPO": _stepper(cfg, None, pool, 0), "RLEP": _stepper(cfg, buffer, pool, 0),
-           "replay path": replay_path}
+    def replay_path_fixed():
+        lazy.sample_groups(ids, cfg.replay_per_group)
+        lazy.extend(rollouts, group=ids.repeat(4), mask=store)
+
+    fns = {"plain GRPO": _stepper(cfg, None, pool, 0), "RLEP": _stepper(cfg, step_buffer, pool, 0),
+           "RLEP fixed shapes": _stepper(cfg, step_lazy, pool, 0, fixed=True), "replay path": replay_path,
+           "replay path, fixed shapes": replay_path_fixed}
     t = measure_interleaved(fns, "cpu", min_run_time)
     case = {"prompts x G + M": f"{cfg.batch_size} x {cfg.rollouts} + {cfg.replay_per_group}",
             "d_model": cfg.d_model, "seq_len": cfg.seq_len}
     table.add(case, "plain GRPO", t["plain GRPO"])
     table.add(case, "RLEP", t["RLEP"], baseline="plain GRPO")
-    table.add(case, "replay path", t["replay path"],
-              **{"replay path % of RLEP step": round(100 * t["replay path"].median_s / t["RLEP"].median_s, 2)})
+    table.add(case, "RLEP fixed shapes", t["RLEP fixed shapes"], baseline="plain GRPO")
+    for name, step in (("replay path", "RLEP"), ("replay path, fixed shapes", "RLEP fixed shapes")):
+        table.add(case, name, t[name],
+                  **{"replay path % of RLEP step": round(100 * t[name].median_s / t[step].median_s, 2)})
 
 
 def main(argv=None) -> str:

@@ -85,7 +85,8 @@ def test_masked_extend_on_the_cpu_is_extend_of_the_kept_rows_for_every_option(kw
 def test_ragged_masked_extend_on_the_cpu():
     sp = {"tokens": ((8,), torch.int32), "length": ((), torch.int32)}
     a, b = (ReplayBuffer(6, sp, ragged={"tokens": "length"}) for _ in range(2))
-    rows = {"tokens": torch.arange(80, dtype=torch.int32).view(10, 8), "length": torch.arange(10, dtype=torch.int32) % 9}
+    rows = {"tokens": torch.arange(80, dtype=torch.int32).view(10, 8),
+            "length": torch.arange(10, dtype=torch.int32) % 9}
     mask = torch.arange(10) % 3 != 0
     a.extend(rows, mask=mask)
     b.extend({k: v[mask] for k, v in rows.items()})
@@ -106,9 +107,13 @@ def test_ragged_lazy_masked_extend_is_refused():
     sp = {"tokens": ((8,), torch.int32), "length": ((), torch.int32)}
     buf = ReplayBuffer(6, sp, ragged={"tokens": "length"})
     buf._lazy = True
+    assert not buf.lazy_counters and _buffer(True, 4).lazy_counters and not _buffer(False, 4).lazy_counters
     rows = {"tokens": torch.zeros(2, 8, dtype=torch.int32), "length": torch.ones(2, dtype=torch.int32)}
     with pytest.raises(ValueError, match="mask"):
         buf.extend(rows, mask=torch.ones(2, dtype=torch.bool))
+    # its counters stay on the host: sample_groups draws as with the host size
+    with pytest.raises(ValueError, match="empty"):
+        buf.sample_groups([0], 1)
 
 
 @pytest.mark.parametrize("lazy", [False, True])

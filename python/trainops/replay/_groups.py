@@ -45,7 +45,7 @@ def _order_of_stored(buf, gen) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     fill slots in order), and on the CPU torch.rand(capacity)[:size] is torch.rand(size): both
     give the same order whenever no two draws tie."""
     dev = buf.device
-    if not buf._lazy:
+    if not buf.lazy_counters:
         stored = buf.groups[: buf.size]
         u = torch.rand(buf.size, generator=gen, device=dev)
         by_u = torch.argsort(u)
@@ -62,15 +62,16 @@ def _order_of_stored(buf, gen) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 def sample_groups(buf, group_ids, per_group: int) -> GroupBatch:
     """:meth:`ReplayBuffer.sample_groups`: the stored slots in a random order (torch's generator
     seeded by the buffer's seed and its next draw counter), sorted by group (stable), then the
-    first ``per_group`` of each requested group. A buffer with lazy counters (on every device
-    but the CPU) reads nothing on the host: it sorts its whole capacity, empty slots last, and
-    an empty buffer gives an all-False ``mask`` instead of an error."""
+    first ``per_group`` of each requested group. A buffer with lazy counters (a FIFO buffer on
+    a device other than the CPU: ``ReplayBuffer.lazy_counters``) reads nothing on the host: it
+    sorts its whole capacity, empty slots last, and an empty buffer gives an all-False ``mask``
+    instead of an error."""
     if isinstance(per_group, bool) or not isinstance(per_group, int) or per_group <= 0:
         raise ValueError(f"per_group must be a positive int, got {per_group!r}")
     ids = _as_group_ids(group_ids, buf.device)
     g_count, m = ids.numel(), per_group
     dev = buf.device
-    if not buf._lazy and buf.size == 0:
+    if not buf.lazy_counters and buf.size == 0:
         raise ValueError("the replay buffer is empty: add items before sampling")
     gen = torch.Generator(device=dev)
     gen.manual_seed((buf.seed * 0x9E3779B97F4A7C15 + buf._next_offset()) % (2**63))

@@ -126,8 +126,9 @@ class ReplayBuffer:
         self._counts = torch.zeros(2, dtype=torch.int64, device=dev)
         self._host_behind = False    # the device counters are newer than the host ints
         self._device_behind = False  # the host ints are newer than the device counters
-        # Lazy counters: inserts and sample_groups never read device data on the host. On by
-        # default wherever reading it costs a synchronization (every device but the CPU).
+        # Whether reading device data on the host costs a synchronization (every device but the
+        # CPU; tests set it to run that path on the CPU): then inserts and sample_groups of a
+        # buffer that can (lazy_counters) read nothing on the host.
         self._lazy = self.device.type != "cpu"
         self.rng_offset = 0  # random draws made so far (Philox counter)
 
@@ -197,13 +198,14 @@ class ReplayBuffer:
     @property
     def lazy_counters(self) -> bool:
         """Whether inserts and ``sample_groups`` keep off the host (the counters live on the
-        device and the host reads them only when it needs them): every device but the CPU."""
-        return self._lazy
+        device and the host reads them only when it needs them): a FIFO buffer without
+        power-law clocks or ragged fields, on every device but the CPU."""
+        return self._lazy and _device_insert.supported(self)
 
     def stored_count(self) -> torch.Tensor:
         """``len(buffer)`` as a 0-d int64 tensor on the buffer's device, without a host read
         (read it with the step's other numbers)."""
-        if self._lazy or self._host_behind:
+        if self.lazy_counters or self._host_behind:
             return self._device_counts()[0].clamp_max(self.capacity)
         return torch.full((), self._size, dtype=torch.int64, device=self.device)
 
@@ -287,7 +289,7 @@ class ReplayBuffer:
         grp = None if group is None else _checks.per_item(group, n, torch.int64, "group", self.device)
         if mask is not None:
             mask = _device_insert.check_mask(mask, n, self.device)
-        on_device = self._lazy and _device_insert.supported(self)
+        on_device = self.lazy_counters
         if mask is not None and not on_device:
             if self._lazy:
                 raise ValueError(_device_insert.unsupported_message(self))

@@ -108,7 +108,8 @@ def grpo_step(model, forward, sync, cfg: RLConfig, pool, id_offset: int, buffer,
     metrics row, ``buffer_size`` included) and its groups: ``ids`` [P], ``tokens`` [P, K, S],
     ``rewards``, ``valid`` and ``advantages`` [P, K] with K = G + M (the first G fresh).
     ``fixed_shapes`` (default: on every device but the CPU): see the module docstring; with
-    it a buffer is always sampled, so K = G + M from the first step."""
+    it a buffer whose counters stay on the device (``lazy_counters``) is sampled even when
+    empty, so K = G + M from the first step."""
     P, G, S = cfg.batch_size, cfg.rollouts, cfg.seq_len
     fixed = device.type != "cpu" if fixed_shapes is None else bool(fixed_shapes)
     idx = torch.randint(0, pool[0].shape[0], (P,), generator=gen)
