@@ -131,14 +131,14 @@ def extensions():
     return exts
 
 
-packages = find_packages(where="python") + ["trainops.kernels"]
+packages = find_packages(where="python")
 ext_modules = extensions()
 torch_range = build_support.torch_range(ext_modules)
 build_support.write_build_info(os.path.join(ROOT, "python", "trainops", "_build_info.py"), ext_modules, torch_range,
                                CPU_ARCH)
 setup(
     packages=packages,
-    package_dir={"": "python", "trainops.kernels": "kernels"},
+    package_dir={"": "python"},
     ext_modules=ext_modules,
     # The torch this binary loads into: the stable-ABI range, or the torch it was built with.
     install_requires=[f"torch{torch_range.specifier}", "numpy"],

@@ -6,7 +6,7 @@
 #
 #   scripts/asan_check.sh [extra pytest args]
 #
-# The checkout is not touched: python/trainops and kernels/ are copied to a scratch tree
+# The checkout is not touched: python/trainops is copied to a scratch tree
 # ($TRAINOPS_ASAN_DIR, default a new /tmp/trainops_asan.XXXXXX), the instrumented _C*.so is
 # built there (its own build directory, so an incremental rerun with TRAINOPS_ASAN_DIR set
 # recompiles only what changed), and that tree comes first on PYTHONPATH (the editable
@@ -30,10 +30,8 @@ WORK="${TRAINOPS_ASAN_DIR:-$(mktemp -d /tmp/trainops_asan.XXXXXX)}"
 mkdir -p "$WORK/build"
 rm -rf "$WORK/pkg"
 mkdir -p "$WORK/pkg"
-# The package as installed: python/trainops, with kernels/ as trainops.kernels; no built .so.
+# The package as installed: python/trainops, no built .so.
 cp -r "$ROOT/python/trainops" "$WORK/pkg/trainops"
-rm -rf "$WORK/pkg/trainops/kernels"
-cp -r "$ROOT/kernels" "$WORK/pkg/trainops/kernels"
 find "$WORK/pkg" \( -name '*.so' -o -name '__pycache__' \) -prune -exec rm -rf {} +
 
 echo "asan_check: building trainops._C with -fsanitize=address,undefined in $WORK"

@@ -102,7 +102,7 @@ def _commit() -> str | None:
     try:
         head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "python", "csrc", "kernels",
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "python", "csrc",
                                 "setup.py"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None

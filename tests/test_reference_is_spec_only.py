@@ -13,10 +13,8 @@ PUBLIC_REEXPORT = {("trainops/__init__.py", "trainops.reference")}
 
 def _production_modules(root: str):
     """(module name, path relative to the package folder's parent, path) of every production
-    module: python/trainops except reference/, and the Triton kernels (trainops.kernels)."""
-    folders = [(os.path.join(root, "python", "trainops"), "trainops"),
-               (os.path.join(root, "kernels"), "trainops.kernels")]
-    for top, package in folders:
+    module: python/trainops except reference/ (the Triton kernels, trainops.kernels, included)."""
+    for top, package in [(os.path.join(root, "python", "trainops"), "trainops")]:
         for folder, dirs, files in os.walk(top):
             rel = os.path.relpath(folder, top)
             parts = [] if rel == "." else rel.split(os.sep)
@@ -72,7 +70,7 @@ def test_the_check_sees_every_form_of_import(tmp_path):
     pkg = tmp_path / "python" / "trainops"
     (pkg / "ops").mkdir(parents=True)
     (pkg / "reference").mkdir()
-    (tmp_path / "kernels").mkdir()
+    (pkg / "kernels").mkdir()
     (pkg / "__init__.py").write_text("from trainops import reference\n")
     (pkg / "reference" / "__init__.py").write_text("from trainops.reference import replay\n")
     (pkg / "ops" / "__init__.py").write_text("")
@@ -82,7 +80,7 @@ def test_the_check_sees_every_form_of_import(tmp_path):
     (pkg / "ops" / "d.py").write_text("from trainops import reference\n")
     (pkg / "ops" / "e.py").write_text("import importlib\nm = importlib.import_module('trainops.reference')\n")
     (pkg / "ops" / "f.py").write_text("from trainops import formats\nimport trainops._replay_spec\n")
-    (tmp_path / "kernels" / "k.py").write_text("def f():\n    from trainops.reference import quantize\n")
+    (pkg / "kernels" / "k.py").write_text("def f():\n    from trainops.reference import quantize\n")
     assert reference_imports(str(tmp_path)) == [
         "trainops/kernels/k.py: trainops.reference", "trainops/kernels/k.py: trainops.reference.quantize",
         "trainops/ops/a.py: trainops.reference.replay", "trainops/ops/a.py: trainops.reference.replay.BLOCK",

@@ -1,0 +1,1 @@
+"""Triton kernels (pure @triton.jit functions and their launchers)."""
