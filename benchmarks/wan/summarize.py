@@ -68,10 +68,11 @@ def smoothed(steps: list[dict], window: int) -> list[float]:
 
 
 def time_to(steps: list[dict], loss: list[float], target: float):
+    """(wall_s, step) of the first step whose smoothed loss is at or below ``target``, or (None, None)."""
     for r, v in zip(steps, loss):
         if v <= target:
-            return r["wall_s"]
-    return None
+            return r["wall_s"], r["step"]
+    return None, None
 
 
 def sweep_tables(root: str, window: int, factor: float, plot: str | None) -> str:
@@ -85,20 +86,21 @@ def sweep_tables(root: str, window: int, factor: float, plot: str | None) -> str
         data = {m: _steps(out) for m, out in runs.items()}
         loss = {m: smoothed(s, window) for m, s in data.items()}
         target = loss["ddp_fp32"][-1] * factor if "ddp_fp32" in loss else None
-        base = time_to(data["ddp_fp32"], loss["ddp_fp32"], target) if target is not None else None
+        base = time_to(data["ddp_fp32"], loss["ddp_fp32"], target)[0] if target is not None else None
         lines += [f"**{rate}**" + (f" (target loss {target:.4f} = DDP fp32's final x {factor})" if target else ""),
                   "",
-                  "| method | steps | job wall s | training wall s | final loss | time to target s "
-                  "| DDP fp32 time to target / this | MB sent per worker | compute utilization "
+                  "| method | steps | job wall s | training wall s | s per step | final loss | time to target s "
+                  "| step at target | DDP fp32 time to target / this | MB sent per worker | compute utilization "
                   "| exchange wait s | stop-flag wait s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for m, steps in data.items():
             last = steps[-1]
-            t = time_to(steps, loss[m], target) if target is not None else None
+            t, at = time_to(steps, loss[m], target) if target is not None else (None, None)
             speed = f"{base / t:.2f}x" if t and base else "n/a"
             util = 1 - (last["comm_s"] + last["flag_s"]) / last["wall_s"]
             lines.append(f"| {LABELS[m]} | {len(steps)} | {_job_wall(runs[m])} | {last['wall_s']:.1f} "
-                         f"| {loss[m][-1]:.4f} | {'not reached' if t is None else f'{t:.1f}'} | {speed} "
+                         f"| {last['wall_s'] / len(steps):.3f} | {loss[m][-1]:.4f} "
+                         f"| {'not reached' if t is None else f'{t:.1f}'} | {at or 'n/a'} | {speed} "
                          f"| {last['bytes_sent'] / 1e6:.2f} | {util:.1%} | {last['comm_s']:.1f} "
                          f"| {last['flag_s']:.1f} |")
         lines.append("")
