@@ -26,11 +26,12 @@ import re
 import sys
 
 METHOD_ORDER = ("ddp_fp32", "ddp_int8", "ddp_fp4", "diloco_fp32", "sdiloco_fp4", "diloco_fp32_h2", "sdiloco_fp4_h2",
-                "sdiloco_fp4_h4")
+                "sdiloco_fp4_h3", "sdiloco_fp4_h4")
 LABELS = {"ddp_fp32": "DDP fp32", "ddp_int8": "DDP + quantized hook int8", "ddp_fp4": "DDP + quantized hook fp4_e3m0",
           "diloco_fp32": "DiLoCo fp32 (H 10)", "sdiloco_fp4": "Streaming DiLoCo fp4_e3m0 (H 10, P 2, tau 2)",
           "diloco_fp32_h2": "DiLoCo fp32 (H 2, outer momentum 0)",
           "sdiloco_fp4_h2": "Streaming DiLoCo fp4_e3m0 (H 2, P 2, tau 1, outer momentum 0)",
+          "sdiloco_fp4_h3": "Streaming DiLoCo fp4_e3m0 (H 3, P 3, tau 2, outer momentum 0)",
           "sdiloco_fp4_h4": "Streaming DiLoCo fp4_e3m0 (H 4, P 4, tau 2, outer momentum 0)"}
 
 

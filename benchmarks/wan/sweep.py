@@ -48,8 +48,10 @@ METHODS = {
                        "--outer-momentum", "0"],
     "sdiloco_fp4_h2": ["--sync", "diloco", "--exchange", "fp4_e3m0", "--sync-every", "2", "--fragments", "2",
                        "--overlap-steps", "1", "--outer-momentum", "0"],
-    # a quarter of the model per step with two steps to hide it in: half the exchange work
-    # per step of sdiloco_fp4_h2, for slower cores or links
+    # a third / a quarter of the model per step with two steps to hide it in: less exchange
+    # work per step than sdiloco_fp4_h2, each parameter averaged less often
+    "sdiloco_fp4_h3": ["--sync", "diloco", "--exchange", "fp4_e3m0", "--sync-every", "3", "--fragments", "3",
+                       "--overlap-steps", "2", "--outer-momentum", "0"],
     "sdiloco_fp4_h4": ["--sync", "diloco", "--exchange", "fp4_e3m0", "--sync-every", "4", "--fragments", "4",
                        "--overlap-steps", "2", "--outer-momentum", "0"],
 }
