@@ -113,7 +113,8 @@ def sweep_tables(root: str, window: int, factor: float, plot: str | None) -> str
         fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4.2), squeeze=False)
         for ax, (rate, (data, loss, target)) in zip(axes[0], curves.items()):
             for m in data:
-                ax.plot([r["wall_s"] for r in data[m]], loss[m], label=LABELS[m])
+                ax.plot([r["wall_s"] for r in data[m]], loss[m], label=LABELS[m],
+                        color=f"C{METHOD_ORDER.index(m) % 10}")  # one colour per method in every panel
             if target is not None:
                 ax.axhline(target, color="gray", ls="--", lw=0.8, label="target")
             ax.set_title(f"link {rate}, 2 emulated hosts")
