@@ -50,6 +50,28 @@ class ReplayBatch(NamedTuple):
     generations: torch.Tensor
 
 
+class _SettledCounter:
+    """A host-side counter of the buffer, brought up to date with the device (``_settle``)
+    before it is read or set; setting it marks the device copy as behind."""
+
+    def __init__(self, doc: str):
+        self.__doc__ = doc
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.attr = "_" + name
+
+    def __get__(self, buf, owner=None):
+        if buf is None:
+            return self
+        buf._settle()
+        return getattr(buf, self.attr)
+
+    def __set__(self, buf, value: int) -> None:
+        buf._settle()
+        setattr(buf, self.attr, value)
+        buf._device_behind = True
+
+
 class ReplayBuffer:
     """Replay buffer of ``capacity`` items; ``spec`` maps field name -> (row shape, dtype).
 
@@ -143,38 +165,9 @@ class ReplayBuffer:
         self.storage = {name: st[: self.capacity] for name, st in self._storage_ext.items()}
 
     # ------------------------------------------------------------------ counters
-    @property
-    def size(self) -> int:
-        """Stored items."""
-        self._settle()
-        return self._size
-
-    @size.setter
-    def size(self, value: int) -> None:
-        self._settle()
-        self._size, self._device_behind = value, True
-
-    @property
-    def cursor(self) -> int:
-        """Items ever offered (stream serial of the next item)."""
-        self._settle()
-        return self._cursor
-
-    @cursor.setter
-    def cursor(self, value: int) -> None:
-        self._settle()
-        self._cursor, self._device_behind = value, True
-
-    @property
-    def step(self) -> int:
-        """Insert calls that stored something (the clock of recency and power_law)."""
-        self._settle()
-        return self._step
-
-    @step.setter
-    def step(self, value: int) -> None:
-        self._settle()
-        self._step, self._device_behind = value, True
+    size = _SettledCounter("stored items")
+    cursor = _SettledCounter("items ever offered (stream serial of the next item)")
+    step = _SettledCounter("insert calls that stored something (the clock of recency and power_law)")
 
     def _settle(self) -> None:
         """Bring the host counters up to date after inserts on the device (one host read)."""
