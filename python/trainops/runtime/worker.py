@@ -75,7 +75,7 @@ class StopAgreement:
     def poll(self, cfg, global_step: int) -> tuple[bool, float]:
         """(stop now, seconds spent waiting for the last step's agreement)."""
         t0 = time.perf_counter()
-        stop = bool(self.settle())
+        stop = self.settle()
         waited = time.perf_counter() - t0
         stop = stop or bool(cfg.stop_after and global_step == cfg.stop_after)
         if not stop:
